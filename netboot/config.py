@@ -1,0 +1,379 @@
+"""Configuration: pydantic models for netboot.yaml, profiles and machines, and
+a store that reloads edited files while the server runs.
+
+Each profile and machine file is parsed on its own and remembered as its last
+good version: a broken edit is reported (log, ``/health``, ``netboot check``)
+with file and line, and the previous version of that one file keeps serving.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import jinja2
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from .identity import Arch, IdentityError, normalise_mac, normalise_uuid
+from .yamlsrc import SourceError, load_yaml, validate
+
+log = logging.getLogger("netboot.config")
+
+DEFAULT_LOADERS: dict[str, str] = {
+    Arch.BIOS.value: "undionly.kpxe",
+    Arch.UEFI_X64.value: "ipxe.efi",
+    Arch.UEFI_X86.value: "ipxe-i386.efi",
+    Arch.UEFI_ARM64.value: "ipxe-arm64.efi",
+    Arch.UEFI_ARM32.value: "ipxe-arm32.efi",
+}
+
+# Where Debian's ipxe, pxelinux and syslinux-common packages put the loaders.
+DEFAULT_TFTP_ROOTS = ["/usr/lib/ipxe", "/usr/lib/PXELINUX", "/usr/lib/syslinux/modules/bios"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DhcpSettings(_Strict):
+    enabled: bool = True
+    port: int = Field(67, ge=1, le=65535)
+    proxy_port: int = Field(4011, ge=1, le=65535, description="PXE boot server port")
+
+
+class TftpSettings(_Strict):
+    enabled: bool = True
+    port: int = Field(69, ge=1, le=65535)
+    single_port: bool = False
+    roots: list[Path] = Field(default_factory=lambda: [Path(p) for p in DEFAULT_TFTP_ROOTS])
+    max_transfers: int = Field(1000, ge=1)
+    max_per_client: int = Field(16, ge=1)
+
+
+class WebhookSettings(_Strict):
+    url: str
+    events: list[Literal["installed", "error", "stuck", "deploying", "discovered", "booting"]] = (
+        Field(default_factory=lambda: ["installed", "error", "stuck"]))
+    format: Literal["json", "slack", "alertmanager"] = "json"
+
+
+class ApiSettings(_Strict):
+    """Registry and API settings (issue 6)."""
+
+    admin_token: str | None = Field(None, description="bearer token for changing requests; "
+                                    "falls back to $NETBOOT_ADMIN_TOKEN")
+    secret: str | None = Field(None, description="HMAC key for node tokens and signed URLs; "
+                               "generated into data_dir/secret when unset")
+    stuck_after: float = Field(1800, gt=0, description="seconds in 'deploying' before 'stuck'")
+    webhooks: list[WebhookSettings] = Field(default_factory=list)
+
+
+class ServerConfig(_Strict):
+    """netboot.yaml. Relative paths are taken from the directory of the file."""
+
+    interface: str | None = None
+    address: str | None = None
+    http_port: int = Field(8080, ge=1, le=65535)
+    http_host: str = "0.0.0.0"
+    data_dir: Path = Path("../data")
+    profiles_dir: Path = Path("profiles")
+    machines_dir: Path = Path("machines")
+    images_dir: Path = Path("../images")
+    ignition_dir: Path = Path("../ignition")
+    default_profile: str | None = "default"
+    loaders: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_LOADERS))
+    pxelinux_loader: str = "pxelinux.0"
+    dhcp: DhcpSettings = Field(default_factory=DhcpSettings)
+    tftp: TftpSettings = Field(default_factory=TftpSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("address")
+    @classmethod
+    def _ipv4(cls, v: str | None) -> str | None:
+        if v is not None:
+            ipaddress.IPv4Address(v)
+        return v
+
+    @field_validator("loaders")
+    @classmethod
+    def _arches(cls, v: dict[str, str]) -> dict[str, str]:
+        known = {a.value for a in Arch} - {Arch.UNKNOWN.value}
+        bad = set(v) - known
+        if bad:
+            raise ValueError(f"unknown arch {sorted(bad)}; known: {sorted(known)}")
+        return {**DEFAULT_LOADERS, **v}
+
+    def resolve(self, base: Path) -> ServerConfig:
+        """Make every path absolute against ``base`` (the config file's directory)."""
+
+        def r(p: Path) -> Path:
+            return p if p.is_absolute() else (base / p).resolve()
+
+        tftp = self.tftp.model_copy(update={"roots": [r(p) for p in self.tftp.roots]})
+        return self.model_copy(update={
+            "data_dir": r(self.data_dir), "profiles_dir": r(self.profiles_dir),
+            "machines_dir": r(self.machines_dir), "images_dir": r(self.images_dir),
+            "ignition_dir": r(self.ignition_dir), "tftp": tftp,
+        })
+
+
+def _template(v: str) -> str:
+    try:
+        jinja2.Environment().parse(v)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ValueError(f"template syntax: {exc.message} (template line {exc.lineno})") from None
+    return v
+
+
+class Profile(_Strict):
+    """What a class of machines boots."""
+
+    name: str = ""
+    description: str = ""
+    kernel: str
+    initrds: list[str] = Field(default_factory=list)
+    cmdline: str = ""
+    loader: Literal["ipxe", "pxelinux"] = "ipxe"
+    ignition: str | None = None
+    boot: Literal["always", "once"] = "always"
+    loaders: dict[str, str] = Field(default_factory=dict, description="per-arch loader override")
+    vars: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("cmdline")
+    @classmethod
+    def _cmdline(cls, v: str) -> str:
+        return _template(v)
+
+    @field_validator("kernel", "initrds")
+    @classmethod
+    def _relative(cls, v: Any) -> Any:
+        for item in [v] if isinstance(v, str) else v:
+            if item.startswith("/") or ".." in Path(item).parts:
+                raise ValueError(f"{item!r} must be a path inside images_dir")
+        return v
+
+
+class Machine(_Strict):
+    """One physical machine, found by MAC or SMBIOS UUID."""
+
+    mac: str | None = None
+    macs: list[str] = Field(default_factory=list)
+    uuid: str | None = None
+    profile: str | None = None
+    hostname: str | None = None
+    netboot: bool = True
+    vars: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, v: str | None) -> str | None:
+        return normalise_mac(v) if v is not None else None
+
+    @field_validator("macs")
+    @classmethod
+    def _macs(cls, v: list[str]) -> list[str]:
+        return [normalise_mac(m) for m in v]
+
+    @field_validator("uuid")
+    @classmethod
+    def _uuid(cls, v: str | None) -> str | None:
+        return normalise_uuid(v) if v is not None else None
+
+    @model_validator(mode="after")
+    def _identified(self) -> Machine:
+        if self.mac is None and not self.macs and self.uuid is None:
+            raise ValueError("a machine needs mac, macs or uuid")
+        return self
+
+    @property
+    def all_macs(self) -> list[str]:
+        return ([self.mac] if self.mac else []) + [m for m in self.macs if m != self.mac]
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An immutable view handed to readers; swapped whole on reload, so no locks."""
+
+    server: ServerConfig
+    profiles: dict[str, Profile]
+    machines_by_mac: dict[str, Machine]
+    machines_by_uuid: dict[str, Machine]
+    machine_files: dict[Machine, Path] = field(default_factory=dict)
+    generation: int = 0
+
+
+@dataclass
+class _FileState:
+    stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the last parse attempt
+    good: Any = None  # last good model
+    problems: list[str] = field(default_factory=list)
+
+
+def load_server_config(path: Path, **overrides: Any) -> ServerConfig:
+    data, lines = load_yaml(path)
+    cfg = validate(ServerConfig, path, data, lines)
+    updates = {k: v for k, v in overrides.items() if v is not None}
+    if updates:
+        cfg = ServerConfig.model_validate({**cfg.model_dump(), **updates})
+    return cfg.resolve(path.parent.resolve())
+
+
+class ConfigStore:
+    """Profiles and machines as of the last good parse of each file."""
+
+    def __init__(self, config_path: Path, **overrides: Any):
+        self.config_path = config_path
+        try:
+            self.server = load_server_config(config_path, **overrides)
+        except SourceError as exc:
+            raise ConfigError(exc.problems) from None
+        except FileNotFoundError:
+            raise ConfigError([f"{config_path}: no such file"]) from None
+        self._profiles: dict[Path, _FileState] = {}
+        self._machines: dict[Path, _FileState] = {}
+        self._cross_problems: list[str] = []
+        self.snapshot = Snapshot(self.server, {}, {}, {})
+        self.reload()
+
+    # -- reading -----------------------------------------------------------
+    @property
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        for states in (self._profiles, self._machines):
+            for st in states.values():
+                out.extend(st.problems)
+        return out + self._cross_problems
+
+    # -- reloading ---------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read changed files; returns True if the served snapshot changed."""
+        changed = self._scan(self.server.profiles_dir, self._profiles, self._parse_profile)
+        changed |= self._scan(self.server.machines_dir, self._machines, self._parse_machine)
+        if changed or self.snapshot.generation == 0:
+            self._rebuild()
+        return changed
+
+    def _scan(self, directory: Path, states: dict[Path, _FileState], parse: Any) -> bool:
+        changed = False
+        present: set[Path] = set()
+        try:
+            entries = sorted(p for p in directory.iterdir()
+                             if p.suffix in (".yaml", ".yml") and not p.name.startswith("."))
+        except FileNotFoundError:
+            entries = []
+        for path in entries:
+            present.add(path)
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            stamp = (st.st_mtime_ns, st.st_size)
+            state = states.setdefault(path, _FileState())
+            if state.stamp == stamp:
+                continue
+            state.stamp = stamp
+            changed = True
+            try:
+                state.good = parse(path)
+                if state.problems:
+                    log.info("%s: fixed, now serving the new version", path)
+                state.problems = []
+            except SourceError as exc:
+                state.problems = exc.problems
+                keep = "keeping the last good version" if state.good else "not serving it"
+                for p in exc.problems:
+                    log.error("%s (%s)", p, keep)
+        for gone in set(states) - present:
+            del states[gone]
+            changed = True
+            log.info("%s: removed", gone)
+        return changed
+
+    @staticmethod
+    def _parse_profile(path: Path) -> Profile:
+        data, lines = load_yaml(path)
+        prof = validate(Profile, path, data, lines)
+        return prof.model_copy(update={"name": prof.name or path.stem})
+
+    @staticmethod
+    def _parse_machine(path: Path) -> Machine:
+        data, lines = load_yaml(path)
+        return validate(Machine, path, data, lines)
+
+    def _rebuild(self) -> None:
+        profiles: dict[str, Profile] = {}
+        problems: list[str] = []
+        for path, st in sorted(self._profiles.items()):
+            if st.good is None:
+                continue
+            if st.good.name in profiles:
+                problems.append(f"{path}:1: name: profile {st.good.name!r} defined twice")
+                continue
+            profiles[st.good.name] = st.good
+        by_mac: dict[str, Machine] = {}
+        by_uuid: dict[str, Machine] = {}
+        files: dict[Machine, Path] = {}
+        for path, st in sorted(self._machines.items()):
+            m: Machine | None = st.good
+            if m is None:
+                continue
+            if m.profile and m.profile not in profiles:
+                problems.append(f"{path}:1: profile: no profile named {m.profile!r} "
+                                f"(have: {', '.join(sorted(profiles)) or 'none'})")
+                continue
+            clash = [x for x in m.all_macs if x in by_mac] + (
+                [m.uuid] if m.uuid and m.uuid in by_uuid else [])
+            if clash:
+                problems.append(f"{path}:1: mac/uuid: {clash[0]} already belongs to "
+                                f"{files[by_mac.get(clash[0]) or by_uuid[clash[0]]]}")
+                continue
+            for mac in m.all_macs:
+                by_mac[mac] = m
+            if m.uuid:
+                by_uuid[m.uuid] = m
+            files[m] = path
+        dp = self.server.default_profile
+        if dp and dp not in profiles:
+            problems.append(f"{self.config_path}:1: default_profile: no profile named {dp!r}")
+        for p in problems:
+            if p not in self._cross_problems:
+                log.error("%s", p)
+        self._cross_problems = problems
+        self.snapshot = Snapshot(self.server, profiles, by_mac, by_uuid, files,
+                                 self.snapshot.generation + 1)
+
+    async def watch(self) -> None:
+        """Reload on every change in the profile and machine directories (inotify)."""
+        import watchfiles
+
+        dirs = [d for d in (self.server.profiles_dir, self.server.machines_dir) if d.is_dir()]
+        if not dirs:
+            return
+        async for _changes in watchfiles.awatch(*dirs, debounce=50, step=20,
+                                                 recursive=False):
+            try:
+                if self.reload():
+                    log.info("configuration reloaded (generation %d)", self.snapshot.generation)
+            except Exception:  # never let a reload kill the watcher
+                log.exception("reload failed; keeping the previous configuration")
+
+
+def _machine_hash(self: Machine) -> int:
+    return id(self)
+
+
+Machine.__hash__ = _machine_hash  # type: ignore[method-assign]
+
+
+__all__ = ["ConfigError", "ConfigStore", "IdentityError", "Machine", "Profile", "ServerConfig",
+           "Snapshot", "load_server_config"]
