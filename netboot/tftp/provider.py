@@ -1,0 +1,185 @@
+"""Where transfer content comes from: providers, resolvers and path confinement.
+
+The idea is fbtftp's ResponseData (the server asks an object for bytes, it does
+not open files itself), made random access so a windowed transfer can restart
+from any block after a loss. Resolvers are synchronous and fast: they run on
+the event loop once per request.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Protocol
+
+from netboot.tftp.packet import ERR_ACCESS, ERR_NOT_FOUND
+
+
+class TftpError(Exception):
+    """A refusal the client should see as an ERROR packet (RFC 1350 code + message)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"TFTP error {self.code}: {self.message}"
+
+
+class Provider(Protocol):
+    """Random-access content of one transfer."""
+
+    def size(self) -> int | None:
+        """Total size in bytes, or None if unknown (tsize is then not echoed)."""
+        ...
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        """Up to n bytes at offset; fewer only at the end of the content."""
+        ...
+
+    def close(self) -> None: ...
+
+
+Resolver = Callable[[str, tuple[str, int]], Provider]
+
+
+class BytesProvider:
+    """Content generated in memory (pxelinux.cfg/01-<mac>, OEM cpio, ...)."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: bytes | bytearray | memoryview):
+        self._data = bytes(data)
+
+    def size(self) -> int:
+        return len(self._data)
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        return self._data[offset:offset + n]
+
+    def close(self) -> None:
+        pass
+
+
+class FileProvider:
+    """A file on disk, read with pread in large chunks.
+
+    Not mmap: a file truncated by someone else while mapped raises SIGBUS and
+    kills the whole server; a short pread merely ends the transfer early.
+    """
+
+    CHUNK = 256 * 1024
+    __slots__ = ("_chunk", "_chunk_end", "_chunk_off", "_fd", "_size")
+
+    def __init__(self, path: str | os.PathLike[str], *, fd: int | None = None):
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)) if fd is None else fd
+        try:
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise TftpError(ERR_NOT_FOUND, "not a regular file")
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._size = st.st_size
+        self._chunk = b""
+        self._chunk_off = 0
+        self._chunk_end = 0
+
+    def size(self) -> int:
+        return self._size
+
+    def read_at(self, offset: int, n: int) -> bytes:
+        end = offset + n
+        if offset < self._chunk_off or end > self._chunk_end:
+            if self._fd < 0:
+                return b""
+            self._chunk = os.pread(self._fd, max(self.CHUNK, n), offset)
+            self._chunk_off = offset
+            self._chunk_end = offset + len(self._chunk)
+            if len(self._chunk) < n:  # end of file: serve what is there
+                return self._chunk
+        start = offset - self._chunk_off
+        return self._chunk[start:start + n]
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._chunk = b""
+
+
+def normalise_path(raw: str) -> str:
+    """The one path normalisation every resolver shares.
+
+    Backslashes become '/', leading '/' and empty or '.' components are dropped;
+    '..' anywhere and NUL bytes are refused with ERROR 2, an empty path with ERROR 1.
+    """
+    if "\0" in raw:
+        raise TftpError(ERR_ACCESS, "NUL in file name")
+    parts = [p for p in raw.replace("\\", "/").split("/") if p and p != "."]
+    if ".." in parts:
+        raise TftpError(ERR_ACCESS, "path escapes root")
+    if not parts:
+        raise TftpError(ERR_NOT_FOUND, "empty file name")
+    return "/".join(parts)
+
+
+class RootResolver:
+    """Serve regular files under any of the roots; the first root holding the path wins.
+
+    Symlinks are followed only while they stay inside the root they were found in.
+    """
+
+    def __init__(self, roots: Iterable[Path | str]):
+        self.roots = [os.path.realpath(r) for r in roots]
+
+    def __call__(self, path: str, client: tuple[str, int]) -> Provider:
+        rel = normalise_path(path)
+        for root in self.roots:
+            candidate = os.path.join(root, rel)
+            if not os.path.lexists(candidate):
+                continue
+            real = os.path.realpath(candidate)
+            if real != root and not real.startswith(root.rstrip("/") + "/"):
+                raise TftpError(ERR_ACCESS, "path escapes root")
+            try:
+                # O_NOFOLLOW: the resolved path must not have become a symlink since.
+                fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise TftpError(ERR_ACCESS, "access denied") from exc
+            try:
+                return FileProvider(real, fd=fd)
+            except TftpError:
+                continue  # a directory or device: not servable, maybe a later root has a file
+        raise TftpError(ERR_NOT_FOUND, "file not found")
+
+
+class NetasciiProvider(BytesProvider):
+    """RFC 1350 netascii view of another provider (LF -> CR LF, CR -> CR NUL), held in memory."""
+
+    MAX = 64 * 1024 * 1024
+
+    def __init__(self, inner: Provider):
+        try:
+            size = inner.size()
+            if size is not None and size > self.MAX:
+                raise TftpError(ERR_ACCESS, "file too large for netascii")
+            chunks: list[bytes] = []
+            off = 0
+            while True:
+                piece = inner.read_at(off, 1 << 20)
+                if not piece:
+                    break
+                chunks.append(piece)
+                off += len(piece)
+                if off > self.MAX:
+                    raise TftpError(ERR_ACCESS, "file too large for netascii")
+        finally:
+            inner.close()
+        raw = b"".join(chunks)
+        super().__init__(raw.replace(b"\r", b"\r\0").replace(b"\n", b"\r\n"))

@@ -1,0 +1,347 @@
+"""The transfer state machine, driven packet by packet with a fake clock (no sockets)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from netboot.tftp import packet as pk
+from netboot.tftp.provider import BytesProvider
+from netboot.tftp.session import Outcome, ReadSession, negotiate
+from tests.tftp_helpers import SimClient, lossy
+
+
+class UnsizedProvider(BytesProvider):
+    """Content whose size is not known up front (generated on the fly)."""
+
+    def size(self) -> None:  # type: ignore[override]
+        return None
+
+
+def blocks(packets: list[bytes]) -> list[int]:
+    return [pk.parse_data(p)[0] for p in packets]
+
+
+def lockstep(session: ReadSession, first: list[bytes], now: float = 0.0) -> bytes:
+    """Ideal client: ACK every DATA as it comes; returns the assembled content."""
+    out = bytearray()
+    pending = first
+    while pending:
+        (p,) = pending
+        block, payload = pk.parse_data(p)
+        out += payload
+        pending = session.receive(pk.encode_ack(block), now)
+    assert session.outcome is Outcome.COMPLETED
+    return bytes(out)
+
+
+# -- negotiation ---------------------------------------------------------------
+
+
+def test_negotiate_echoes_only_what_was_asked() -> None:
+    neg = negotiate({"blksize": "1468"}, 1000)
+    assert neg.oack == {"blksize": "1468"} and neg.blksize == 1468
+    neg = negotiate({"tsize": "0", "windowsize": "4", "timeout": "3", "foo": "bar"}, 1000)
+    assert neg.oack == {"tsize": "1000", "windowsize": "4", "timeout": "3"}
+    assert (neg.blksize, neg.windowsize, neg.timeout) == (512, 4, 3.0)
+
+
+@pytest.mark.parametrize(("asked", "max_blksize", "got"), [
+    ("1468", 65464, "1468"), ("65464", 65464, "65464"), ("70000", 65464, "65464"),
+    ("9000", 1468, "1468"), ("8", 1468, "8"), ("7", 1468, None), ("0", 1468, None),
+    ("x", 1468, None), ("-5", 1468, None), (" 1024 ", 1468, "1024"),
+])
+def test_blksize_range_and_mtu_clamp(asked: str, max_blksize: int, got: str | None) -> None:
+    assert negotiate({"blksize": asked}, 10, max_blksize=max_blksize).oack.get("blksize") == got
+
+
+@pytest.mark.parametrize(("asked", "got"), [("1", "1"), ("255", "255"), ("0", None),
+                                            ("256", None), ("abc", None)])
+def test_timeout_range(asked: str, got: str | None) -> None:
+    assert negotiate({"timeout": asked}, 10).oack.get("timeout") == got
+
+
+@pytest.mark.parametrize(("asked", "got"), [("1", "1"), ("16", "16"), ("65535", "64"),
+                                            ("0", None), ("65536", None)])
+def test_windowsize_range_and_cap(asked: str, got: str | None) -> None:
+    assert negotiate({"windowsize": asked}, 10, max_windowsize=64).oack.get("windowsize") == got
+
+
+def test_tsize_not_echoed_when_size_unknown() -> None:
+    assert negotiate({"tsize": "0"}, None).oack == {}
+    assert negotiate({"tsize": "0"}, 0).oack == {"tsize": "0"}
+
+
+def test_option_names_case_insensitive_via_parser() -> None:
+    req = pk.parse_request(pk.encode_request(pk.RRQ, "f", "octet", {"BLKSIZE": "1024",
+                                                                      "TSize": "0"}))
+    s = ReadSession(BytesProvider(b"x" * 3000), req.options)
+    assert pk.parse_oack(s.start(0.0)[0]) == {"blksize": "1024", "tsize": "3000"}
+
+
+# -- plain transfers -----------------------------------------------------------
+
+
+def test_no_options_starts_with_data_1() -> None:
+    s = ReadSession(BytesProvider(b"hello"))
+    out = s.start(0.0)
+    assert out == [pk.encode_data(1, b"hello")]
+    assert s.receive(pk.encode_ack(1), 0.1) == []
+    assert s.outcome is Outcome.COMPLETED and s.deadline is None
+
+
+def test_only_unknown_options_means_no_oack() -> None:
+    s = ReadSession(BytesProvider(b"hi"), {"multicast": "", "foo": "1"})
+    assert s.start(0.0) == [pk.encode_data(1, b"hi")]
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 1024, 5000])
+def test_final_short_block_including_empty(size: int) -> None:
+    content = os.urandom(size)
+    s = ReadSession(BytesProvider(content))
+    first = s.start(0.0)
+    got = lockstep(s, first)
+    assert got == content
+    assert s.bytes_sent == size
+
+
+def test_multiple_of_blksize_ends_with_zero_length_block() -> None:
+    s = ReadSession(BytesProvider(b"a" * 1024))
+    p1 = s.start(0.0)
+    p2 = s.receive(pk.encode_ack(1), 0.0)
+    p3 = s.receive(pk.encode_ack(2), 0.0)
+    assert p3 == [pk.encode_data(3, b"")]
+    assert blocks(p1 + p2) == [1, 2]
+    assert s.receive(pk.encode_ack(3), 0.0) == []
+    assert s.outcome is Outcome.COMPLETED
+
+
+def test_unsized_provider_ends_on_short_read() -> None:
+    content = os.urandom(2000)
+    s = ReadSession(UnsizedProvider(content), {"tsize": "0", "blksize": "1000"})
+    assert pk.parse_oack(s.start(0.0)[0]) == {"blksize": "1000"}
+    assert lockstep(s, s.receive(pk.encode_ack(0), 0.0)) == content
+
+
+def test_oack_then_ack0_then_data() -> None:
+    content = os.urandom(3000)
+    s = ReadSession(BytesProvider(content), {"blksize": "1468", "tsize": "0"})
+    (oack,) = s.start(0.0)
+    assert pk.parse_oack(oack) == {"blksize": "1468", "tsize": "3000"}
+    assert s.receive(pk.encode_ack(1), 0.0) == []  # stray ACK before ACK 0 ignored
+    first = s.receive(pk.encode_ack(0), 0.0)
+    assert blocks(first) == [1]
+    assert len(pk.parse_data(first[0])[1]) == 1468
+    assert lockstep(s, first) == content
+
+
+def test_rollover_wraps_to_zero_and_content_is_intact() -> None:
+    blksize = 8
+    content = os.urandom(blksize * 65540 + 3)
+    s = ReadSession(BytesProvider(content), {"blksize": str(blksize)})
+    s.start(0.0)
+    out = bytearray()
+    wire: list[int] = []
+    pending = s.receive(pk.encode_ack(0), 0.0)
+    while pending:
+        block, payload = pk.parse_data(pending[0])
+        wire.append(block)
+        out += payload
+        pending = s.receive(pk.encode_ack(block), 0.0)
+    assert bytes(out) == content
+    assert wire[65534:65538] == [65535, 0, 1, 2]
+    assert s.outcome is Outcome.COMPLETED
+
+
+# -- loss, duplicates, timeouts -------------------------------------------------
+
+
+def test_duplicate_ack_never_resends() -> None:
+    s = ReadSession(BytesProvider(b"x" * 2000))
+    s.start(0.0)
+    assert blocks(s.receive(pk.encode_ack(1), 0.0)) == [2]
+    assert s.receive(pk.encode_ack(1), 0.1) == []  # Sorcerer's Apprentice would resend 2 here
+    assert s.receive(pk.encode_ack(1), 0.2) == []
+    assert blocks(s.receive(pk.encode_ack(2), 0.3)) == [3]
+    assert s.retransmits == 0
+
+
+def test_timeout_resends_then_gives_up() -> None:
+    s = ReadSession(BytesProvider(b"x" * 2000), timeout=1.0, retries=3)
+    s.start(0.0)
+    assert s.deadline == 1.0
+    assert s.on_timer(0.5) == []  # early wake-up: nothing
+    assert blocks(s.on_timer(1.0)) == [1]
+    assert s.deadline == 2.0
+    assert blocks(s.on_timer(2.0)) == [1]
+    assert blocks(s.on_timer(3.0)) == [1]
+    assert s.retransmits == 3
+    out = s.on_timer(4.0)
+    assert pk.parse_error(out[0])[0] == pk.ERR_UNDEFINED
+    assert s.outcome is Outcome.FAILED and s.reason == "timeout"
+    assert s.deadline is None
+    assert s.on_timer(5.0) == [] and s.receive(pk.encode_ack(1), 5.0) == []
+
+
+def test_progress_resets_retry_budget() -> None:
+    s = ReadSession(BytesProvider(b"x" * 5000), timeout=1.0, retries=1)
+    s.start(0.0)
+    assert blocks(s.on_timer(1.0)) == [1]
+    assert blocks(s.receive(pk.encode_ack(1), 1.5)) == [2]
+    assert blocks(s.on_timer(2.5)) == [2]  # a fresh budget for block 2
+    assert s.outcome is Outcome.RUNNING
+
+
+def test_oack_resent_on_timeout() -> None:
+    s = ReadSession(BytesProvider(b"x"), {"tsize": "0"}, timeout=2.0)
+    (oack,) = s.start(0.0)
+    assert s.on_timer(2.0) == [oack]
+    assert s.retransmits == 1
+
+
+def test_client_timeout_option_sets_retransmit_timer() -> None:
+    s = ReadSession(BytesProvider(b"x"), {"timeout": "7"}, timeout=1.0)
+    s.start(10.0)
+    assert s.deadline == 17.0
+
+
+def test_malformed_input_raises_and_leaves_session_intact() -> None:
+    s = ReadSession(BytesProvider(b"x" * 600))
+    s.start(0.0)
+    for bad in (b"", b"\x00", b"\x00\x04\x00", b"\x00\x03\x00\x01data", b"\x00\x01f\x00octet\x00"):
+        with pytest.raises(pk.MalformedPacket):
+            s.receive(bad, 0.0)
+    assert blocks(s.receive(pk.encode_ack(1), 0.0)) == [2]
+
+
+def test_ack_from_the_future_ignored() -> None:
+    s = ReadSession(BytesProvider(b"x" * 5000))
+    s.start(0.0)
+    assert s.receive(pk.encode_ack(5), 0.0) == []
+    assert s.receive(pk.encode_ack(40000), 0.0) == []
+    assert s.outcome is Outcome.RUNNING
+
+
+# -- errors and the UEFI size probe ---------------------------------------------
+
+
+def test_size_probe_error8_after_oack_is_quiet() -> None:
+    s = ReadSession(BytesProvider(b"x" * 100), {"tsize": "0"})
+    (oack,) = s.start(0.0)
+    assert pk.parse_oack(oack) == {"tsize": "100"}
+    assert s.receive(pk.encode_error(pk.ERR_OPTION, "tsize probe"), 0.1) == []
+    assert s.outcome is Outcome.PROBE and s.deadline is None
+
+
+def test_error_during_data_is_failure() -> None:
+    s = ReadSession(BytesProvider(b"x" * 5000))
+    s.start(0.0)
+    assert s.receive(pk.encode_error(pk.ERR_OPTION, "late"), 0.1) == []
+    assert s.outcome is Outcome.FAILED and s.error_code == pk.ERR_OPTION
+
+
+def test_other_error_after_oack_is_failure() -> None:
+    s = ReadSession(BytesProvider(b"x"), {"blksize": "1024"})
+    s.start(0.0)
+    s.receive(pk.encode_error(pk.ERR_DISK_FULL, "full"), 0.1)
+    assert s.outcome is Outcome.FAILED and s.error_code == pk.ERR_DISK_FULL
+
+
+def test_abort() -> None:
+    s = ReadSession(BytesProvider(b"x"))
+    s.start(0.0)
+    s.abort("shutdown")
+    assert (s.outcome, s.reason) == (Outcome.FAILED, "shutdown")
+    s.abort("again")
+    assert s.reason == "shutdown"
+
+
+# -- windowsize (RFC 7440) --------------------------------------------------------
+
+
+def windowed(content: bytes, ws: int, blksize: int = 512) -> ReadSession:
+    s = ReadSession(BytesProvider(content), {"blksize": str(blksize), "windowsize": str(ws)})
+    s.start(0.0)
+    return s
+
+
+def test_window_sent_and_advanced_on_last_ack() -> None:
+    s = windowed(os.urandom(512 * 10 + 5), 4)
+    assert blocks(s.receive(pk.encode_ack(0), 0.0)) == [1, 2, 3, 4]
+    assert blocks(s.receive(pk.encode_ack(4), 0.0)) == [5, 6, 7, 8]
+    assert blocks(s.receive(pk.encode_ack(8), 0.0)) == [9, 10, 11]  # 11 is the short one
+    assert s.receive(pk.encode_ack(11), 0.0) == []
+    assert s.outcome is Outcome.COMPLETED
+
+
+def test_window_gap_restarts_after_last_acked() -> None:
+    s = windowed(os.urandom(512 * 20), 4)
+    s.receive(pk.encode_ack(0), 0.0)
+    out = s.receive(pk.encode_ack(2), 0.0)  # client lost block 3
+    assert blocks(out) == [3, 4, 5, 6]
+    assert s.retransmits == 2  # 3 and 4 went out before
+    assert s.receive(pk.encode_ack(2), 0.0) == []  # duplicate: no resend
+    assert s.receive(pk.encode_ack(1), 0.0) == []  # stale: no resend
+
+
+def test_window_timeout_resends_whole_window_from_last_acked() -> None:
+    s = windowed(os.urandom(512 * 20), 4)
+    s.receive(pk.encode_ack(0), 0.0)
+    s.receive(pk.encode_ack(4), 0.5)
+    assert blocks(s.on_timer(1.5)) == [5, 6, 7, 8]
+
+
+def test_window_rollover_ack_mapping() -> None:
+    content = os.urandom(8 * 65600)
+    s = windowed(content, 16, blksize=8)
+    out = bytearray()
+    pending = s.receive(pk.encode_ack(0), 0.0)
+    seen_zero = False
+    while pending:
+        for p in pending:
+            block, payload = pk.parse_data(p)
+            seen_zero |= block == 0
+            out += payload
+        pending = s.receive(pk.encode_ack(block), 0.0)
+    assert seen_zero
+    assert bytes(out) == content
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("ws", [1, 3, 8])
+def test_random_loss_dup_reorder_delivers_intact(seed: int, ws: int) -> None:
+    """Simulated 15% loss, 5% duplication, reordering in both directions, with timeouts."""
+    rng = random.Random(seed * 100 + ws)
+    size = rng.choice([0, 100, 512 * 37, 512 * 40 + 77])
+    content = rng.randbytes(size)
+    s = ReadSession(BytesProvider(content), {"windowsize": str(ws), "blksize": "512"},
+                    timeout=1.0, retries=50)
+    client = SimClient(blksize=512, windowsize=ws)
+    now = 0.0
+    to_client = lossy(s.start(now), rng, 0.15, 0.05, 0.2)
+    oack_done = False
+    for _ in range(20000):
+        if s.done:
+            break
+        to_server: list[bytes] = []
+        for p in to_client:
+            if pk.opcode_of(p) == pk.OACK:
+                to_server.append(pk.encode_ack(0))
+            else:
+                oack_done = True
+                to_server += client.on_packet(p)
+        if not to_server and not to_client:
+            now = max(now + 0.3, s.deadline or now)
+            to_client = s.on_timer(now)
+            if rng.random() < 0.5 and oack_done and not client.done:
+                to_server = client.on_timeout()
+        else:
+            to_client = []
+        now += 0.001
+        for a in lossy(to_server, rng, 0.15, 0.05, 0.2):
+            to_client += s.receive(a, now)
+        to_client = lossy(to_client, rng, 0.15, 0.05, 0.2)
+    assert s.outcome is Outcome.COMPLETED, s.reason
+    assert client.done and bytes(client.data) == content
