@@ -1,0 +1,255 @@
+"""Registry HTTP API against a real aiohttp server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from netboot.http.api import ROUTES, setup_api
+from netboot.metrics import Counters
+from netboot.registry import Registry
+
+SECRET = b"api-test-secret"
+ADMIN = "s3cret-admin"
+U1 = "4c4c4544-0042-3510-8052-b4c04f384d32"
+U2 = "00000000-0000-0000-0000-0000000000b2"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Served:
+    url: str
+    registry: Registry
+    counters: Counters
+    app: web.Application
+
+
+@asynccontextmanager
+async def serve_registry(data_dir: Path, *, admin_token: str | None = ADMIN,
+                         profiles: dict[str, Any] | None = None,
+                         **open_kw: Any) -> AsyncIterator[Served]:
+    """Registry + API on an ephemeral 127.0.0.1 port; shared by the other test files."""
+    counters = Counters()
+    reg = await Registry.open(data_dir, secret=SECRET, counters=counters, **open_kw)
+    app = web.Application()
+    setup_api(app, registry=reg, counters=counters, admin_token=admin_token,
+              profiles=(lambda: profiles) if profiles is not None else None)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield Served(f"http://127.0.0.1:{port}", reg, counters, app)
+    finally:
+        await runner.cleanup()
+        await reg.close()
+
+
+@pytest.fixture
+async def srv(tmp_path: Path) -> AsyncIterator[Served]:
+    async with serve_registry(tmp_path, profiles={"coreos": {"kernel": "fcos/vmlinuz",
+                                                             "boot": "once"}}) as s:
+        yield s
+
+
+async def _call(method: str, url: str, **kw: Any) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s, s.request(method, url, **kw) as r:
+        body = await r.json() if r.content_type == "application/json" else await r.text()
+        return r.status, body
+
+
+async def test_node_reports_for_itself(srv: Served) -> None:
+    reg = srv.registry
+    await reg.observe(U1, mac="52:54:00:00:00:01", address="10.0.0.7", source="dhcp",
+                      profile="coreos", hostname="db1")
+    await reg.patch(U1, labels={"rack": "r1"})
+    tok = reg.node_token(U1)
+    base = f"{srv.url}/api/v1/nodes/{U1}"
+
+    st, body = await _call("GET", f"{base}/profile?token={tok}")
+    assert st == 200 and body == {"uuid": U1, "name": "coreos",
+                                  "profile": {"kernel": "fcos/vmlinuz", "boot": "once"}}
+    st, body = await _call("GET", f"{base}/detail", headers={"X-Node-Token": tok})
+    assert st == 200 and body == {"uuid": U1, "address": "10.0.0.7", "hostname": "db1",
+                                  "labels": {"rack": "r1"}}
+
+    st, body = await _call("POST", f"{base}/register?token={tok}",
+                           json={"serial": "SN-9", "vendor": "Dell Inc.", "mac": "52-54-00-00-00-02"})
+    assert st == 200 and body["serial"] == "SN-9"
+    assert body["macs"] == ["52:54:00:00:00:01", "52:54:00:00:00:02"]
+    assert body["address"] == "127.0.0.1"  # the request's source address
+
+    st, body = await _call("POST", f"{base}/installed?token={tok}")
+    assert st == 200 and body["state"] == "installed" and body["armed"] is False
+    st, body = await _call("POST", f"{base}/failed?token={tok}",
+                           data={"reason": "grub-install: disk /dev/sda not found"})
+    assert st == 200 and body["state"] == "error"
+    assert body["reason"] == "grub-install: disk /dev/sda not found"
+    st, body = await _call("POST", f"{base}/failed?token={tok}", json={"reason": "x" * 3000})
+    assert st == 400 and "reason" in body["error"]
+
+    st, body = await _call("GET", base)
+    assert st == 200
+    assert [e["kind"] for e in body["events"]] == ["discovered", "patch", "state", "state"]
+    assert body["events"][-1]["detail"] == "grub-install: disk /dev/sda not found"
+    assert body["events"][-1]["source"] == "api"
+
+
+async def test_node_token_is_for_that_node_only(srv: Served) -> None:
+    reg = srv.registry
+    await reg.observe(U1, mac=None, address=None, source="t")
+    await reg.observe(U2, mac=None, address=None, source="t")
+    tok1 = reg.node_token(U1)
+    for method, path in [("GET", "profile"), ("GET", "detail"), ("POST", "register"),
+                         ("POST", "installed"), ("POST", "failed")]:
+        url = f"{srv.url}/api/v1/nodes/{U2}/{path}"
+        st, body = await _call(method, f"{url}?token={tok1}")
+        assert st == 403, (path, body)
+        st, body = await _call(method, url, headers={"X-Node-Token": tok1})
+        assert st == 403, (path, body)
+        st, body = await _call(method, url)
+        assert st == 401 and "token" in body["error"]
+    assert reg.get(U2).state == "discovered"
+
+
+async def test_admin_changes_need_the_token(srv: Served) -> None:
+    await srv.registry.observe(U1, mac=None, address=None, source="t")
+    url = f"{srv.url}/api/v1/nodes/{U1}"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": ADMIN},
+                    {"Authorization": f"Basic {ADMIN}"}):
+        st, body = await _call("PATCH", url, json={"rearm": True}, headers=headers)
+        assert st == 401, headers
+        st, body = await _call("DELETE", url, headers=headers)
+        assert st == 401, headers
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    st, body = await _call("PATCH", url, json={"labels": {"rack": "r9"}, "hostname": "web1",
+                                               "profile": "coreos", "rearm": True}, headers=auth)
+    assert st == 200 and body["labels"] == {"rack": "r9"} and body["hostname"] == "web1"
+    st, body = await _call("PATCH", url, json={"labels": ["no"]}, headers=auth)
+    assert st == 400 and body["error"].startswith("invalid request body: labels")
+    st, body = await _call("PATCH", url, json={"colour": "red"}, headers=auth)
+    assert st == 400 and "colour" in body["error"]
+    st, body = await _call("PATCH", url, data="{not json", headers={
+        **auth, "Content-Type": "application/json"})
+    assert st == 400 and "not JSON" in body["error"]
+    st, body = await _call("PATCH", f"{srv.url}/api/v1/nodes/nope", json={}, headers=auth)
+    assert st == 400 and "UUID" in body["error"]
+    st, body = await _call("PATCH", f"{srv.url}/api/v1/nodes/{U2}", json={}, headers=auth)
+    assert st == 404
+    st, body = await _call("DELETE", url, headers=auth)
+    assert st == 200 and body == {"deleted": U1}
+    st, body = await _call("GET", url)
+    assert st == 404
+
+
+async def test_without_admin_token_every_change_is_refused(tmp_path: Path) -> None:
+    async with serve_registry(tmp_path, admin_token=None) as srv:
+        await srv.registry.observe(U1, mac=None, address=None, source="t")
+        url = f"{srv.url}/api/v1/nodes/{U1}"
+        for method in ("PATCH", "DELETE"):
+            for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer None"}):
+                st, body = await _call(method, url, json={"rearm": True}, headers=headers)
+                assert st == 401 and "admin_token" in body["error"]
+        assert srv.registry.get(U1) is not None
+        st, _ = await _call("GET", url)
+        assert st == 200  # reads stay open
+
+
+async def test_list_filters(srv: Served) -> None:
+    reg = srv.registry
+    await reg.observe(U1, mac=None, address=None, source="t", profile="coreos")
+    await reg.observe(U2, mac=None, address=None, source="t", profile="debian")
+    await reg.transition(U2, "deploying", source="t")
+    await reg.patch(U2, labels={"rack": "r2"})
+    async def uuids(q: str) -> list[str]:
+        st, body = await _call("GET", f"{srv.url}/api/v1/nodes{q}")
+        assert st == 200
+        return [n["uuid"] for n in body["nodes"]]
+    assert await uuids("") == [U1, U2]
+    assert await uuids("?state=deploying") == [U2]
+    assert await uuids("?profile=coreos") == [U1]
+    assert await uuids("?label=rack=r2") == [U2]
+    assert await uuids("?label=rack=r1") == []
+    st, body = await _call("GET", f"{srv.url}/api/v1/nodes?state=bogus")
+    assert st == 400 and "discovered" in body["error"]
+
+
+async def test_openapi_is_valid_and_complete(srv: Served) -> None:
+    validator = pytest.importorskip("openapi_spec_validator",
+                                    reason="pip install openapi-spec-validator (test extra)")
+    st, doc = await _call("GET", f"{srv.url}/api/v1/openapi.json")
+    assert st == 200
+    validator.validate(doc)
+    for resource in srv.app.router.resources():
+        info = resource.get_info()
+        path = info.get("formatter") or info.get("path")
+        if "prefix" in info:  # the static directory
+            path = info["prefix"].rstrip("/") + "/{path}"
+        assert path in doc["paths"], path
+        for route in resource:
+            if route.method != "HEAD":
+                assert route.method.lower() in doc["paths"][path], (route.method, path)
+    assert len(ROUTES) >= 13
+    patch = doc["paths"]["/api/v1/nodes/{uuid}"]["patch"]
+    assert patch["security"] == [{"adminBearer": []}] and "401" in patch["responses"]
+
+
+async def test_responses_match_the_documented_schemas(srv: Served) -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    await srv.registry.observe(U1, mac="52:54:00:00:00:01", address=None, source="t")
+    _, doc = await _call("GET", f"{srv.url}/api/v1/openapi.json")
+    schemas = doc["components"]["schemas"]
+
+    def check(body: Any, name: str) -> None:
+        schema = {**schemas[name], "components": {"schemas": schemas}}
+        jsonschema.validate(body, schema)
+
+    # refs in the document point at #/components/schemas/..., resolvable from this root
+    _, body = await _call("GET", f"{srv.url}/api/v1/nodes/{U1}")
+    check(body, "NodeWithEvents")
+    _, body = await _call("GET", f"{srv.url}/api/v1/nodes")
+    check(body, "NodeList")
+
+
+async def test_metrics(srv: Served) -> None:
+    reg = srv.registry
+    srv.counters.inc("http_requests_total", route="images")  # someone else's counter
+    await reg.observe(U1, mac=None, address=None, source="t", boot=True)
+    await reg.transition(U1, "installed", source="t")
+    await reg.observe(U2, mac=None, address=None, source="t")
+    await reg.transition(U2, "error", source="t", reason="x")
+    st, text = await _call("GET", f"{srv.url}/metrics")
+    assert st == 200
+    lines = set(text.splitlines())
+    assert 'netboot_http_requests_total{route="images"} 1' in lines
+    assert 'netboot_nodes{state="installed"} 1' in lines
+    assert 'netboot_nodes{state="error"} 1' in lines
+    assert 'netboot_nodes{state="deploying"} 0' in lines
+    assert "netboot_node_failures_total 1" in lines
+    assert "netboot_boot_duration_seconds_count 1" in lines
+    assert 'netboot_boot_duration_seconds_bucket{le="30"} 1' in lines
+    assert "# TYPE netboot_boot_duration_seconds histogram" in lines
+    assert "netboot_nodes_stuck 0" in lines
+
+
+def test_alert_rules_pass_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool missing: apt-get install -y prometheus")
+    r = subprocess.run([promtool, "check", "rules", str(ROOT / "configs" / "alerts.yml")],
+                       check=False, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (ROOT / "configs" / "alerts.yml").read_text()
+    for metric in ("netboot_nodes_stuck", "netboot_node_failures_total",
+                   "netboot_boot_duration_seconds_bucket"):
+        assert metric in text
