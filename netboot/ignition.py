@@ -219,6 +219,7 @@ class IgnitionRenderer:
         ctx = dict(context.get("vars") or {})
         ctx.update(context)  # the machine's vars at top level; reserved names win
         ctx.setdefault("site", SiteSettings())
+        ctx.setdefault("vars", {})
         try:
             text = self.env.get_template(name).render(ctx)
         except jinja2.TemplateNotFound as exc:
