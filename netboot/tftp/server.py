@@ -60,7 +60,7 @@ _HELP = {
 class _Transfer:
     """Glue between one ReadSession and its socket, peer and timer."""
 
-    __slots__ = ("filename", "ip", "path", "peer", "server", "session", "sock", "timer")
+    __slots__ = ("filename", "ip", "path", "peer", "server", "session", "sock", "time", "timer")
 
     def __init__(self, server: TftpServer, session: ReadSession, sock: socket.socket,
                  peer: tuple[str, int], path: str, filename: str):
@@ -72,39 +72,35 @@ class _Transfer:
         self.filename = filename
         self.ip = peer[0]
         self.timer: asyncio.TimerHandle | None = None
+        self.time = server._loop.time
 
     def on_readable(self) -> None:
-        sock = self.sock
-        peer = self.peer
-        for _ in range(16):
-            try:
-                data, addr = sock.recvfrom(2048)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
-            if addr != peer:
-                self.server._wrong_tid(sock, data, addr)
-                continue
-            self.feed(data)
-            if self.session.outcome is not Outcome.RUNNING:
-                return
+        # One datagram per wake-up: in lock-step there is never a second one waiting,
+        # and a second recvfrom would cost a syscall plus an exception every block.
+        try:
+            data, addr = self.sock.recvfrom(2048)
+        except OSError:  # EAGAIN after a spurious wake-up, or an ICMP error
+            return
+        if addr != self.peer:
+            self.server._wrong_tid(self.sock, data, addr)
+            return
+        self.feed(data)
 
     def feed(self, data: bytes) -> None:
-        server = self.server
+        session = self.session
         try:
-            out = self.session.receive(data, server._loop.time())
+            out = session.receive(data, self.time())
         except pk.MalformedPacket:
-            server.counters.inc("tftp_malformed")
+            self.server.counters.inc("tftp_malformed")
             return
-        sock, peer = self.sock, self.peer
+        sendto, peer = self.sock.sendto, self.peer
         for p in out:
             try:
-                sock.sendto(p, peer)
+                sendto(p, peer)
             except OSError:
-                server.counters.inc("tftp_send_errors")
-        if self.session.outcome is not Outcome.RUNNING:
-            server._finish(self)
+                self.server.counters.inc("tftp_send_errors")
+        if session.outcome is not Outcome.RUNNING:
+            self.server._finish(self)
 
     def arm(self) -> None:
         deadline = self.session.deadline

@@ -11,6 +11,7 @@ Blocks are numbered internally from 1 without limit; only the wire number wraps
 from __future__ import annotations
 
 import enum
+import struct
 from dataclasses import dataclass, field
 
 from netboot.tftp import packet as pk
@@ -19,6 +20,7 @@ from netboot.tftp.provider import Provider
 MIN_BLKSIZE = 8
 MAX_BLKSIZE = 65464
 DEFAULT_BLKSIZE = 512
+_DATA_HDR = struct.Struct("!HH")
 
 
 class Outcome(enum.Enum):
@@ -137,26 +139,32 @@ class ReadSession:
         return self._send_window(now)
 
     def _send_window(self, now: float) -> list[bytes]:
-        out: list[bytes] = []
+        # Hot path (once per ACK): kept to plain locals, no helper calls but read_at.
         bs = self.blksize
-        first = self._acked + 1
+        first = block = self._acked + 1
         stop = first + self.windowsize
-        if self._last is not None and self._last + 1 < stop:
-            stop = self._last + 1
+        last = self._last
+        if last is not None and last < stop:
+            stop = last + 1
         read_at = self.provider.read_at
+        pack = _DATA_HDR.pack
+        out: list[bytes] = []
         sent = 0
-        for block in range(first, stop):
+        while block < stop:
             payload = read_at((block - 1) * bs, bs)
-            out.append(pk.encode_data(block, payload))
-            sent += len(payload)
-            if len(payload) < bs:
-                self._last = block
-                stop = block + 1
+            out.append(pack(pk.DATA, block & 0xFFFF) + payload)
+            n = len(payload)
+            sent += n
+            block += 1
+            if n < bs:
+                self._last = block - 1
                 break
-        hi = stop - 1
-        if first <= self._sent_hi:  # part of this window went out before
-            self.retransmits += min(hi, self._sent_hi) - first + 1
-        self._sent_hi = max(self._sent_hi, hi)
+        hi = block - 1
+        sent_hi = self._sent_hi
+        if first <= sent_hi:  # part of this window went out before
+            self.retransmits += min(sent_hi, hi) - first + 1
+        if hi > sent_hi:
+            self._sent_hi = hi
         self.bytes_sent += sent
         self.deadline = now + self.timeout
         return out
@@ -169,6 +177,18 @@ class ReadSession:
         """
         if self.outcome is not Outcome.RUNNING:
             return []
+        if self._started and len(data) >= 4 and data[1] == pk.ACK and data[0] == 0:
+            # Hot path: an ACK during the data phase, parsed inline.
+            delta = (((data[2] << 8) | data[3]) - self._acked) & 0xFFFF
+            if delta == 0 or delta > self._sent_hi - self._acked:
+                return []  # duplicate or out-of-window: never resend on it
+            self._acked += delta
+            self._tries = 0
+            last = self._last
+            if last is not None and self._acked >= last:
+                self._finish(Outcome.COMPLETED, "")
+                return []
+            return self._send_window(now)
         op = pk.opcode_of(data)
         if op == pk.ACK:
             block = pk.parse_ack(data)
@@ -178,15 +198,7 @@ class ReadSession:
                 self._started = True
                 self._tries = 0
                 return self._send_window(now)
-            delta = (block - self._acked) & 0xFFFF
-            if delta == 0 or delta > self._sent_hi - self._acked:
-                return []  # duplicate or out-of-window: never resend on it
-            self._acked += delta
-            self._tries = 0
-            if self._last is not None and self._acked >= self._last:
-                self._finish(Outcome.COMPLETED, "")
-                return []
-            return self._send_window(now)
+            return []  # unreachable in the data phase: the hot path took it
         if op == pk.ERROR:
             code, _msg = pk.parse_error(data)
             self.error_code = code
