@@ -287,3 +287,37 @@ async def test_swarm_join_idempotent_leave_and_sweep(
     assert sorted(n["Status"] for n in remaining) == ["Ready", "Ready"]
     for token in (facts.worker_token, facts.manager_token):
         assert token not in caplog.text
+
+
+async def test_manager_join_and_demoting_leave(lab: Lab) -> None:
+    """swarm-manager joins with the manager token; its ExecStop demotes, then leaves."""
+    m, w = lab.manager, lab.worker
+    if m.docker("info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip() != "active":
+        m.docker("swarm", "init", "--advertise-addr", MANAGER_IP)
+    w.docker("swarm", "leave", "--force", check=False)
+    facts = await read_swarm_facts(str(m.sock))
+    renderer = IgnitionRenderer(bundled_template_dir())
+    ctx = {
+        "hostname": w.name, "mac": "52:54:00:00:00:03", "uuid": "u-3",
+        "base_url": f"http://{MANAGER_IP}:8080", "vars": {}, "swarm": facts,
+        "site": SiteSettings(), "ssh_keys": [], "node_urls": {}, "role": "manager",
+    }
+    cfg = json.loads(renderer.render("swarm-manager", ctx))
+    env = {**w.env(), **env_file(cfg, "/etc/netboot/swarm.env")}
+    run(*unit_command(cfg, "swarm-join.service", "ExecStart"), env=env)
+    assert w.docker("info", "--format", "{{.Swarm.ControlAvailable}}").stdout.strip() == "true"
+    assert "already in a swarm" in run(*unit_command(cfg, "swarm-join.service", "ExecStart"),
+                                       env=env).stdout
+
+    run(*unit_command(cfg, "swarm-leave.service", "ExecStop"), env=env)
+    assert w.docker("info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip() == "inactive"
+    # Demoted before leaving, so the remaining manager keeps its quorum.
+    wait_for(lambda: m.docker("node", "ls", check=False).returncode == 0, "manager quorum")
+    managers = [n for n in nodes(m) if n["ManagerStatus"]]
+    assert [n["Hostname"] for n in managers] == [m.name]
+
+    # The last manager's ExecStop refuses to leave: that would end the swarm.
+    last = {**m.env(), **env_file(cfg, "/etc/netboot/swarm.env")}
+    out = run(*unit_command(cfg, "swarm-leave.service", "ExecStop"), env=last)
+    assert "last manager" in out.stdout
+    assert m.docker("info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip() == "active"
