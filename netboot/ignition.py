@@ -218,7 +218,9 @@ class IgnitionRenderer:
         name = template if template.endswith(TEMPLATE_SUFFIX) else template + TEMPLATE_SUFFIX
         ctx = dict(context.get("vars") or {})
         ctx.update(context)  # the machine's vars at top level; reserved names win
-        ctx.setdefault("site", SiteSettings())
+        site = ctx.setdefault("site", SiteSettings())
+        if isinstance(site, dict):  # e.g. a config model dumped to a dict
+            ctx["site"] = SiteSettings(**site)
         ctx.setdefault("vars", {})
         try:
             text = self.env.get_template(name).render(ctx)

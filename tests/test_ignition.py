@@ -202,6 +202,13 @@ def test_worker_without_swarm_or_site(renderer: IgnitionRenderer) -> None:
     assert cfg["systemd"].get("units") is None
 
 
+def test_site_as_plain_dict(renderer: IgnitionRenderer) -> None:
+    site = {"ntp": ["ntp.lab"], "registry_mirrors": [], "insecure_registries": [],
+            "http_proxy": None, "https_proxy": None, "no_proxy": None}
+    assert renderer.render("swarm-worker", context(site=site)) == renderer.render(
+        "swarm-worker", context(site=SiteSettings(ntp=["ntp.lab"])))
+
+
 def test_manager_joins_with_manager_token(renderer: IgnitionRenderer) -> None:
     cfg = json.loads(renderer.render("swarm-manager", context(role="manager")))
     env = file_text(cfg, "/etc/netboot/swarm.env")
