@@ -22,7 +22,7 @@ from pydantic.json_schema import models_json_schema
 
 from ..identity import IdentityError, normalise_mac, normalise_uuid
 from ..metrics import Counters
-from ..registry import STATES, Registry
+from ..registry import STATES, Node, Registry
 from .dashboard import Dashboard
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -89,6 +89,7 @@ class NodeOut(BaseModel):
     time_in_state: float
     reason: str | None
     armed: bool
+    stuck: bool = Field(False, description="in deploying for longer than stuck_after")
 
 
 class EventOut(BaseModel):
@@ -248,6 +249,9 @@ class _Api:
         except ValidationError as exc:
             raise _error(web.HTTPBadRequest, _validation_message(exc)) from None
 
+    def _out(self, node: Node) -> dict[str, Any]:
+        return {**node.to_json(self.registry.now()), "stuck": self.registry.is_stuck(node)}
+
     def _node(self, uuid: str) -> Any:
         node = self.registry.get(uuid)
         if node is None:
@@ -262,15 +266,13 @@ class _Api:
         label = request.query.get("label") or None
         nodes = await self.registry.list(state=state, profile=request.query.get("profile") or None,
                                          label=label)
-        now = self.registry.now()
-        return _json({"nodes": [n.to_json(now) for n in nodes],
+        return _json({"nodes": [self._out(n) for n in nodes],
                       "counts": self.registry.counts_by_state()})
 
     async def show_node(self, request: web.Request) -> web.Response:
         uuid = self._uuid(request)
         node = self._node(uuid)
-        return _json({**node.to_json(self.registry.now()),
-                      "events": await self.registry.events(uuid)})
+        return _json({**self._out(node), "events": await self.registry.events(uuid)})
 
     async def patch_node(self, request: web.Request) -> web.Response:
         self._admin_auth(request)
@@ -280,7 +282,7 @@ class _Api:
         node = await self.registry.patch(uuid, rearm=body.rearm, labels=body.labels,
                                          profile=body.profile, hostname=body.hostname,
                                          source=request.remote or "admin")
-        return _json(node.to_json(self.registry.now()))
+        return _json(self._out(node))
 
     async def delete_node(self, request: web.Request) -> web.Response:
         self._admin_auth(request)
@@ -311,20 +313,20 @@ class _Api:
         body: RegisterBody = await self._body(request, RegisterBody)
         node = await self.registry.observe(uuid, address=request.remote, source="api",
                                            **body.model_dump())
-        return _json(node.to_json(self.registry.now()))
+        return _json(self._out(node))
 
     async def node_installed(self, request: web.Request) -> web.Response:
         uuid = self._node_auth(request)
         node = await self.registry.transition(uuid, "installed", source="api",
                                               address=request.remote)
-        return _json(node.to_json(self.registry.now()))
+        return _json(self._out(node))
 
     async def node_failed(self, request: web.Request) -> web.Response:
         uuid = self._node_auth(request)
         body: FailedBody = await self._body(request, FailedBody)
         node = await self.registry.transition(uuid, "error", source="api",
                                               address=request.remote, reason=body.reason)
-        return _json(node.to_json(self.registry.now()))
+        return _json(self._out(node))
 
     # -- meta and dashboard ---------------------------------------------------------
     async def openapi(self, request: web.Request) -> web.Response:

@@ -1,0 +1,88 @@
+"""``netboot nodes`` CLI against a real API server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+from pathlib import Path
+
+import pytest
+
+from netboot.cli_nodes import add_parser, table
+from tests.test_api import ADMIN, U1, U2, Served, serve_registry
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="netboot")
+    add_parser(ap.add_subparsers(dest="command", required=True))
+    return ap.parse_args(argv)
+
+
+async def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    args = _parse(argv)
+    rc = await asyncio.to_thread(args.func, args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture
+async def srv(tmp_path: Path) -> Served:
+    async with serve_registry(tmp_path) as s:
+        await s.registry.observe(U1, mac="52:54:00:00:00:01", address="10.0.0.7", source="dhcp",
+                                 serial="SN-LONG-SERIAL-1", vendor="Dell Inc.", hostname="db1")
+        await s.registry.observe(U2, mac=None, address="10.0.0.8", source="dhcp")
+        await s.registry.transition(U1, "installed", source="t")
+        await s.registry.transition(U2, "error", source="t", reason="no disk")
+        yield s
+
+
+async def test_list_is_aligned_and_coloured_on_request(srv: Served, capsys) -> None:
+    rc, out, _ = await _run(["nodes", "list", "--url", srv.url], capsys)
+    assert rc == 0 and "\x1b[" not in out  # not a tty
+    lines = out.splitlines()
+    assert lines[0].startswith("UUID") and "STATE" in lines[0]
+    col = lines[0].index("STATE")
+    assert lines[1][col:].startswith("installed") and lines[2][col:].startswith("error")
+    assert "2 nodes: 1 installed, 1 error" in out
+
+    rc, out, _ = await _run(["nodes", "list", "--url", srv.url, "--color", "always",
+                             "--state", "error"], capsys)
+    assert "\x1b[31merror" in out and U1 not in out
+    plain = ANSI.sub("", out).splitlines()
+    assert plain[1][plain[0].index("STATE"):].startswith("error")
+
+
+async def test_show_rearm_forget(srv: Served, capsys, monkeypatch) -> None:
+    rc, out, _ = await _run(["nodes", "show", U1, "--url", srv.url], capsys)
+    assert rc == 0 and "SN-LONG-SERIAL-1" in out
+    assert re.search(r"^armed: +no$", out, re.MULTILINE)
+    assert "discovered -> installed" in out
+
+    rc, _, err = await _run(["nodes", "rearm", U1, "--url", srv.url, "--token", ""], capsys)
+    assert rc == 1 and "admin token" in err
+    rc, _, err = await _run(["nodes", "rearm", U1, "--url", srv.url, "--token", "bad"], capsys)
+    assert rc == 1 and "HTTP 401" in err
+    monkeypatch.setenv("NETBOOT_ADMIN_TOKEN", ADMIN)
+    rc, out, _ = await _run(["nodes", "rearm", U1, "--url", srv.url], capsys)
+    assert rc == 0 and "re-armed" in out and srv.registry.get(U1).armed
+
+    rc, out, _ = await _run(["nodes", "forget", U2, "--url", srv.url], capsys)
+    assert rc == 0 and srv.registry.get(U2) is None
+    rc, _, err = await _run(["nodes", "show", U2, "--url", srv.url], capsys)
+    assert rc == 1 and "HTTP 404" in err
+
+
+async def test_unreachable_server(capsys) -> None:
+    rc, _, err = await _run(["nodes", "list", "--url", "http://127.0.0.1:9"], capsys)
+    assert rc == 1 and "cannot reach netboot" in err
+
+
+def test_table_pads_before_colouring() -> None:
+    nodes = [{"uuid": "u1", "state": "deploying", "stuck": True, "time_in_state": 4000},
+             {"uuid": "u2", "state": "installed", "time_in_state": 5}]
+    lines = ANSI.sub("", table(nodes, colour=True)).splitlines()
+    assert len({len(line.rstrip()) for line in lines[1:]}) == 1
+    assert "deploying STUCK" in lines[1] and "1h 6m" in lines[1]
