@@ -613,8 +613,10 @@ class Registry:
                 return
 
     def _drain_notes(self, limit: int | None = None,
-                     first: tuple[str, dict[str, Any]] | None = None) -> int:
+                     first: tuple[str, dict[str, Any]] | None = None) -> list[Node]:
+        """Apply queued sightings to the index; returns the nodes they created."""
         n = 0
+        created: list[Node] = []
         while limit is None or n < limit:
             if first is not None:
                 (uuid, kw), first = first, None
@@ -628,18 +630,24 @@ class Registry:
                 kw.setdefault("mac", None)
                 kw.setdefault("address", None)
                 kw.setdefault("source", "dhcp")
-                self._observe(uuid, **kw)
+                node, new = self._observe(uuid, **kw)
             except (IdentityError, TypeError) as exc:
                 log.warning("dropping registry note for %r: %s", uuid, exc)
-        return n
+                continue
+            if new:
+                created.append(node)
+        return created
 
     async def _note_consumer(self) -> None:
         while True:
-            self._drain_notes(NOTE_BATCH, first=await self._notes.get())
+            created = self._drain_notes(NOTE_BATCH, first=await self._notes.get())
             try:
                 await self._commit()
             except RegistryError:
-                pass  # logged by the writer
+                continue  # logged by the writer
+            if self._hooks is not None:
+                for node in created:
+                    self._hooks.emit("discovered", node, source="dhcp", time=node.first_seen)
 
     async def _stuck_loop(self) -> None:
         """Every few seconds: newly stuck deploying nodes get an event and a webhook, once."""

@@ -172,3 +172,19 @@ async def _events(d: Path) -> list[dict[str, Any]]:
         return await reg.events(U1)
     finally:
         await reg.close()
+
+
+async def test_dhcp_note_of_a_new_node_sends_discovered(tmp_path: Path,
+                                                        receiver: Receiver) -> None:
+    reg = await Registry.open(tmp_path, secret=b"s", webhooks=[
+        WebhookSettings(url=receiver.url + "/json", events=["discovered"])])
+    try:
+        reg.note(U1, mac="52:54:00:00:00:01", address="10.0.0.7")
+        reg.note(U1, mac="52:54:00:00:00:01", address="10.0.0.7")  # known by now: no event
+        await receiver.wait_for(1)
+        await asyncio.sleep(0.1)
+    finally:
+        await reg.close()
+    assert [body["event"] for _, body in receiver.got] == ["discovered"]
+    assert receiver.got[0][1]["source"] == "dhcp"
+    assert receiver.got[0][1]["node"]["macs"] == ["52:54:00:00:00:01"]
