@@ -1,0 +1,213 @@
+"""The one place that answers "what does this machine boot now?".
+
+DHCP, TFTP and HTTP all ask the Booter; none of them decides on its own. It
+reads only in-memory state (the config snapshot and the registry's index), so
+it is safe on the per-packet path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import quote
+
+import jinja2
+
+from .config import ConfigStore, Machine, Profile
+from .identity import Arch
+
+if TYPE_CHECKING:
+    from .registry import Node
+
+log = logging.getLogger("netboot.booter")
+
+
+class NodeIndex(Protocol):
+    """What the Booter needs of the registry: synchronous, in-memory lookups."""
+
+    def get(self, uuid: str) -> Node | None: ...
+    def node_token(self, uuid: str) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """A booting machine as the network sees it."""
+
+    mac: str
+    uuid: str | None = None
+    arch: Arch = Arch.BIOS
+    http_boot: bool = False  # UEFI HTTP Boot (option 60 HTTPClient)
+    ipxe: bool = False  # the request comes from iPXE, not from the ROM
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """A DHCP boot answer: ``filename`` is a TFTP path, or a URL when ``http``."""
+
+    filename: str
+    http: bool = False
+    profile: str = ""
+    machine: str = ""  # hostname or file that matched, for the log
+
+
+@dataclass(frozen=True, slots=True)
+class Ignore:
+    reason: str
+
+
+@dataclass
+class Resolved:
+    machine: Machine | None
+    profile: Profile | None
+    reason: str = ""
+
+
+@dataclass
+class Booter:
+    config: ConfigStore
+    address: str
+    http_port: int
+    registry: NodeIndex | None = None
+    _env: jinja2.Environment = field(default_factory=lambda: jinja2.Environment(
+        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False))
+    _templates: dict[str, jinja2.Template] = field(default_factory=dict)
+    #: MAC -> SMBIOS UUID as last seen in DHCP, for pxelinux (which only knows the MAC)
+    _uuid_by_mac: dict[str, str] = field(default_factory=dict)
+    max_remembered: int = 100_000
+
+    def _remember(self, mac: str, uuid: str) -> None:
+        seen = self._uuid_by_mac
+        if seen.get(mac) == uuid:
+            return
+        seen.pop(mac, None)
+        seen[mac] = uuid
+        if len(seen) > self.max_remembered:
+            del seen[next(iter(seen))]
+
+    def uuid_for_mac(self, mac: str) -> str | None:
+        return self._uuid_by_mac.get(mac)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.address}:{self.http_port}"
+
+    # -- who is this -------------------------------------------------------
+    def resolve(self, mac: str | None, uuid: str | None) -> Resolved:
+        snap = self.config.snapshot
+        machine = (snap.machines_by_mac.get(mac) if mac else None) or (
+            snap.machines_by_uuid.get(uuid) if uuid else None)
+        if machine is not None and not machine.netboot:
+            return Resolved(machine, None, "machine has netboot: false")
+        name = (machine.profile if machine else None) or snap.server.default_profile
+        if name is None:
+            return Resolved(machine, None, "no machine file and no default_profile")
+        profile = snap.profiles.get(name)
+        if profile is None:
+            return Resolved(machine, None, f"profile {name!r} is not loaded")
+        return Resolved(machine, profile)
+
+    # -- DHCP --------------------------------------------------------------
+    def dhcp(self, client: Client) -> Offer | Ignore:
+        r = self.resolve(client.mac, client.uuid)
+        if r.profile is None:
+            return Ignore(r.reason)
+        who = (r.machine.hostname or "machine file") if r.machine else "default"
+        if client.uuid:
+            self._remember(client.mac, client.uuid)
+        snap = self.config.snapshot
+        # pxelinux is BIOS-only; under UEFI a pxelinux profile boots through iPXE.
+        if r.profile.loader == "pxelinux" and client.arch is Arch.BIOS:
+            return Offer(snap.server.pxelinux_loader, profile=r.profile.name, machine=who)
+        if client.ipxe:  # iPXE is running: hand it the script, never a loader (no loop)
+            return Offer(f"{self.base_url}/boot.ipxe", http=True, profile=r.profile.name,
+                         machine=who)
+        if client.arch is Arch.UNKNOWN:
+            return Ignore("unsupported client architecture")
+        loader = r.profile.loaders.get(client.arch.value) or snap.server.loaders.get(
+            client.arch.value)
+        if not loader:
+            return Ignore(f"no loader configured for {client.arch.value}")
+        if client.http_boot:
+            return Offer(f"{self.base_url}/loader/{quote(loader)}", http=True,
+                         profile=r.profile.name, machine=who)
+        return Offer(loader, profile=r.profile.name, machine=who)
+
+    # -- templates ---------------------------------------------------------
+    def context(self, r: Resolved, mac: str | None, uuid: str | None) -> dict[str, Any]:
+        assert r.profile is not None
+        machine_vars = dict(r.machine.vars) if r.machine else {}
+        variables = {**r.profile.vars, **machine_vars}
+        hostname = (r.machine.hostname if r.machine and r.machine.hostname else None) or (
+            f"node-{mac.replace(':', '')}" if mac else "node")
+        node_urls: dict[str, str] = {}
+        if uuid and self.registry is not None:
+            token = self.registry.node_token(uuid)
+            api = f"{self.base_url}/api/v1/nodes/{uuid}"
+            node_urls = {k: f"{api}/{k}?token={token}" for k in (
+                "installed", "failed", "profile", "detail", "register")}
+        return {
+            **variables,
+            "vars": variables,
+            "base_url": self.base_url,
+            "images_url": f"{self.base_url}/images",
+            "uuid": uuid or "",
+            "mac": mac or "",
+            "hostname": hostname,
+            "profile": r.profile.name,
+            "node_urls": node_urls,
+        }
+
+    def _render(self, source: str, ctx: dict[str, Any]) -> str:
+        tpl = self._templates.get(source)
+        if tpl is None:
+            tpl = self._templates[source] = self._env.from_string(source)
+        return " ".join(tpl.render(ctx).split())
+
+    def cmdline(self, r: Resolved, mac: str | None, uuid: str | None) -> str:
+        assert r.profile is not None
+        return self._render(r.profile.cmdline, self.context(r, mac, uuid))
+
+    # -- HTTP: iPXE scripts ------------------------------------------------
+    def chain_script(self) -> str:
+        """The first script iPXE fetches: it sends back what iPXE knows of the hardware."""
+        # uuid and mac print URL-safe as they are; a ":uristring" type override
+        # would reinterpret their raw bytes. Free-text SMBIOS strings need escaping.
+        q = "uuid=${uuid}&mac=${netX/mac}&" + "&".join(
+            f"{k}=${{{k}:uristring}}" for k in (
+                "serial", "manufacturer", "product", "asset", "platform", "buildarch"))
+        return f"#!ipxe\nchain --autofree {self.base_url}/ipxe/node?{q} || goto failed\nexit\n" \
+               ":failed\necho netboot: no boot script for this machine; retrying in 10s\n" \
+               "sleep 10\nreboot\n"
+
+    def ipxe_script(self, mac: str | None, uuid: str | None) -> tuple[str, Resolved]:
+        r = self.resolve(mac, uuid)
+        if r.profile is None:
+            return (f"#!ipxe\necho netboot: not booting this machine: {r.reason}\nexit\n", r)
+        node = self.registry.get(uuid) if (self.registry and uuid) else None
+        if node is not None and r.profile.boot == "once" and node.state == "installed" \
+                and not node.armed:
+            return ("#!ipxe\necho netboot: installed, booting from local disk\nexit\n", r)
+        images = f"{self.base_url}/images"
+        initrds = r.profile.initrds
+        names = " ".join(f"initrd={n.rsplit('/', 1)[-1]}" for n in initrds)
+        args = self.cmdline(r, mac, uuid)
+        lines = ["#!ipxe", f"kernel {images}/{r.profile.kernel} {names} {args}".rstrip()]
+        lines += [f"initrd {images}/{i}" for i in initrds]
+        lines.append("boot")
+        return "\n".join(lines) + "\n", r
+
+    # -- TFTP: pxelinux ----------------------------------------------------
+    def pxelinux_config(self, mac: str) -> str | None:
+        uuid = self.uuid_for_mac(mac)
+        r = self.resolve(mac, uuid)
+        if r.profile is None or r.profile.loader != "pxelinux":
+            return None
+        args = self.cmdline(r, mac, uuid)
+        initrd = ",".join(f"images/{i}" for i in r.profile.initrds)
+        lines = ["DEFAULT netboot", "PROMPT 0", "TIMEOUT 0", "LABEL netboot",
+                 f"  KERNEL images/{r.profile.kernel}"]
+        if initrd:
+            lines.append(f"  INITRD {initrd}")
+        lines.append(f"  APPEND {args}")
+        return "\n".join(lines) + "\n"

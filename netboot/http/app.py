@@ -1,0 +1,169 @@
+"""HTTP side of booting: iPXE scripts, kernels and initrds, loaders for UEFI
+HTTP boot, and health. Registry, API, dashboard and metrics routes are added
+by :mod:`netboot.http.api` when a registry is present.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from ..booter import Booter
+from ..identity import IdentityError, normalise_mac, normalise_uuid
+from ..metrics import Counters
+
+if TYPE_CHECKING:
+    from ..registry import Registry
+
+log = logging.getLogger("netboot.http")
+
+
+def safe_path(root: Path, relative: str) -> Path | None:
+    """``root/relative`` if it stays inside ``root`` after resolving symlinks, else None."""
+    if "\0" in relative or "\\" in relative:
+        return None
+    try:
+        root = root.resolve()
+        target = (root / relative.lstrip("/")).resolve()
+    except (OSError, ValueError):
+        return None
+    if target != root and root not in target.parents:
+        return None
+    return target if target.is_file() else None
+
+
+@dataclass
+class HttpContext:
+    booter: Booter
+    counters: Counters
+    images_dir: Path
+    loader_roots: list[Path]
+    registry: Registry | None = None
+    started: float = field(default_factory=time.time)
+    #: client address -> (uuid, mac) as identified by its boot script request
+    by_address: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+
+
+CTX = web.AppKey("netboot", HttpContext)
+
+
+def _param(request: web.Request, name: str) -> str | None:
+    v = request.query.get(name, "").strip()
+    return v or None
+
+
+async def boot_ipxe(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    ctx.counters.inc("http_requests_total", route="boot.ipxe")
+    return web.Response(text=ctx.booter.chain_script(), content_type="text/plain")
+
+
+async def node_ipxe(request: web.Request) -> web.Response:
+    """The per-machine script; the query carries what iPXE knows of the hardware."""
+    ctx = request.app[CTX]
+    ctx.counters.inc("http_requests_total", route="ipxe-node")
+    try:
+        uuid = normalise_uuid(u) if (u := _param(request, "uuid")) else None
+        mac = normalise_mac(m) if (m := _param(request, "mac")) else None
+    except IdentityError as exc:
+        raise web.HTTPBadRequest(text=f"#!ipxe\necho netboot: {exc}\n") from None
+    address = request.remote or ""
+    script, resolved = ctx.booter.ipxe_script(mac, uuid)
+    ctx.by_address[address] = (uuid, mac)
+    if len(ctx.by_address) > 100_000:
+        ctx.by_address.pop(next(iter(ctx.by_address)))
+    log.info("boot script: mac=%s uuid=%s from %s -> profile %s%s", mac or "-", uuid or "-",
+             address, resolved.profile.name if resolved.profile else "none",
+             f" ({resolved.reason})" if resolved.reason else "")
+    if ctx.registry is not None and uuid:
+        await ctx.registry.observe(
+            uuid, mac=mac, address=address, source="ipxe", boot=True,
+            serial=_param(request, "serial"), vendor=_param(request, "manufacturer"),
+            product=_param(request, "product"), asset=_param(request, "asset"),
+            hostname=resolved.machine.hostname if resolved.machine else None,
+            profile=resolved.profile.name if resolved.profile else None)
+        await ctx.registry.transition(uuid, "booting", source="ipxe", address=address)
+    return web.Response(text=script, content_type="text/plain")
+
+
+async def image(request: web.Request) -> web.StreamResponse:
+    ctx = request.app[CTX]
+    path = safe_path(ctx.images_dir, request.match_info["path"])
+    if path is None:
+        ctx.counters.inc("http_not_found_total", route="images")
+        raise web.HTTPNotFound(text="no such image\n")
+    ctx.counters.inc("http_requests_total", route="images")
+    await _deploying(ctx, request)
+    return web.FileResponse(path, chunk_size=1 << 20)
+
+
+async def _deploying(ctx: HttpContext, request: web.Request) -> None:
+    """A kernel or initrd fetch by a machine we just scripted moves it to 'deploying'."""
+    if ctx.registry is None or request.method != "GET":
+        return
+    uuid, _mac = ctx.by_address.get(request.remote or "", (None, None))
+    if uuid is not None:
+        node = ctx.registry.get(uuid)
+        if node is not None and node.state == "booting":
+            await ctx.registry.transition(uuid, "deploying", source="http",
+                                          address=request.remote)
+
+
+async def loader(request: web.Request) -> web.StreamResponse:
+    """First-stage loaders over HTTP, for UEFI HTTP Boot clients."""
+    ctx = request.app[CTX]
+    name = request.match_info["name"]
+    for root in ctx.loader_roots:
+        path = safe_path(root, name)
+        if path is not None:
+            ctx.counters.inc("http_requests_total", route="loader")
+            return web.FileResponse(path)
+    ctx.counters.inc("http_not_found_total", route="loader")
+    raise web.HTTPNotFound(text="no such loader\n")
+
+
+async def health(request: web.Request) -> web.Response:
+    ctx = request.app[CTX]
+    store = ctx.booter.config
+    problems = store.problems
+    body: dict[str, Any] = {
+        "status": "degraded" if problems else "ok",
+        "config_generation": store.snapshot.generation,
+        "config_problems": problems,
+        "profiles": sorted(store.snapshot.profiles),
+        "machines": len(store.snapshot.machine_files),
+        "uptime_seconds": round(time.time() - ctx.started, 1),
+    }
+    return web.json_response(body)
+
+
+@web.middleware
+async def count_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        request.app[CTX].counters.inc("http_responses_total", code=str(exc.status))
+        raise
+
+
+def make_app(ctx: HttpContext, *, admin_token: str | None = None) -> web.Application:
+    app = web.Application(middlewares=[count_errors], client_max_size=1 << 20)
+    app[CTX] = ctx
+    app.router.add_get("/boot.ipxe", boot_ipxe)
+    app.router.add_get("/ipxe/node", node_ipxe)
+    app.router.add_get("/images/{path:.+}", image)
+    app.router.add_get("/loader/{name}", loader)
+    app.router.add_get("/health", health)
+    if ctx.registry is not None:
+        from .api import setup_api
+
+        store = ctx.booter.config
+        setup_api(app, registry=ctx.registry, counters=ctx.counters, admin_token=admin_token,
+                  profiles=lambda: {n: p.model_dump() for n, p in
+                                    store.snapshot.profiles.items()})
+    return app

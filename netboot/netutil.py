@@ -1,0 +1,57 @@
+"""Interface facts from the kernel (no subprocesses): names, IPv4 addresses, MTU."""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+
+SIOCGIFADDR = 0x8915
+SIOCGIFMTU = 0x8921
+SIOCGIFFLAGS = 0x8913
+IFF_UP = 0x1
+IFF_LOOPBACK = 0x8
+
+
+def _ioctl(name: str, request: int) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        return fcntl.ioctl(s.fileno(), request, struct.pack("256s", name.encode()[:15]))
+
+
+def interface_ipv4(name: str) -> str | None:
+    try:
+        return socket.inet_ntoa(_ioctl(name, SIOCGIFADDR)[20:24])
+    except OSError:
+        return None
+
+
+def interface_mtu(name: str) -> int | None:
+    try:
+        return struct.unpack("i", _ioctl(name, SIOCGIFMTU)[16:20])[0]
+    except OSError:
+        return None
+
+
+def _flags(name: str) -> int:
+    try:
+        return struct.unpack("H", _ioctl(name, SIOCGIFFLAGS)[16:18])[0]
+    except OSError:
+        return 0
+
+
+def interfaces() -> list[tuple[str, str | None, bool]]:
+    """[(name, first IPv4 or None, is loopback)] for every interface that is up."""
+    out = []
+    for _, name in socket.if_nameindex():
+        flags = _flags(name)
+        if flags & IFF_UP:
+            out.append((name, interface_ipv4(name), bool(flags & IFF_LOOPBACK)))
+    return out
+
+
+def choose_interface() -> tuple[str, str] | None:
+    """The first up, non-loopback interface with an IPv4 address."""
+    for name, addr, loopback in interfaces():
+        if addr and not loopback:
+            return name, addr
+    return None

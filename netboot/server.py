@@ -1,0 +1,196 @@
+"""``netboot serve``: ProxyDHCP, TFTP and HTTP in one asyncio process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .booter import Booter
+from .config import ConfigStore
+from .dhcp.proxy import ProxyDhcp
+from .dhcp.server import start_dhcp
+from .http.app import HttpContext, make_app
+from .identity import IdentityError, normalise_mac
+from .metrics import Counters
+from .netutil import choose_interface, interface_ipv4, interfaces
+from .tftp.provider import BytesProvider, Provider, RootResolver, TftpError, normalise_path
+from .tftp.server import start_tftp
+
+log = logging.getLogger("netboot")
+
+
+class SetupError(Exception):
+    """Something the admin must fix before the server can start; the text says what."""
+
+
+def pick_address(interface: str | None, address: str | None) -> tuple[str | None, str]:
+    """(interface, address to advertise), or SetupError with the choices."""
+    if interface:
+        found = interface_ipv4(interface)
+        if found is None and address is None:
+            names = ", ".join(f"{n} ({a})" for n, a, _ in interfaces() if a) or "none"
+            raise SetupError(f"interface {interface!r} has no IPv4 address (or does not exist). "
+                             f"Interfaces with IPv4: {names}. Choose one with --interface.")
+        return interface, address or found  # type: ignore[return-value]
+    if address:
+        return None, address
+    chosen = choose_interface()
+    if chosen is None:
+        raise SetupError("no network interface with an IPv4 address besides loopback; "
+                         "give one with --interface IF (and --address A to advertise "
+                         "another address), e.g. a lab bridge.")
+    return chosen
+
+
+def load_secret(data_dir: Path, configured: str | None) -> bytes:
+    """The HMAC key for node tokens: from config, else generated once into data_dir."""
+    if configured:
+        return configured.encode()
+    path = data_dir / "secret"
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_hex(32).encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        return key
+
+
+@dataclass
+class TftpRouter:
+    """Chooses what a TFTP path serves: generated pxelinux configs, images, loaders."""
+
+    booter: Booter
+    http: HttpContext
+    images: RootResolver
+    loaders: RootResolver
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def __call__(self, path: str, client: tuple[str, int]) -> Provider:
+        path = normalise_path(path)
+        if path.startswith("pxelinux.cfg/"):
+            return self._pxelinux(path[len("pxelinux.cfg/"):], client)
+        if path.startswith("images/"):
+            provider = self.images(path[len("images/"):], client)
+            self._transition(client[0], "deploying", only_from="booting")
+            return provider
+        return self.loaders(path, client)
+
+    def _pxelinux(self, name: str, client: tuple[str, int]) -> Provider:
+        # pxelinux asks for 01-<mac> first, then UUID, hex IP forms and "default".
+        if not name.startswith("01-"):
+            raise TftpError(1, "file not found")
+        try:
+            mac = normalise_mac(name[3:])
+        except IdentityError:
+            raise TftpError(1, "file not found") from None
+        text = self.booter.pxelinux_config(mac)
+        if text is None:
+            raise TftpError(1, "file not found")
+        uuid = self.booter.uuid_for_mac(mac)
+        self.http.by_address[client[0]] = (uuid, mac)
+        self._transition(client[0], "booting")
+        return BytesProvider(text.encode())
+
+    def _transition(self, address: str, state: str, only_from: str | None = None) -> None:
+        registry = self.http.registry
+        uuid, mac = self.http.by_address.get(address, (None, None))
+        if registry is None or uuid is None:
+            return
+        node = registry.get(uuid)
+        if only_from and (node is None or node.state != only_from):
+            return
+
+        async def go() -> None:
+            if node is None:
+                await registry.observe(uuid, mac=mac, address=address, source="tftp", boot=True)
+            await registry.transition(uuid, state, source="tftp", address=address)
+
+        task = asyncio.get_running_loop().create_task(go())
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+
+async def serve(config_path: Path, *, interface: str | None = None, address: str | None = None,
+                http_port: int | None = None, data_dir: Path | None = None,
+                ready: asyncio.Event | None = None) -> None:
+    store = ConfigStore(config_path, interface=interface, address=address,
+                        http_port=http_port, data_dir=data_dir)
+    cfg = store.server
+    for problem in store.problems:
+        log.warning("config: %s", problem)
+    iface, addr = pick_address(cfg.interface, cfg.address)
+    counters = Counters()
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    secret = load_secret(cfg.data_dir, cfg.api.secret)
+
+    registry = None
+    try:
+        from .registry import Registry
+    except ImportError:  # registry not built yet
+        Registry = None  # type: ignore[assignment,misc]
+    if Registry is not None:
+        registry = await Registry.open(cfg.data_dir, secret=secret, counters=counters,
+                                       webhooks=cfg.api.webhooks, stuck_after=cfg.api.stuck_after)
+    booter = Booter(store, addr, cfg.http_port, registry=registry)
+    loader_roots = [r for r in cfg.tftp.roots if r.is_dir()]
+    http_ctx = HttpContext(booter, counters, cfg.images_dir, loader_roots, registry=registry)
+    admin_token = cfg.api.admin_token or os.environ.get("NETBOOT_ADMIN_TOKEN")
+    app = make_app(http_ctx, admin_token=admin_token)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    closers: list[Any] = []
+    try:
+        site = web.TCPSite(runner, cfg.http_host, cfg.http_port, reuse_address=True)
+        await site.start()
+        log.info("HTTP listening on %s:%d (advertised as http://%s:%d)", cfg.http_host,
+                 cfg.http_port, addr, cfg.http_port)
+        if cfg.tftp.enabled:
+            router = TftpRouter(booter, http_ctx, RootResolver([cfg.images_dir]),
+                                RootResolver(loader_roots))
+            tftp = await start_tftp(router, "0.0.0.0", cfg.tftp.port, interface=iface,
+                                    single_port=cfg.tftp.single_port, counters=counters,
+                                    max_transfers=cfg.tftp.max_transfers,
+                                    max_per_client=cfg.tftp.max_per_client)
+            closers.append(tftp.close)
+            log.info("TFTP listening on udp/%d%s, serving loaders from %s and images/ from %s",
+                     cfg.tftp.port, f" on {iface}" if iface else "",
+                     ", ".join(map(str, loader_roots)) or "nowhere", cfg.images_dir)
+        if cfg.dhcp.enabled:
+            proxy = ProxyDhcp(booter, addr, counters, dhcp_port=cfg.dhcp.port)
+            dhcp = await start_dhcp(proxy, [cfg.dhcp.port, cfg.dhcp.proxy_port], interface=iface)
+            closers.append(dhcp.close)
+            log.info("ProxyDHCP listening on udp/%d and udp/%d%s, advertising %s",
+                     cfg.dhcp.port, cfg.dhcp.proxy_port, f" on {iface}" if iface else "", addr)
+        snap = store.snapshot
+        log.info("serving %d profile(s) [%s], %d machine file(s), default profile: %s",
+                 len(snap.profiles), ", ".join(sorted(snap.profiles)),
+                 len(snap.machine_files), cfg.default_profile or "none")
+        watcher = asyncio.create_task(store.watch())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("stopping")
+        watcher.cancel()
+    finally:
+        for close in closers:
+            result = close()
+            if asyncio.iscoroutine(result):
+                await result
+        await runner.cleanup()
+        if registry is not None:
+            await registry.close()
