@@ -71,6 +71,28 @@ class ApiSettings(_Strict):
     webhooks: list[WebhookSettings] = Field(default_factory=list)
 
 
+class SiteConfig(_Strict):
+    """Settings every node gets (sites cut off from the internet); a profile's
+    ``site`` block overrides them key by key."""
+
+    ntp: list[str] = Field(default_factory=list)
+    registry_mirrors: list[str] = Field(default_factory=list)
+    insecure_registries: list[str] = Field(default_factory=list)
+    http_proxy: str | None = None
+    https_proxy: str | None = None
+    no_proxy: str | None = None
+
+
+class SwarmConfig(_Strict):
+    """Where join tokens come from: a manager's Docker API socket, or given here."""
+
+    docker_socket: str | None = Field(None, description="e.g. /var/run/docker.sock")
+    manager_addr: str | None = Field(None, description="host:2377, when not read from the socket")
+    worker_token: str | None = None
+    manager_token: str | None = None
+    sweep_down_nodes: bool = False
+
+
 class ServerConfig(_Strict):
     """netboot.yaml. Relative paths are taken from the directory of the file."""
 
@@ -89,6 +111,10 @@ class ServerConfig(_Strict):
     dhcp: DhcpSettings = Field(default_factory=DhcpSettings)
     tftp: TftpSettings = Field(default_factory=TftpSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    site: SiteConfig = Field(default_factory=SiteConfig)
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    signed_url_ttl: float = Field(3600, gt=0, description="seconds a signed Ignition/OEM URL "
+                                  "stays valid")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("address")
@@ -138,7 +164,12 @@ class Profile(_Strict):
     initrds: list[str] = Field(default_factory=list)
     cmdline: str = ""
     loader: Literal["ipxe", "pxelinux"] = "ipxe"
-    ignition: str | None = None
+    ignition: str | None = Field(None, description="template in ignition_dir, e.g. swarm-worker")
+    os: Literal["flatcar", "fcos", "other"] = Field(
+        "other", description="which kernel arguments and OEM paths the Ignition config needs")
+    role: Literal["worker", "manager"] = "worker"
+    site: dict[str, Any] = Field(default_factory=dict, description="overrides of netboot.yaml site")
+    ssh_keys: list[str] = Field(default_factory=list)
     boot: Literal["always", "once"] = "always"
     loaders: dict[str, str] = Field(default_factory=dict, description="per-arch loader override")
     vars: dict[str, Any] = Field(default_factory=dict)

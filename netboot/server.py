@@ -18,6 +18,7 @@ from .config import ConfigStore
 from .dhcp.proxy import ProxyDhcp
 from .dhcp.server import start_dhcp
 from .http.app import HttpContext, make_app
+from .loaders import LoaderTable
 from .identity import IdentityError, normalise_mac
 from .metrics import Counters
 from .netutil import choose_interface, interface_ipv4, interfaces
@@ -73,7 +74,7 @@ class TftpRouter:
     booter: Booter
     http: HttpContext
     images: RootResolver
-    loaders: RootResolver
+    loaders: LoaderTable
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __call__(self, path: str, client: tuple[str, int]) -> Provider:
@@ -143,8 +144,8 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
         registry = await Registry.open(cfg.data_dir, secret=secret, counters=counters,
                                        webhooks=cfg.api.webhooks, stuck_after=cfg.api.stuck_after)
     booter = Booter(store, addr, cfg.http_port, registry=registry)
-    loader_roots = [r for r in cfg.tftp.roots if r.is_dir()]
-    http_ctx = HttpContext(booter, counters, cfg.images_dir, loader_roots, registry=registry)
+    loaders = LoaderTable(cfg.tftp.roots)
+    http_ctx = HttpContext(booter, counters, cfg.images_dir, loaders, registry=registry)
     admin_token = cfg.api.admin_token or os.environ.get("NETBOOT_ADMIN_TOKEN")
     app = make_app(http_ctx, admin_token=admin_token)
     runner = web.AppRunner(app, access_log=None)
@@ -157,16 +158,19 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
         log.info("HTTP listening on %s:%d (advertised as http://%s:%d)", cfg.http_host,
                  cfg.http_port, addr, cfg.http_port)
         if cfg.tftp.enabled:
-            router = TftpRouter(booter, http_ctx, RootResolver([cfg.images_dir]),
-                                RootResolver(loader_roots))
+            router = TftpRouter(booter, http_ctx, RootResolver([cfg.images_dir]), loaders)
             tftp = await start_tftp(router, "0.0.0.0", cfg.tftp.port, interface=iface,
                                     single_port=cfg.tftp.single_port, counters=counters,
                                     max_transfers=cfg.tftp.max_transfers,
                                     max_per_client=cfg.tftp.max_per_client)
             closers.append(tftp.close)
-            log.info("TFTP listening on udp/%d%s, serving loaders from %s and images/ from %s",
-                     cfg.tftp.port, f" on {iface}" if iface else "",
-                     ", ".join(map(str, loader_roots)) or "nowhere", cfg.images_dir)
+            log.info("TFTP listening on udp/%d%s: %d loader(s) from %s; images/ from %s",
+                     cfg.tftp.port, f" on {iface}" if iface else "", len(loaders.files),
+                     ", ".join(map(str, loaders.roots)) or "nowhere", cfg.images_dir)
+            missing = sorted({*cfg.loaders.values(), cfg.pxelinux_loader} - set(loaders.files))
+            if missing:
+                log.warning("loaders not found in the TFTP roots: %s (apt-get install ipxe "
+                            "pxelinux syslinux-common, or set tftp.roots)", ", ".join(missing))
         if cfg.dhcp.enabled:
             proxy = ProxyDhcp(booter, addr, counters, dhcp_port=cfg.dhcp.port)
             dhcp = await start_dhcp(proxy, [cfg.dhcp.port, cfg.dhcp.proxy_port], interface=iface)

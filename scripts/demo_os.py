@@ -2,7 +2,7 @@
 """Build the demo OS that the bundled profiles boot and the end-to-end tests use.
 
 It is Debian's own kernel plus a busybox initramfs made here: it loads the
-e1000 driver, prints the machine's SMBIOS identity on the serial console,
+e1000 and virtio-net drivers, prints the machine's SMBIOS identity on the serial console,
 takes an address from the site's DHCP server, looks for an Ignition config
 where Flatcar and Fedora CoreOS look, calls back the URL in its kernel
 arguments (``netboot.callback=``) and powers off.
@@ -35,7 +35,7 @@ UUID=$(cat /sys/class/dmi/id/product_uuid 2>/dev/null)
 SERIAL=$(cat /sys/class/dmi/id/product_serial 2>/dev/null)
 VENDOR=$(cat /sys/class/dmi/id/sys_vendor 2>/dev/null)
 PRODUCT=$(cat /sys/class/dmi/id/product_name 2>/dev/null)
-insmod /lib/e1000.ko 2>/dev/null
+for m in $(cat /lib/modules.order); do insmod "/lib/$m" 2>/dev/null; done
 sleep 1
 IF=$(ls /sys/class/net | grep -v '^lo$' | head -n 1)
 MAC=$(cat /sys/class/net/$IF/address 2>/dev/null)
@@ -52,8 +52,12 @@ for arg in $(cat /proc/cmdline); do
   case "$arg" in netboot.callback=*) CALLBACK="${arg#netboot.callback=}" ;; esac
 done
 if [ -n "$CALLBACK" ]; then
-  if wget -q -O /tmp/cb --post-data "serial=$SERIAL&vendor=$VENDOR&product=$PRODUCT&mac=$MAC" \
-      "$CALLBACK"; then
+  # Tell netboot what the OS sees of the hardware (the pxelinux path has no iPXE
+  # stage to report it), then that the machine is up.
+  REGISTER=$(echo "$CALLBACK" | sed 's#/installed?#/register?#')
+  wget -q -O /tmp/reg --post-data "serial=$SERIAL&vendor=$VENDOR&product=$PRODUCT&mac=$MAC" \
+      "$REGISTER" || echo "NETBOOT-TESTOS register failed"
+  if wget -q -O /tmp/cb --post-data "" "$CALLBACK"; then
     echo "NETBOOT-TESTOS callback ok"
   else
     echo "NETBOOT-TESTOS callback failed"
@@ -75,35 +79,64 @@ esac
 """
 
 
-def find_kernel() -> tuple[Path, Path]:
+# NIC drivers the lab's guests use: e1000 (SeaBIOS/OVMF with iPXE ROMs) and
+# virtio-net (OVMF's own PXE client).
+DRIVERS = ("e1000", "virtio_pci", "virtio_net")
+
+
+def find_kernel() -> tuple[Path, list[Path]]:
+    """The newest installed kernel and its NIC modules in load order (deps first)."""
     kernels = sorted(glob.glob("/boot/vmlinuz-*"))
     if not kernels:
         sys.exit("demo_os: no /boot/vmlinuz-*; install it with: apt-get install linux-image-amd64")
     kernel = Path(kernels[-1])
-    version = kernel.name[len("vmlinuz-"):]
-    found = glob.glob(f"/lib/modules/{version}/kernel/drivers/net/ethernet/intel/e1000/e1000.ko*")
-    if not found:
-        sys.exit(f"demo_os: no e1000.ko for kernel {version}")
-    return kernel, Path(found[0])
+    moddir = Path("/lib/modules") / kernel.name[len("vmlinuz-"):]
+    deps: dict[str, list[str]] = {}
+    try:
+        for line in (moddir / "modules.dep").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            deps[name] = rest.split()
+    except FileNotFoundError:
+        sys.exit(f"demo_os: no {moddir}/modules.dep for {kernel.name}")
+    by_name = {Path(k).name.split(".ko")[0]: k for k in deps}
+    order: list[str] = []
+
+    def visit(rel: str) -> None:
+        for dep in deps.get(rel, []):
+            visit(dep)
+        if rel not in order:
+            order.append(rel)
+
+    for driver in DRIVERS:
+        if driver in by_name:
+            visit(by_name[driver])
+    if not order:
+        sys.exit(f"demo_os: none of {DRIVERS} found under {moddir}")
+    return kernel, [moddir / rel for rel in order]
 
 
 def build(out: Path) -> None:
     busybox = shutil.which("busybox") or "/bin/busybox"
     if not Path(busybox).exists():
         sys.exit("demo_os: no busybox; install it with: apt-get install busybox-static")
-    kernel, module = find_kernel()
+    kernel, modules = find_kernel()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for d in ("bin", "lib", "proc", "sys", "dev", "tmp", "etc"):
             (root / d).mkdir()
         shutil.copy(busybox, root / "bin/busybox")
-        ko = module.read_bytes()
-        if module.suffix == ".xz":
-            import lzma
+        names_in_order = []
+        for module in modules:
+            ko = module.read_bytes()
+            if module.suffix == ".xz":
+                import lzma
 
-            ko = lzma.decompress(ko)
-        (root / "lib/e1000.ko").write_bytes(ko)
+                ko = lzma.decompress(ko)
+            name = module.name.split(".ko")[0] + ".ko"
+            (root / "lib" / name).write_bytes(ko)
+            names_in_order.append(name)
+        (root / "lib/modules.order").write_text("\n".join(names_in_order) + "\n")
         (root / "init").write_text(INIT)
         (root / "bin/udhcpc.script").write_text(UDHCPC)
         for f in ("init", "bin/udhcpc.script", "bin/busybox"):

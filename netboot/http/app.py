@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ..booter import Booter
 from ..identity import IdentityError, normalise_mac, normalise_uuid
+from ..loaders import LoaderTable
 from ..metrics import Counters
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class HttpContext:
     booter: Booter
     counters: Counters
     images_dir: Path
-    loader_roots: list[Path]
+    loaders: LoaderTable
     registry: Registry | None = None
     started: float = field(default_factory=time.time)
     #: client address -> (uuid, mac) as identified by its boot script request
@@ -117,12 +118,10 @@ async def _deploying(ctx: HttpContext, request: web.Request) -> None:
 async def loader(request: web.Request) -> web.StreamResponse:
     """First-stage loaders over HTTP, for UEFI HTTP Boot clients."""
     ctx = request.app[CTX]
-    name = request.match_info["name"]
-    for root in ctx.loader_roots:
-        path = safe_path(root, name)
-        if path is not None:
-            ctx.counters.inc("http_requests_total", route="loader")
-            return web.FileResponse(path)
+    path = ctx.loaders.path(request.match_info["name"])
+    if path is not None:
+        ctx.counters.inc("http_requests_total", route="loader")
+        return web.FileResponse(path)
     ctx.counters.inc("http_not_found_total", route="loader")
     raise web.HTTPNotFound(text="no such loader\n")
 

@@ -1,0 +1,52 @@
+# netboot: `make run` starts the server on the bundled configs; `make test` runs every test.
+# Both install what they need first (Debian packages and a .venv), idempotently.
+PY := .venv/bin/python
+CONFIG ?= configs/netboot.yaml
+ARGS ?=
+
+.PHONY: run test unit e2e bench lint images deps deps-test check demo demo-down clean help
+
+help:
+	@echo "make run     start netboot on $(CONFIG) (ARGS='--interface br0' to choose)"
+	@echo "make test    install test dependencies and run all tests, end-to-end boots included"
+	@echo "make unit    tests without QEMU"
+	@echo "make e2e     only the end-to-end QEMU boots"
+	@echo "make bench   benchmarks against dnsmasq, tftpd-hpa and nginx"
+	@echo "make lint    ruff"
+	@echo "make check   validate the bundled configuration"
+
+deps:
+	@scripts/setup.sh run
+
+deps-test:
+	@scripts/setup.sh test
+
+images/demo/vmlinuz images/demo/initrd.cpio.gz: scripts/demo_os.py
+	$(PY) scripts/demo_os.py images/demo
+
+images: deps images/demo/vmlinuz
+
+check: deps images
+	.venv/bin/netboot check --config $(CONFIG)
+
+run: deps images
+	.venv/bin/netboot serve --config $(CONFIG) $(ARGS)
+
+test: deps-test images
+	.venv/bin/pytest -ra
+
+unit: deps-test
+	.venv/bin/pytest -ra -m "not e2e and not lab"
+
+e2e: deps-test images
+	.venv/bin/pytest -ra tests/e2e
+
+bench: images
+	@scripts/setup.sh bench
+	$(PY) bench/run_all.py
+
+lint: deps-test
+	.venv/bin/ruff check netboot tests bench scripts
+
+clean:
+	rm -rf .venv data images/demo .pytest_cache

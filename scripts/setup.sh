@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Install what netboot needs, idempotently: Debian packages (only the missing
+# ones), then a virtualenv in .venv with the project and its test tools.
+#   scripts/setup.sh run    what `make run` needs
+#   scripts/setup.sh test   what `make test` needs (real peers: QEMU, dnsmasq, ...)
+#   scripts/setup.sh bench  what `make bench` needs (peer servers and load tools)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-test}
+
+RUN_PKGS=(ipxe pxelinux syslinux-common cpio busybox-static linux-image-amd64 iproute2 kmod)
+TEST_PKGS=("${RUN_PKGS[@]}" qemu-system-x86 ipxe-qemu ovmf dnsmasq-base tftp-hpa atftp curl
+           ignition docker.io chromium chromium-driver prometheus iptables)
+BENCH_PKGS=("${TEST_PKGS[@]}" tftpd-hpa nginx-light wrk kea-admin)
+
+case "$what" in
+  run) pkgs=("${RUN_PKGS[@]}") ;;
+  test) pkgs=("${TEST_PKGS[@]}") ;;
+  bench) pkgs=("${BENCH_PKGS[@]}") ;;
+  *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
+esac
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup: missing Debian packages: ${missing[*]}" >&2
+    echo "setup: run as root, or: sudo apt-get install ${missing[*]}" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  # Services some packages ship (tftpd-hpa, nginx, docker) must not start here.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+fi
+
+PY=${PYTHON:-python3}
+stamp=.venv/.netboot-installed
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing Python dependencies into .venv"
+  .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+  # compat mode: a plain path entry, so new modules need no reinstall
+  .venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
+  touch "$stamp"
+fi
