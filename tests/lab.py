@@ -141,7 +141,13 @@ class Lab:
 
     def boot_guest(self, firmware: str = "bios", *, mac: str | None = None,
                    uuid: str | None = None, serial: str = "SN-TEST-1",
-                   vendor: str = "NetbootLab", product: str = "QemuBlade") -> Guest:
+                   vendor: str = "NetbootLab", product: str = "QemuBlade",
+                   nic: str = "e1000", nic_rom: bool = True) -> Guest:
+        """Start a guest that PXE-boots from the lab bridge.
+
+        ``nic_rom=False`` drops the NIC's iPXE option ROM, so OVMF boots with its
+        own EDK2 PXE client (over its built-in virtio-net driver) instead of iPXE.
+        """
         idx = self.taps
         self.taps += 1
         tap = f"tap{idx}"
@@ -154,7 +160,7 @@ class Lab:
                "-smbios", f"type=1,uuid={uuid},serial={serial},manufacturer={vendor},"
                f"product={product}",
                "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-               "-device", f"e1000,netdev=n0,mac={mac}",
+               "-device", f"{nic},netdev=n0,mac={mac}" + ("" if nic_rom else ",romfile="),
                "-boot", "n", "-serial", f"file:{g.log}", "-display", "none",
                "-monitor", "none", "-no-reboot"]
         if firmware == "bios":  # SeaBIOS mirrors the BIOS console (and iPXE) to serial

@@ -1,0 +1,75 @@
+"""A shared lab for the end-to-end boots: namespaces, the site's dnsmasq and netboot."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests.lab import REPO, Lab, can_run_lab
+
+
+def build_demo_os() -> Path:
+    images = REPO / "images"
+    demo = images / "demo"
+    if not (demo / "vmlinuz").exists() or not (demo / "initrd.cpio.gz").exists():
+        subprocess.run([str(Path(REPO / ".venv/bin/python")), str(REPO / "scripts/demo_os.py"),
+                        str(demo)], check=True)
+    return images
+
+
+def write_lab_config(root: Path, images: Path) -> Path:
+    """The bundled configs, with the lab's own machine files and data dir."""
+    cfg = root / "configs"
+    shutil.copytree(REPO / "configs" / "profiles", cfg / "profiles")
+    (cfg / "machines").mkdir(parents=True)
+    once = (REPO / "configs/profiles/default.yaml").read_text().replace(
+        "boot: always", "boot: once")
+    (cfg / "profiles" / "once.yaml").write_text(once)
+    (cfg / "netboot.yaml").write_text(
+        f"data_dir: {root / 'data'}\nimages_dir: {images}\n"
+        f"ignition_dir: {REPO / 'ignition'}\ndefault_profile: default\n"
+        "api:\n  admin_token: lab-admin-token\n")
+    return cfg / "netboot.yaml"
+
+
+class LabEnv:
+    def __init__(self, lab: Lab, config: Path):
+        self.lab = lab
+        self.config = config
+        self.machines = config.parent / "machines"
+
+    def add_machine(self, name: str, **fields: Any) -> None:
+        body = "".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items())
+        (self.machines / f"{name}.yaml").write_text(body)
+
+    def api(self, path: str) -> Any:
+        """GET from netboot's HTTP API inside the boot namespace."""
+        out = self.lab.ns(self.lab.ns_boot, "curl", "-sf",
+                          f"http://{self.lab.boot_addr}:8080{path}")
+        return json.loads(out.stdout)
+
+
+@pytest.fixture(scope="session")
+def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
+    reason = can_run_lab()
+    if reason:
+        pytest.skip(reason)
+    images = build_demo_os()
+    root = tmp_path_factory.mktemp("lab")
+    config = write_lab_config(root, images)
+    lab = Lab(root)
+    try:
+        lab.up()
+        lab.start_site_dhcp()
+        lab.start_netboot(config)
+        yield LabEnv(lab, config)
+    finally:
+        lab.down()
+        log = lab.netboot_log()
+        if log:
+            print("---- netboot log (tail) ----\n" + log[-6000:])
