@@ -22,10 +22,12 @@ profile does with it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -290,24 +292,26 @@ class Registry:
         await self._db.close()
 
     async def _load(self) -> None:
-        self._nodes.clear()
-        self._mac_index.clear()
-        for s in self._by_state.values():
-            s.clear()
+        """Build the index from disk, then swap it in whole: readers never see it half-built."""
+        nodes: dict[str, Node] = {}
+        mac_index: dict[str, str] = {}
+        by_state: dict[str, set[str]] = {s: set() for s in STATES}
         async with self._db.execute(f"SELECT {', '.join(_NODE_COLS)} FROM nodes") as cur:
             async for r in cur:
                 d = dict(zip(_NODE_COLS, r))
                 d["labels"] = json.loads(d["labels"])
                 d["armed"] = bool(d["armed"])
                 node = Node(**d)
-                self._nodes[node.uuid] = node
-                self._by_state.setdefault(node.state, set()).add(node.uuid)
+                nodes[node.uuid] = node
+                by_state.setdefault(node.state, set()).add(node.uuid)
         async with self._db.execute("SELECT mac, uuid FROM macs ORDER BY rowid") as cur:
             async for mac, uuid in cur:
-                node = self._nodes.get(uuid)
+                node = nodes.get(uuid)
                 if node is not None:
                     node.macs.append(mac)
-                    self._mac_index[mac] = uuid
+                    mac_index[mac] = uuid
+        self._nodes, self._mac_index, self._by_state = nodes, mac_index, by_state
+        self._stuck &= set(nodes)
 
     # -- hot path reads -------------------------------------------------------
     def get(self, uuid: str) -> Node | None:
@@ -582,7 +586,8 @@ class Registry:
                 await db.executemany(_INSERT_EVENT, b.events)
             await db.execute("COMMIT")
         except BaseException:
-            await db.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):  # keep the first error, not this one
+                await db.execute("ROLLBACK")
             raise
         self.counters.inc("registry_commits_total")
 
@@ -598,13 +603,17 @@ class Registry:
                     await self._write(batch)
             except Exception as exc:
                 log.exception("registry commit failed; reloading the index from disk")
+                try:
+                    await self._load()
+                except Exception:
+                    log.exception("registry reload failed")
+                # everything changed in memory since is undone by the reload: fail it too
                 waiters += self._waiters
                 self._waiters = []
                 self._take()
                 for w in waiters:
                     if not w.done():
                         w.set_exception(RegistryError(f"registry write failed: {exc}"))
-                await self._load()
                 continue
             for w in waiters:
                 if not w.done():

@@ -214,3 +214,20 @@ async def test_stuck_detection(tmp_path: Path) -> None:
         assert "netboot_nodes_stuck 1" in reg.render_metrics()
     finally:
         await reg.close()
+
+
+async def test_failed_commit_raises_and_reloads(tmp_path: Path) -> None:
+    reg = await _open(tmp_path)
+    try:
+        await reg.observe(U1, mac=None, address=None, source="t")
+        await reg._db.execute("PRAGMA query_only = 1")  # every write now fails
+        with pytest.raises(RegistryError, match="write failed"):
+            await reg.observe(U2, mac="52:54:00:00:00:02", address=None, source="t")
+        # memory was reloaded from disk: it does not claim what was not committed
+        assert reg.get(U2) is None and reg.by_mac("52:54:00:00:00:02") is None
+        assert reg.get(U1) is not None
+        await reg._db.execute("PRAGMA query_only = 0")
+        await reg.observe(U2, mac=None, address=None, source="t")
+        assert reg.get(U2) is not None
+    finally:
+        await reg.close()

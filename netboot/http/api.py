@@ -336,8 +336,8 @@ class _Api:
 
     async def metrics(self, request: web.Request) -> web.Response:
         text = self.counters.render() + self.registry.render_metrics()
-        return web.Response(text=text, content_type="text/plain",
-                            headers={"X-Content-Type": "text/plain; version=0.0.4"})
+        return web.Response(body=text.encode(), headers={
+            "Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def dashboard_index(self, request: web.Request) -> web.Response:
         return await self.dashboard.index(request)
