@@ -47,7 +47,10 @@ fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "setup: installing Python dependencies into .venv"
   .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-  # compat mode: a plain path entry, so new modules need no reinstall
-  .venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
+  if ! .venv/bin/pip install -q -e '.[test]' > .venv/pip.log 2>&1; then
+    cat .venv/pip.log >&2
+    echo "setup: pip install failed (log above, also in .venv/pip.log)" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
