@@ -48,7 +48,7 @@ class Dashboard:
         self.env.filters["timestamp"] = _timestamp
 
     def add_static(self, app: web.Application) -> None:
-        app.router.add_static("/static/", PACKAGE_DIR / "static", name="static")
+        app.router.add_static("/static/", PACKAGE_DIR / "static")
 
     def _render(self, name: str, status: int = 200, **ctx: object) -> web.Response:
         html = self.env.get_template(name).render(refresh=REFRESH_SECONDS, states=STATES, **ctx)
