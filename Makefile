@@ -14,6 +14,7 @@ help:
 	@echo "make bench   benchmarks against dnsmasq, tftpd-hpa and nginx"
 	@echo "make lint    ruff"
 	@echo "make check   validate the bundled configuration"
+	@echo "make demo    a lab rack of three QEMU guests booting; make demo-down removes it"
 
 deps:
 	@scripts/setup.sh run
@@ -47,6 +48,12 @@ bench: images
 
 lint: deps-test
 	.venv/bin/ruff check netboot tests bench scripts
+
+demo: deps-test images
+	$(PY) scripts/demo.py up
+
+demo-down:
+	$(PY) scripts/demo.py down
 
 clean:
 	rm -rf .venv data images/demo .pytest_cache
