@@ -201,3 +201,119 @@ class Lab:
                 proc.wait()
         for ns in (self.ns_lab, self.ns_router, self.ns_boot):
             sh("ip", "netns", "del", ns, check=False)
+
+    # -- appended for the ProxyDHCP tests: clients, a far subnet behind a relay --------
+    def add_client(self, name: str, *, lab_ns: str | None = None, addr: str | None = None,
+                   gateway: str | None = None) -> str:
+        """A namespace ``nb<tag>-<name>`` with eth0 on ``lab_ns``'s br0 (default: ours)."""
+        ns = f"nb{self.tag}-{name}"
+        sh("ip", "netns", "add", ns)
+        outer = f"c{name[:4]}{self.tag}"
+        sh("ip", "link", "add", outer, "netns", lab_ns or self.ns_lab, "type", "veth",
+           "peer", "name", "eth0", "netns", ns)
+        self.ns(lab_ns or self.ns_lab, "ip", "link", "set", outer, "master", "br0", "up")
+        self.ns(ns, "ip", "link", "set", "eth0", "up")
+        self.ns(ns, "ip", "link", "set", "lo", "up")
+        if addr:
+            self.ns(ns, "ip", "addr", "add", f"{addr}/24", "dev", "eth0")
+        if gateway:
+            self.ns(ns, "ip", "route", "add", "default", "via", gateway)
+        return ns
+
+    @property
+    def ns_relay(self) -> str:
+        return f"nb{self.tag}-rly"
+
+    @property
+    def relay_near_addr(self) -> str:
+        return f"{self.net}.3"
+
+    def add_far_subnet(self, subnet: int = 78) -> Lab:
+        """A second subnet 10.<subnet>.0.0/24 on its own bridge, joined to ours by a
+        router namespace (ns_relay: .3 here, .1 there) that will run the relay agent.
+
+        Returns a Lab whose only namespace is the far bridge's, so its boot_guest()
+        starts guests on the far subnet; the site DHCP and netboot get routes back.
+        """
+        far = Lab(self.workdir / f"far{subnet}", subnet=subnet, tag=f"{self.tag}f")
+        far.workdir.mkdir(parents=True, exist_ok=True)
+        sh("ip", "netns", "add", far.ns_lab)
+        far.ns(far.ns_lab, "ip", "link", "add", "br0", "type", "bridge")
+        far.ns(far.ns_lab, "ip", "link", "set", "br0", "up")
+        far.ns(far.ns_lab, "ip", "link", "set", "lo", "up")
+        sh("ip", "netns", "add", self.ns_relay)
+        for lab_ns, outer, inner, addr in (
+                (self.ns_lab, f"vn{self.tag}", "eth0", self.relay_near_addr),
+                (far.ns_lab, f"vf{self.tag}", "eth1", far.router_addr)):
+            sh("ip", "link", "add", outer, "netns", lab_ns, "type", "veth",
+               "peer", "name", inner, "netns", self.ns_relay)
+            self.ns(lab_ns, "ip", "link", "set", outer, "master", "br0", "up")
+            self.ns(self.ns_relay, "ip", "addr", "add", f"{addr}/24", "dev", inner)
+            self.ns(self.ns_relay, "ip", "link", "set", inner, "up")
+        self.ns(self.ns_relay, "ip", "link", "set", "lo", "up")
+        self.ns(self.ns_relay, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        for ns in (self.ns_router, self.ns_boot):
+            self.ns(ns, "ip", "route", "add", f"{far.net}.0/24", "via", self.relay_near_addr)
+        return far
+
+    def start_site_dhcp_for(self, *subnets: int) -> None:
+        """The site's DHCP (addresses only) for our subnet and relayed ones; use
+        instead of start_site_dhcp()."""
+        ranges = [f"--dhcp-range=10.{n}.0.100,10.{n}.0.200,255.255.255.0,1h"
+                  for n in (self.subnet, *subnets)]
+        self.spawn(self.ns_router, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
+                   "--port=0", "--interface=eth0", "--bind-interfaces", *ranges,
+                   f"--dhcp-leasefile={self.workdir / 'dnsmasq.leases'}", "--log-dhcp",
+                   log=self.workdir / "dnsmasq.log")
+
+    def start_relay(self, far: Lab, kind: str = "dnsmasq") -> subprocess.Popen:
+        """A DHCP relay agent in ns_relay forwarding the far subnet to netboot and the
+        site DHCP. ``kind="dhcrelay"`` (isc-dhcp-relay) adds option 82 (-a), and
+        drops replies whose option 82 does not come back."""
+        servers = (self.boot_addr, self.router_addr)
+        if kind == "dnsmasq":
+            args = ["dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0",
+                    "--log-dhcp", *(f"--dhcp-relay={far.router_addr},{s}" for s in servers)]
+        else:
+            args = ["dhcrelay", "-d", "-4", "-a", "-pf", str(self.workdir / "dhcrelay.pid"),
+                    "-iu", "eth0", "-id", "eth1", *servers]
+        proc = self.spawn(self.ns_relay, *args, log=self.workdir / f"relay-{kind}.log")
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            raise RuntimeError(f"relay {kind} exited: "
+                               f"{(self.workdir / f'relay-{kind}.log').read_text()}")
+        return proc
+
+    def down_all(self) -> None:
+        """down(), then every other namespace carrying this lab's tag (clients, relay,
+        far subnet)."""
+        self.down()
+        listed = sh("ip", "netns", "list", check=False).stdout.split("\n")
+        for line in listed:
+            name = line.split(" ", 1)[0]
+            if name.startswith(f"nb{self.tag}"):
+                sh("ip", "netns", "del", name, check=False)
+
+    def udp_socket(self, ns: str, port: int = 68, interface: str = "eth0"):  # -> socket.socket
+        """A broadcast UDP socket created inside namespace ``ns`` (bound to ``interface``
+        and ``port``) for use from this process: sockets keep the namespace they were
+        made in, so the test talks through the lab without a helper process."""
+        import ctypes
+        import socket
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        clone_newnet = 0x40000000
+        with open("/proc/thread-self/ns/net") as home, open(f"/var/run/netns/{ns}") as there:
+            if libc.setns(there.fileno(), clone_newnet) != 0:
+                raise OSError(ctypes.get_errno(), f"setns {ns}")
+            try:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+                sock.setsockopt(socket.SOL_SOCKET, 25, interface.encode() + b"\0")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+                sock.bind(("0.0.0.0", port))
+            finally:
+                if libc.setns(home.fileno(), clone_newnet) != 0:
+                    raise OSError(ctypes.get_errno(), "setns back")
+        return sock
