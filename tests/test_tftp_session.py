@@ -201,10 +201,13 @@ def test_oack_resent_on_timeout() -> None:
     assert s.retransmits == 1
 
 
-def test_client_timeout_option_sets_retransmit_timer() -> None:
-    s = ReadSession(BytesProvider(b"x"), {"timeout": "7"}, timeout=1.0)
-    s.start(10.0)
+def test_client_timeout_option_sets_retransmit_timer_up_to_ours() -> None:
+    s = ReadSession(BytesProvider(b"x"), {"timeout": "7"}, timeout=10.0)
+    assert pk.parse_oack(s.start(10.0)[0]) == {"timeout": "7"}
     assert s.deadline == 17.0
+    s = ReadSession(BytesProvider(b"x"), {"timeout": "7"}, timeout=1.0)
+    assert pk.parse_oack(s.start(10.0)[0]) == {"timeout": "7"}  # echoed as asked
+    assert s.deadline == 11.0  # but we retransmit on our own, shorter timer
 
 
 def test_malformed_input_raises_and_leaves_session_intact() -> None:

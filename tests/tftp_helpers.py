@@ -115,3 +115,75 @@ def lossy(packets: list[bytes], rng: random.Random, loss: float, dup: float,
         if rng.random() < reorder:
             out[i], out[i + 1] = out[i + 1], out[i]
     return out
+
+
+class LossyRelay:
+    """A UDP relay between TFTP clients and a server that loses, duplicates and reorders.
+
+    Stands in for netem where the kernel lacks it. Clients talk to `port`; each client
+    gets its own upstream socket, so the server sees distinct peers and real TIDs.
+    A reordered packet is held back a few milliseconds, so later ones overtake it.
+    """
+
+    def __init__(self, server: tuple[str, int], *, loss: float, reorder: float, dup: float,
+                 seed: int = 1):
+        self.server = server
+        self.loss, self.reorder, self.dup = loss, reorder, dup
+        self.rng = random.Random(seed)
+        self.loop = asyncio.get_running_loop()
+        self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.front.setblocking(False)
+        self.front.bind(("127.0.0.1", 0))
+        self.port: int = self.front.getsockname()[1]
+        self.upstream: dict[tuple[str, int], socket.socket] = {}
+        self.server_tid: dict[tuple[str, int], tuple[str, int]] = {}
+        self.dropped = 0
+        self.loop.add_reader(self.front.fileno(), self._from_client)
+
+    def _deliver(self, sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
+        rng = self.rng
+        if rng.random() < self.loss:
+            self.dropped += 1
+            return
+        copies = 2 if rng.random() < self.dup else 1
+        for _ in range(copies):
+            if rng.random() < self.reorder:
+                self.loop.call_later(0.002 + rng.random() * 0.004, self._send, sock, data, addr)
+            else:
+                self._send(sock, data, addr)
+
+    @staticmethod
+    def _send(sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            sock.sendto(data, addr)
+        except OSError:
+            pass
+
+    def _from_client(self) -> None:
+        try:
+            data, client = self.front.recvfrom(65536)
+        except OSError:
+            return
+        up = self.upstream.get(client)
+        if up is None:
+            up = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            up.setblocking(False)
+            up.bind(("127.0.0.1", 0))
+            self.upstream[client] = up
+            self.loop.add_reader(up.fileno(), self._from_server, client, up)
+        if pk.opcode_of(data) in (pk.RRQ, pk.WRQ):
+            self.server_tid[client] = self.server
+        self._deliver(up, data, self.server_tid.get(client, self.server))
+
+    def _from_server(self, client: tuple[str, int], up: socket.socket) -> None:
+        try:
+            data, src = up.recvfrom(65536)
+        except OSError:
+            return
+        self.server_tid[client] = src  # the transfer's TID, once the server answers
+        self._deliver(self.front, data, client)
+
+    def close(self) -> None:
+        for s in [self.front, *self.upstream.values()]:
+            self.loop.remove_reader(s.fileno())
+            s.close()

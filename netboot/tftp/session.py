@@ -111,7 +111,10 @@ class ReadSession:
         self.provider = provider
         self.blksize = neg.blksize
         self.windowsize = neg.windowsize
-        self.timeout = neg.timeout if neg.timeout is not None else timeout
+        # The client's timeout option is echoed, but never makes us slower than our own
+        # timer: resending early costs a duplicate DATA (harmless without the Sorcerer's
+        # Apprentice bug), while curl's default ask of several seconds per loss would stall.
+        self.timeout = min(neg.timeout, timeout) if neg.timeout is not None else timeout
         self.retries = retries
         self.oack = neg.oack
         self.deadline: float | None = None
