@@ -104,7 +104,7 @@ def counter(stats: list[str], name: str) -> float:
 
 def test_lossy_link_all_clients_complete(served: tuple[str, Path, list[str]],
                                          tmp_path: Path) -> None:
-    cli_ns, root, stats = served
+    cli_ns, root, _ = served
     url = f"tftp://{SERVER_IP}:{PORT}"
     jobs: list[tuple[list[str], Path, str]] = []
     if shutil.which("curl"):
@@ -130,13 +130,11 @@ def test_lossy_link_all_clients_complete(served: tuple[str, Path, list[str]],
         log, _ = p.communicate(timeout=240)
         assert p.returncode == 0, f"{argv}: {log}"
         assert out.read_bytes() == (root / name).read_bytes(), argv
-    served_stats = stats  # filled in when the fixture stops the server
-    assert served_stats is stats
 
 
 def test_server_counts_lossy_transfers(served: tuple[str, Path, list[str]],
                                        tmp_path: Path) -> None:
-    cli_ns, root, stats = served
+    cli_ns, root, _ = served
     if not shutil.which("curl"):
         pytest.skip("curl not installed")
     for i in range(3):
