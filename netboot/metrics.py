@@ -7,7 +7,7 @@ one dict lookup and an add, with no formatting until /metrics is scraped.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable
+from collections.abc import Iterable
 
 LabelKey = tuple[tuple[str, str], ...]
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-
 from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)

@@ -124,7 +124,8 @@ def _ip(v: int) -> bytes:
     return v.to_bytes(4, "big")
 
 
-def _parse_options(data: bytes, pos: int, end: int, out: dict[int, bytes], order: list[int]) -> None:
+def _parse_options(data: bytes, pos: int, end: int, out: dict[int, bytes],
+                   order: list[int]) -> None:
     """Options are TLVs; a repeated code is concatenated (RFC 3396 long options)."""
     while pos < end:
         code = data[pos]

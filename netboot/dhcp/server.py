@@ -18,7 +18,8 @@ log = logging.getLogger("netboot.dhcp")
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 
 
-def udp_socket(host: str, port: int, interface: str | None, broadcast: bool = True) -> socket.socket:
+def udp_socket(host: str, port: int, interface: str | None,
+               broadcast: bool = True) -> socket.socket:
     """A non-blocking UDP socket bound to ``host:port``, optionally to one device."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
