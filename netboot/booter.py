@@ -14,10 +14,12 @@ from urllib.parse import quote
 
 import jinja2
 
+from .artifacts import OEM_INITRD_NAME, os_kernel_args
 from .config import ConfigStore, Machine, Profile
 from .identity import Arch
 
 if TYPE_CHECKING:
+    from .artifacts import Artifacts, NodeArtifacts
     from .registry import Node
 
 log = logging.getLogger("netboot.booter")
@@ -61,6 +63,10 @@ class Resolved:
     machine: Machine | None
     profile: Profile | None
     reason: str = ""
+    #: the node's Ignition artefacts when its profile has ``ignition:``
+    artifacts: NodeArtifacts | None = None
+    #: why a profile with ``ignition:`` could not be served (the boot script says it too)
+    ignition_error: str | None = None
 
 
 @dataclass
@@ -69,6 +75,7 @@ class Booter:
     address: str
     http_port: int
     registry: NodeIndex | None = None
+    artifacts: Artifacts | None = None
     _env: jinja2.Environment = field(default_factory=lambda: jinja2.Environment(
         undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False))
     _templates: dict[str, jinja2.Template] = field(default_factory=dict)
@@ -189,25 +196,88 @@ class Booter:
                 and not node.armed:
             return ("#!ipxe\necho netboot: installed, booting from local disk\nexit\n", r)
         images = f"{self.base_url}/images"
-        initrds = r.profile.initrds
-        names = " ".join(f"initrd={n.rsplit('/', 1)[-1]}" for n in initrds)
-        args = self.cmdline(r, mac, uuid)
-        lines = ["#!ipxe", f"kernel {images}/{r.profile.kernel} {names} {args}".rstrip()]
-        lines += [f"initrd {images}/{i}" for i in initrds]
+        initrds = [f"{images}/{i}" for i in r.profile.initrds]
+        names = [f"initrd={n.rsplit('/', 1)[-1]}" for n in r.profile.initrds]
+        os_args: list[str] = []
+        if r.profile.ignition:
+            a = self.ignition(r, mac, uuid)
+            if a is None:
+                return f"#!ipxe\n{_refusal(r, 'echo')}exit 1\n", r
+            assert self.artifacts is not None
+            # --name: the signed URL's basename is useless as a name, and UEFI kernels
+            # only see initrds named on the command line.
+            initrds.append(f"--name {OEM_INITRD_NAME} "
+                           f"{self.artifacts.signed_url(self.base_url, 'oem', a.uuid)}")
+            names.append(f"initrd={OEM_INITRD_NAME}")
+            os_args = os_kernel_args(r.profile)
+        args = " ".join([*names, *os_args, self.cmdline(r, mac, uuid)])
+        lines = ["#!ipxe", f"kernel {images}/{r.profile.kernel} {args}".rstrip()]
+        lines += [f"initrd {i}" for i in initrds]
         lines.append("boot")
         return "\n".join(lines) + "\n", r
 
+    # -- Ignition ----------------------------------------------------------
+    def ignition(self, r: Resolved, mac: str | None, uuid: str | None) -> NodeArtifacts | None:
+        """The node's validated artefacts, remembered as issued; None with
+        ``r.ignition_error`` set when it must not boot."""
+        assert r.profile is not None and r.profile.ignition
+        if self.artifacts is None:
+            r.ignition_error = "Ignition is not set up in this server"
+        elif not uuid:
+            r.ignition_error = ("no SMBIOS UUID known for this machine; signed Ignition URLs "
+                                "are per UUID")
+        else:
+            a = self.artifacts.render(r.profile, self.context(r, mac, uuid), uuid)
+            self.artifacts.issue(a)
+            r.artifacts = a
+            if a.ok:
+                return a
+            r.ignition_error = a.error or "Ignition config failed"
+        return None
+
+    def node_artifacts(self, mac: str | None, uuid: str) -> tuple[NodeArtifacts | None, Resolved]:
+        """What ``netboot render`` prints and a fetch falls back to when nothing was issued."""
+        r = self.resolve(mac, uuid)
+        if r.profile is None:
+            return None, r
+        if not r.profile.ignition:
+            r.ignition_error = f"profile {r.profile.name!r} has no ignition template"
+            return None, r
+        a = self.ignition(r, mac, uuid)
+        return a, r
+
     # -- TFTP: pxelinux ----------------------------------------------------
     def pxelinux_config(self, mac: str) -> str | None:
+        return self.pxelinux(mac)[0]
+
+    def pxelinux(self, mac: str) -> tuple[str | None, Resolved, str | None]:
+        """(config text or None, resolution, uuid) for ``pxelinux.cfg/01-<mac>``."""
         uuid = self.uuid_for_mac(mac)
         r = self.resolve(mac, uuid)
         if r.profile is None or r.profile.loader != "pxelinux":
-            return None
-        args = self.cmdline(r, mac, uuid)
-        initrd = ",".join(f"images/{i}" for i in r.profile.initrds)
+            return None, r, uuid
+        initrds = [f"images/{i}" for i in r.profile.initrds]
+        os_args: list[str] = []
+        if r.profile.ignition:
+            a = self.ignition(r, mac, uuid)
+            if a is None:  # LOCALBOOT -1 hands the failure back to the firmware
+                return ((f"{_refusal(r, 'SAY')}DEFAULT failed\nPROMPT 0\nTIMEOUT 0\n"
+                        "LABEL failed\n  LOCALBOOT -1\n"), r, uuid)
+            initrds.append(f"oem/{a.uuid}.cpio.gz")
+            os_args = os_kernel_args(r.profile)
+        args = " ".join([*os_args, self.cmdline(r, mac, uuid)])
         lines = ["DEFAULT netboot", "PROMPT 0", "TIMEOUT 0", "LABEL netboot",
                  f"  KERNEL images/{r.profile.kernel}"]
-        if initrd:
-            lines.append(f"  INITRD {initrd}")
+        if initrds:
+            lines.append(f"  INITRD {','.join(initrds)}")
         lines.append(f"  APPEND {args}")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines) + "\n", r, uuid
+
+
+def _refusal(r: Resolved, say: str) -> str:
+    """Two console lines (``say`` is iPXE's echo or pxelinux's SAY) telling why not."""
+    # One printable line: no iPXE ${...} expansion, nothing that ends the command.
+    reason = "".join(c if " " <= c < "\x7f" and c != "$" else " "
+                     for c in r.ignition_error or "")[:400]
+    return (f"{say} netboot: NOT BOOTING this machine: its Ignition config failed\n"
+            f"{say} netboot: {reason}\n")

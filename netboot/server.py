@@ -13,15 +13,17 @@ from typing import Any
 
 from aiohttp import web
 
+from .artifacts import Artifacts
 from .booter import Booter
 from .config import ConfigStore
 from .dhcp.proxy import ProxyDhcp
 from .dhcp.server import start_dhcp
-from .http.app import HttpContext, make_app
+from .http.app import HttpContext, ignition_outcome, make_app
+from .identity import IdentityError, normalise_mac, normalise_uuid
 from .loaders import LoaderTable
-from .identity import IdentityError, normalise_mac
 from .metrics import Counters
 from .netutil import choose_interface, interface_ipv4, interfaces
+from .tftp.packet import ERR_ACCESS, ERR_NOT_FOUND
 from .tftp.provider import BytesProvider, Provider, RootResolver, TftpError, normalise_path
 from .tftp.server import start_tftp
 
@@ -69,7 +71,8 @@ def load_secret(data_dir: Path, configured: str | None) -> bytes:
 
 @dataclass
 class TftpRouter:
-    """Chooses what a TFTP path serves: generated pxelinux configs, images, loaders."""
+    """Chooses what a TFTP path serves: generated pxelinux configs, OEM archives, images,
+    loaders."""
 
     booter: Booter
     http: HttpContext
@@ -81,6 +84,8 @@ class TftpRouter:
         path = normalise_path(path)
         if path.startswith("pxelinux.cfg/"):
             return self._pxelinux(path[len("pxelinux.cfg/"):], client)
+        if path.startswith("oem/"):
+            return self._oem(path[len("oem/"):], client)
         if path.startswith("images/"):
             provider = self.images(path[len("images/"):], client)
             self._transition(client[0], "deploying", only_from="booting")
@@ -95,18 +100,47 @@ class TftpRouter:
             mac = normalise_mac(name[3:])
         except IdentityError:
             raise TftpError(1, "file not found") from None
-        text = self.booter.pxelinux_config(mac)
+        text, resolved, uuid = self.booter.pxelinux(mac)
         if text is None:
             raise TftpError(1, "file not found")
-        uuid = self.booter.uuid_for_mac(mac)
         self.http.by_address[client[0]] = (uuid, mac)
-        self._transition(client[0], "booting")
+        self._transition(client[0], "booting", then=lambda: ignition_outcome(
+            self.http, resolved, uuid, client[0], "tftp"))
+        if resolved.ignition_error is None and resolved.artifacts is not None \
+                and self.http.artifacts is not None:
+            self.http.artifacts.grant(client[0], resolved.artifacts.uuid)
         return BytesProvider(text.encode())
 
-    def _transition(self, address: str, state: str, only_from: str | None = None) -> None:
+    def _oem(self, name: str, client: tuple[str, int]) -> Provider:
+        """``oem/<uuid>.cpio.gz``: only to the address that just booted as that node.
+
+        TFTP has no secrets to sign with, so the client's address is the credential:
+        it must be the one netboot handed this node's pxelinux config or iPXE script.
+        """
+        artifacts = self.http.artifacts
+        try:
+            uuid = normalise_uuid(name.removesuffix(".cpio.gz")) if name.endswith(
+                ".cpio.gz") else None
+        except IdentityError:
+            uuid = None
+        if artifacts is None or uuid is None:
+            raise TftpError(ERR_NOT_FOUND, "file not found")
+        if not artifacts.granted(client[0], uuid):
+            artifacts.refused("address", "oem", uuid, client[0], "tftp")
+            raise TftpError(ERR_ACCESS, "access violation")
+        a = artifacts.issued(uuid)
+        if a is None or not a.ok or a.archive is None:
+            raise TftpError(ERR_NOT_FOUND, "file not found")
+        artifacts.counters.inc("ignition_served_total", kind="oem", transport="tftp")
+        return BytesProvider(a.archive)
+
+    def _transition(self, address: str, state: str, only_from: str | None = None,
+                    then: Any = None) -> None:
         registry = self.http.registry
         uuid, mac = self.http.by_address.get(address, (None, None))
         if registry is None or uuid is None:
+            if then is not None:  # still log a failed Ignition config
+                self._spawn(then())
             return
         node = registry.get(uuid)
         if only_from and (node is None or node.state != only_from):
@@ -116,8 +150,14 @@ class TftpRouter:
             if node is None:
                 await registry.observe(uuid, mac=mac, address=address, source="tftp", boot=True)
             await registry.transition(uuid, state, source="tftp", address=address)
+            if then is not None:
+                await then()
 
-        task = asyncio.get_running_loop().create_task(go())
+        self._spawn(go())
+
+    def _spawn(self, coro: Any) -> None:
+
+        task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -143,9 +183,13 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
     if Registry is not None:
         registry = await Registry.open(cfg.data_dir, secret=secret, counters=counters,
                                        webhooks=cfg.api.webhooks, stuck_after=cfg.api.stuck_after)
-    booter = Booter(store, addr, cfg.http_port, registry=registry)
+    artifacts = Artifacts.from_config(cfg, secret, counters)
+    if artifacts.swarm.socket:  # once at startup, so the first boots have facts; then background
+        await artifacts.swarm.refresh()
+    booter = Booter(store, addr, cfg.http_port, registry=registry, artifacts=artifacts)
     loaders = LoaderTable(cfg.tftp.roots)
-    http_ctx = HttpContext(booter, counters, cfg.images_dir, loaders, registry=registry)
+    http_ctx = HttpContext(booter, counters, cfg.images_dir, loaders, registry=registry,
+                           artifacts=artifacts)
     admin_token = cfg.api.admin_token or os.environ.get("NETBOOT_ADMIN_TOKEN")
     app = make_app(http_ctx, admin_token=admin_token)
     runner = web.AppRunner(app, access_log=None)
@@ -182,6 +226,7 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
                  len(snap.profiles), ", ".join(sorted(snap.profiles)),
                  len(snap.machine_files), cfg.default_profile or "none")
         watcher = asyncio.create_task(store.watch())
+        upkeep = asyncio.create_task(artifacts.run(), name="ignition-upkeep")
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -190,6 +235,7 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
         await stop.wait()
         log.info("stopping")
         watcher.cancel()
+        upkeep.cancel()
     finally:
         for close in closers:
             result = close()

@@ -19,6 +19,7 @@ from ..loaders import LoaderTable
 from ..metrics import Counters
 
 if TYPE_CHECKING:
+    from ..artifacts import Artifacts, Kind, NodeArtifacts
     from ..registry import Registry
 
 log = logging.getLogger("netboot.http")
@@ -48,6 +49,8 @@ class HttpContext:
     started: float = field(default_factory=time.time)
     #: client address -> (uuid, mac) as identified by its boot script request
     by_address: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    #: per-node Ignition configs and OEM archives (the same object as booter.artifacts)
+    artifacts: Artifacts | None = None
 
 
 CTX = web.AppKey("netboot", HttpContext)
@@ -89,7 +92,76 @@ async def node_ipxe(request: web.Request) -> web.Response:
             hostname=resolved.machine.hostname if resolved.machine else None,
             profile=resolved.profile.name if resolved.profile else None)
         await ctx.registry.transition(uuid, "booting", source="ipxe", address=address)
+    await ignition_outcome(ctx, resolved, uuid, address, "ipxe")
     return web.Response(text=script, content_type="text/plain")
+
+
+async def ignition_outcome(ctx: HttpContext, resolved: Any, uuid: str | None, address: str,
+                           source: str) -> None:
+    """After a boot script or pxelinux config: let the address fetch the node's OEM
+    archive, or log the failed config and move the node to 'error' with the reason."""
+    if resolved.profile is None or not resolved.profile.ignition:
+        return
+    a = resolved.artifacts
+    if resolved.ignition_error is None and a is not None:
+        if ctx.artifacts is not None:
+            ctx.artifacts.grant(address, a.uuid)
+        return
+    reason = resolved.ignition_error or "Ignition config failed"
+    log.error("not booting %s (%s, profile %s): %s", uuid or "-", address,
+              resolved.profile.name, reason)
+    if ctx.registry is not None and uuid:
+        await ctx.registry.transition(uuid, "error", source="ignition", reason=reason,
+                                      address=address)
+
+
+def _artifact_for(ctx: HttpContext, uuid: str) -> NodeArtifacts | None:
+    """What the node's boot script promised; re-rendered only if that was forgotten."""
+    assert ctx.artifacts is not None
+    a = ctx.artifacts.issued(uuid)
+    if a is None:
+        node = ctx.registry.get(uuid) if ctx.registry is not None else None
+        mac = node.macs[0] if node is not None and node.macs else None
+        a, _ = ctx.booter.node_artifacts(mac, uuid)
+    return a
+
+
+async def _signed(request: web.Request, kind: Kind) -> web.Response:
+    """Serve a node's config or archive to a holder of that node's unexpired signed URL."""
+    ctx = request.app[CTX]
+    address = request.remote or ""
+    raw = request.match_info["uuid"]
+    try:
+        uuid = normalise_uuid(raw)
+    except IdentityError:
+        uuid = None
+    if ctx.artifacts is None or uuid is None:
+        ctx.counters.inc("http_not_found_total", route=kind)
+        raise web.HTTPNotFound(text="not found\n")
+    reason = ctx.artifacts.check(kind, uuid, request.query.get("exp"), request.query.get("sig"))
+    if reason is not None:
+        ctx.artifacts.refused(reason, kind, uuid, address, "http")
+        raise web.HTTPForbidden(text=f"forbidden: {reason}\n")
+    a = _artifact_for(ctx, uuid)
+    if a is None or not a.ok:
+        why = (a.error if a is not None else None) or "no Ignition profile for this node"
+        log.error("cannot serve %s for %s to %s: %s", kind, uuid, address, why)
+        raise web.HTTPServiceUnavailable(text=f"netboot: {why}\n")
+    ctx.artifacts.counters.inc("ignition_served_total", kind=kind, transport="http")
+    await _deploying(ctx, request)
+    headers = {"ETag": f'"{a.digest}"', "Cache-Control": "no-store"}
+    if kind == "ignition":
+        return web.Response(body=a.config, headers=headers,
+                            content_type="application/vnd.coreos.ignition+json")
+    return web.Response(body=a.archive, headers=headers, content_type="application/gzip")
+
+
+async def ignition_config(request: web.Request) -> web.Response:
+    return await _signed(request, "ignition")
+
+
+async def oem_archive(request: web.Request) -> web.Response:
+    return await _signed(request, "oem")
 
 
 async def image(request: web.Request) -> web.StreamResponse:
@@ -158,6 +230,8 @@ def make_app(ctx: HttpContext, *, admin_token: str | None = None) -> web.Applica
     app.router.add_get("/images/{path:.+}", image)
     app.router.add_get("/loader/{name}", loader)
     app.router.add_get("/health", health)
+    app.router.add_get("/ignition/{uuid}.ign", ignition_config)
+    app.router.add_get("/oem/{uuid}.cpio.gz", oem_archive)
     if ctx.registry is not None:
         from .api import setup_api
 
