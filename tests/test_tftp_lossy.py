@@ -28,7 +28,8 @@ async def fetch_all(tmp_path: Path, clients: set[str], seed: int) -> None:
     relay = LossyRelay(("127.0.0.1", srv.port), loss=0.10, reorder=0.25, dup=0.02, seed=seed)
     p = relay.port
     jobs = [
-        (["curl", "-sS", "--tftp-blksize", "1468", "-o", "c1", f"tftp://127.0.0.1:{p}/f"], "c1", content),
+        (["curl", "-sS", "--tftp-blksize", "1468", "-o", "c1", f"tftp://127.0.0.1:{p}/f"], "c1",
+         content),
         (["curl", "-sS", "-o", "c2", f"tftp://127.0.0.1:{p}/x"], "c2", exact),
         (["atftp", "--option", "blksize 1468", "--option", "windowsize 4", "-g", "-r", "f",
           "-l", "a4", "127.0.0.1", str(p)], "a4", content),

@@ -126,7 +126,8 @@ def encode_ack(block: int) -> bytes:
 
 
 def encode_error(code: int, message: str) -> bytes:
-    return _ERROR_PREFIX + (code & 0xFFFF).to_bytes(2, "big") + message.encode("utf-8", "replace") + b"\0"
+    text = message.encode("utf-8", "replace")
+    return _ERROR_PREFIX + (code & 0xFFFF).to_bytes(2, "big") + text + b"\0"
 
 
 def encode_oack(options: dict[str, str]) -> bytes:
