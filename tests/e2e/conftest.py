@@ -23,18 +23,32 @@ def build_demo_os() -> Path:
     return images
 
 
-def write_lab_config(root: Path, images: Path) -> Path:
-    """The bundled configs, with the lab's own machine files and data dir."""
+# Static swarm facts for profiles with an Ignition template (no dockerd in the lab);
+# fake lab values, so tests can check the token reaches the guest and never the log.
+LAB_SWARM = {"manager_addr": "10.77.0.2:2377",
+             "worker_token": "SWMTKN-1-lab-worker-0123456789abcdef",
+             "manager_token": "SWMTKN-1-lab-manager-0123456789abcdef"}
+
+
+def write_lab_config(root: Path, images: Path, swarm: dict[str, Any] | None = None) -> Path:
+    """The bundled configs, with the lab's own machine files and data dir.
+
+    ``swarm`` (default: LAB_SWARM) becomes netboot.yaml's ``swarm:`` block; profiles
+    without ``ignition:`` do not use it.
+    """
     cfg = root / "configs"
     shutil.copytree(REPO / "configs" / "profiles", cfg / "profiles")
     (cfg / "machines").mkdir(parents=True)
     once = (REPO / "configs/profiles/default.yaml").read_text().replace(
         "boot: always", "boot: once")
     (cfg / "profiles" / "once.yaml").write_text(once)
+    swarm = LAB_SWARM if swarm is None else swarm
     (cfg / "netboot.yaml").write_text(
         f"data_dir: {root / 'data'}\nimages_dir: {images}\n"
         f"ignition_dir: {REPO / 'ignition'}\ndefault_profile: default\n"
-        "api:\n  admin_token: lab-admin-token\n")
+        "api:\n  admin_token: lab-admin-token\n"
+        + ("swarm:\n" if swarm else "")
+        + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in swarm.items()))
     return cfg / "netboot.yaml"
 
 
