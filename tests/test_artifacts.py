@@ -162,7 +162,8 @@ def test_config_has_node_context_site_override_and_swarm(tree: Path) -> None:
     assert r.artifacts is not None and r.artifacts.config is not None
     cfg = json.loads(r.artifacts.config)
     assert cfg["ignition"]["version"] == "3.3.0"
-    assert cfg["passwd"]["users"][0]["sshAuthorizedKeys"] == ["ssh-ed25519 AAAAC3Nza-test admin@lab"]
+    keys = cfg["passwd"]["users"][0]["sshAuthorizedKeys"]
+    assert keys == ["ssh-ed25519 AAAAC3Nza-test admin@lab"]
     files = _files(r.artifacts.config)
     assert files["/etc/hostname"] == "node-525400100001\n"
     # the profile's ntp overrides the site's; registry_mirrors (not overridden) stays

@@ -113,7 +113,10 @@ def _oem_url(script: str) -> str:
 async def test_http_only_the_node_itself_gets_its_config(
         served: Served, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
-    refused = lambda reason: served.counters.get("ignition_refused_total", reason=reason)
+
+    def refused(reason: str) -> float:
+        return served.counters.get("ignition_refused_total", reason=reason)
+
     async with aiohttp.ClientSession() as s:
         script1 = await _script(s, served, M1, U1)
         script2 = await _script(s, served, M2, U2)
@@ -196,8 +199,12 @@ def tftp_fetch(server: tuple[str, int], name: str, source: str = "127.0.0.1") ->
 async def test_tftp_oem_only_to_the_address_that_booted_as_the_node(served: Served) -> None:
     server = ("127.0.0.1", served.tftp.port)
     served.booter._remember(M3, U3)  # the DHCP sighting pxelinux depends on
-    fetch = lambda name, src="127.0.0.1": asyncio.to_thread(tftp_fetch, server, name, src)
-    refused = lambda: served.counters.get("ignition_refused_total", reason="address")
+
+    async def fetch(name: str, src: str = "127.0.0.1") -> bytes | int:
+        return await asyncio.to_thread(tftp_fetch, server, name, src)
+
+    def refused() -> float:
+        return served.counters.get("ignition_refused_total", reason="address")
 
     # nobody has booted yet: refused
     assert await fetch(f"oem/{U3}.cpio.gz") == 2
@@ -232,7 +239,7 @@ async def test_render_failure_moves_node_to_error(served: Served,
     assert "NOT BOOTING" in script and "site setting ntp" in script
     node = served.registry.get(U4)
     assert node is not None and node.state == "error"
-    assert node.reason is not None and "site setting ntp has an empty or spaced entry" in node.reason
+    assert "site setting ntp has an empty or spaced entry" in (node.reason or "")
     assert "not booting " + U4 in caplog.text and "site setting ntp" in caplog.text
     events = await served.registry.events(U4)
     assert [e["state"] for e in events if e["kind"] == "state"][-2:] == ["booting", "error"]
