@@ -145,7 +145,8 @@ class SwarmSource:
             return
         from .swarm import SwarmError, sweep_down_nodes
 
-        while True:
+        while True:  # serve already read once at startup
+            await asyncio.sleep(self.interval)
             await self.refresh()
             if self.sweep and self.rebooted:
                 hosts, self.rebooted = self.rebooted, set()
@@ -157,7 +158,6 @@ class SwarmSource:
                 else:
                     if removed:
                         log.info("swarm sweep removed %d stale node(s)", len(removed))
-            await asyncio.sleep(self.interval)
 
 
 def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
