@@ -108,7 +108,7 @@ async def ignition_outcome(ctx: HttpContext, resolved: Any, uuid: str | None, ad
             ctx.artifacts.grant(address, a.uuid)
         return
     reason = resolved.ignition_error or "Ignition config failed"
-    log.error("not booting %s (%s, profile %s): %s", uuid or "-", address,
+    log.error("not booting %s (%s via %s, profile %s): %s", uuid or "-", address, source,
               resolved.profile.name, reason)
     if ctx.registry is not None and uuid:
         await ctx.registry.transition(uuid, "error", source="ignition", reason=reason,
