@@ -16,6 +16,17 @@ from .proxy import ProxyDhcp
 log = logging.getLogger("netboot.dhcp")
 
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+BUFFER_BYTES = 4 << 20
+
+
+def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
+    """As root, past net.core.[rw]mem_max; else as far as the limit allows."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, plain, size)
 
 
 def udp_socket(host: str, port: int, interface: str | None,
@@ -28,7 +39,12 @@ def udp_socket(host: str, port: int, interface: str | None,
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
         if interface:
             sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode() + b"\0")
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        # A burst of DISCOVERs (a rack powering on) must not overflow the receive
+        # queue. The send buffer is large because the kernel charges replies waiting
+        # on ARP (a relay's giaddr that does not answer) to it for ~3 s: with the
+        # default 208 kB, three silent "relays" stalled every other reply.
+        _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, BUFFER_BYTES)
+        _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, BUFFER_BYTES)
         sock.bind((host, port))
         sock.setblocking(False)
     except OSError:
@@ -50,6 +66,11 @@ class _Endpoint(asyncio.DatagramProtocol):
         try:
             reply = self.proxy.handle(data, self.port, addr)
             if reply is not None and self.transport is not None:
+                if self.transport.get_write_buffer_size():
+                    # The kernel is pushing back: drop rather than queue without
+                    # bound in user space; the client retransmits.
+                    self.proxy.counters.inc("dhcp_send_dropped_total")
+                    return
                 self.transport.sendto(reply.data, (reply.address, reply.port))
         except Exception:  # a bug must cost one packet, not the server
             self.proxy.counters.inc("dhcp_errors_total")
