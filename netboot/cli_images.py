@@ -162,7 +162,7 @@ def _human(n: float) -> str:
 
 def format_table(manifest: Manifest) -> str:
     rows = [("NAME", "VERSION", "ARCH", "CHANNEL", "FILES", "SIZE", "VERIFIED BY", "FETCHED")]
-    for key, rec in sorted(manifest.images.items()):
+    for _key, rec in sorted(manifest.images.items()):
         aliases = [a.split("/")[1] for a, v in manifest.aliases.items()
                    if v == rec.version and a.split("/")[0] == rec.name]
         channel = (rec.channel or "-") + (f" ({','.join(aliases)})" if aliases else "")

@@ -29,7 +29,7 @@ from netboot.images import (
     verify_record,
 )
 
-from .images_helpers import (
+from .test_images_helpers import (
     FCOS_RELEASE,
     FLATCAR_FILES,
     FLATCAR_VERSION,

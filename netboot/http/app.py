@@ -15,6 +15,7 @@ from aiohttp import web
 
 from ..booter import Booter
 from ..identity import IdentityError, normalise_mac, normalise_uuid
+from ..images import ImageResponse
 from ..loaders import LoaderTable
 from ..metrics import Counters
 
@@ -172,7 +173,7 @@ async def image(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound(text="no such image\n")
     ctx.counters.inc("http_requests_total", route="images")
     await _deploying(ctx, request)
-    return web.FileResponse(path, chunk_size=1 << 20)
+    return ImageResponse(path, chunk_size=1 << 20)
 
 
 async def _deploying(ctx: HttpContext, request: web.Request) -> None:
