@@ -110,6 +110,18 @@ def wrk(url: str, duration: int, threads: int, connections: int) -> tuple[float,
     return read / seconds, int(m.group(1)) / seconds, out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU of a process and its children (nginx's worker), from /proc."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return total
+    return total + sum(cpu_seconds(int(c)) for c in children)
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -147,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.rounds):
                 for name in ("netboot", "nginx"):
                     url = f"http://127.0.0.1:{ports[name]}/images/bench.bin"
+                    cpu0 = cpu_seconds(procs[name].pid)
                     bps, rps, _out = wrk(url, args.duration, args.threads, args.connections)
+                    cpu = cpu_seconds(procs[name].pid) - cpu0
                     results[name].append(bps)
                     print(f"{name:8} {bps / 1e9:6.2f} GB/s  {rps:8.1f} req/s  "
+                          f"{cpu / (bps * args.duration / 1e9):5.3f} CPU s/GB  "
                           f"(wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
                           f"{args.size_mb} MiB file)", flush=True)
         finally:

@@ -905,6 +905,9 @@ class ImageResponse(web.FileResponse):
         return writer
 
 
+SENDFILE_CHUNK = 2 << 20  # per call, then yield: nginx's sendfile_max_chunk default
+
+
 async def _sendfile_fd(loop: asyncio.AbstractEventLoop, sock_fd: int, file_fd: int,
                        offset: int, count: int) -> None:
     """os.sendfile on a non-blocking socket, waiting for writability on a dup of it:
@@ -914,7 +917,7 @@ async def _sendfile_fd(loop: asyncio.AbstractEventLoop, sock_fd: int, file_fd: i
     try:
         while count > 0:
             try:
-                sent = os.sendfile(sock_fd, file_fd, offset, min(count, 1 << 30))
+                sent = os.sendfile(sock_fd, file_fd, offset, min(count, SENDFILE_CHUNK))
             except BlockingIOError:
                 ready = loop.create_future()
                 loop.add_writer(dup, _wake, ready)
@@ -927,6 +930,7 @@ async def _sendfile_fd(loop: asyncio.AbstractEventLoop, sock_fd: int, file_fd: i
                 raise ConnectionResetError("image file shrank while it was being sent")
             offset += sent
             count -= sent
+            await asyncio.sleep(0)  # a fast client must not hold the loop DHCP and TFTP share
     finally:
         os.close(dup)
 
