@@ -456,3 +456,25 @@ async def test_cli_fetch_list_verify(server: ReleaseServer, tmp_path: Path,
     assert code == 1 and "FAILED" in out and "fetch them again" in err
     code, _, err = await run_cli("fetch", "fcos", "--channel", "stable", "--config", str(cfg))
     assert code == 1 and "--channel is for flatcar" in err
+
+
+def test_progress_bar_on_a_terminal_and_lines_elsewhere() -> None:
+    tty = io.StringIO()
+    bar = Progress(tty, tty=True, interval=0)
+    bar.start("flatcar k", 4_000_000)
+    bar.update(1_000_000)
+    bar.update(3_000_000)
+    bar.finish()
+    frames = tty.getvalue().split("\r")[1:]
+    assert " 25.0% [#######......................." in frames[0]
+    assert "100.0% [##############################] 4.0 MB/4.0 MB" in frames[-1]
+    assert tty.getvalue().endswith("\n") and tty.getvalue().count("\n") == 1
+    plain = io.StringIO()
+    lines = Progress(plain, tty=False, interval=3600)
+    lines.start("flatcar k", 4_000_000, done=1_000_000)
+    lines.update(1_000_000)  # within the interval: no line
+    lines.finish()
+    assert plain.getvalue().splitlines() == [
+        "fetch flatcar k: 4.0 MB, resuming at 1.0 MB",
+        plain.getvalue().splitlines()[1]]
+    assert plain.getvalue().splitlines()[1].startswith("fetch flatcar k: 50% 2.0 MB of 4.0 MB")
