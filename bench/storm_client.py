@@ -1,0 +1,560 @@
+"""Boot-storm client: N simulated PXE machines through the whole exchange, all at once.
+
+Each machine does what SeaBIOS + iPXE do, in order:
+
+  dhcp     ProxyDHCP DISCOVER (option 60 PXEClient:Arch:00000:UNDI:002001, 93, 94, 97
+           with its own SMBIOS UUID, its own MAC); if the offer carries no boot file,
+           a DHCPREQUEST to the boot server's port 4011, as a PXE ROM does
+  tftp     the offered first-stage loader over TFTP (blksize 1468, tsize), lock-step
+  dhcp2    iPXE's own DISCOVER (user class "iPXE", option 175)
+  script   HTTP GET of the offered script, then of the URL in its `chain` line with
+           ${uuid}, ${netX/mac}, ${serial:uristring}... substituted as iPXE does
+  images   the `kernel` and `initrd` URLs of that script, one after the other
+  callback POST to the netboot.callback= URL on the kernel line (what the booted OS does)
+
+DHCP goes through a relay: every DISCOVER leaves one socket on udp/67 of the
+relay address (10.79.0.3) with giaddr set to it, and the server answers by
+unicast to that socket. This is how a rack behind a DHCP relay is served, it
+needs no broadcast (so no SO_BINDTODEVICE, no flood of every offer to every
+machine), and the relay socket demultiplexes replies by xid. TFTP and HTTP
+leave from each machine's own address (10.79.10.x), so per-client limits and
+per-address state on the server see N distinct machines.
+
+Run it inside the client namespace (bench/storm_lab.py does): prints a
+summary, writes --json. Exit status 0 if every machine completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import re
+import resource
+import socket
+import struct
+import sys
+import time
+import uuid as uuidlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+
+PHASES = ("dhcp", "tftp", "dhcp2", "script", "images", "callback")
+MAGIC = b"\x63\x82\x53\x63"
+DISCOVER, OFFER, REQUEST, ACK = 1, 2, 3, 5
+VENDOR_BIOS = b"PXEClient:Arch:00000:UNDI:002001"
+DHCP_TIMEOUTS = (1.0, 2.0, 4.0, 8.0)  # iPXE-like: start at 1 s, double
+
+
+class StepFailed(Exception):
+    def __init__(self, phase: str, why: str):
+        super().__init__(f"{phase}: {why}")
+        self.phase = phase
+        self.why = why
+
+
+# -- DHCP ----------------------------------------------------------------------------------
+
+def build_dhcp(xid: int, mac: bytes, mtype: int, options: list[tuple[int, bytes]], *,
+               giaddr: bytes = b"\0" * 4, ciaddr: bytes = b"\0" * 4) -> bytes:
+    hdr = struct.pack("!BBBBIHH4s4s4s4s16s64s128s", 1, 1, 6, 1 if giaddr != b"\0" * 4 else 0,
+                      xid, 4, 0, ciaddr, b"\0" * 4, b"\0" * 4, giaddr, mac.ljust(16, b"\0"),
+                      b"", b"")
+    opts = bytes((53, 1, mtype)) + b"".join(bytes((c, len(v))) + v for c, v in options)
+    pkt = hdr + MAGIC + opts + b"\xff"
+    return pkt.ljust(300, b"\0")
+
+
+@dataclass
+class DhcpReply:
+    op: int
+    xid: int
+    siaddr: str
+    file: str
+    options: dict[int, bytes]
+
+    @property
+    def mtype(self) -> int:
+        return self.options.get(53, b"\0")[0]
+
+    @property
+    def bootfile(self) -> str:
+        return self.file or self.options.get(67, b"").rstrip(b"\0").decode(errors="replace")
+
+    @property
+    def server_id(self) -> str:
+        sid = self.options.get(54)
+        return socket.inet_ntoa(sid) if sid and len(sid) == 4 else self.siaddr
+
+
+def parse_dhcp(data: bytes) -> DhcpReply | None:
+    if len(data) < 240 or data[236:240] != MAGIC:
+        return None
+    op, xid = data[0], struct.unpack("!I", data[4:8])[0]
+    siaddr = socket.inet_ntoa(data[20:24])
+    file = data[108:236].split(b"\0", 1)[0].decode(errors="replace")
+    opts: dict[int, bytes] = {}
+    i = 240
+    while i < len(data):
+        code = data[i]
+        if code == 255:
+            break
+        if code == 0:
+            i += 1
+            continue
+        if i + 1 >= len(data):
+            return None
+        n = data[i + 1]
+        opts[code] = opts.get(code, b"") + data[i + 2:i + 2 + n]
+        i += 2 + n
+    return DhcpReply(op, xid, siaddr, file, opts)
+
+
+class DhcpMux(asyncio.DatagramProtocol):
+    """Replies by xid to whoever waits for them."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[int, asyncio.Queue[DhcpReply]] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.stray = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        r = parse_dhcp(data)
+        q = self.waiting.get(r.xid) if r is not None and r.op == 2 else None
+        if q is None:
+            self.stray += 1
+            return
+        q.put_nowait(r)  # type: ignore[arg-type]
+
+
+async def dhcp_exchange(mux: DhcpMux, xid: int, packet: bytes, dest: tuple[str, int],
+                        want: int, phase: str) -> DhcpReply:
+    q: asyncio.Queue[DhcpReply] = asyncio.Queue()
+    mux.waiting[xid] = q
+    try:
+        for timeout in DHCP_TIMEOUTS:
+            assert mux.transport is not None
+            mux.transport.sendto(packet, dest)
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    r = await asyncio.wait_for(q.get(), left)
+                except TimeoutError:
+                    break
+                if r.mtype == want:
+                    return r
+        raise StepFailed(phase, f"no DHCP {'OFFER' if want == OFFER else 'ACK'} after "
+                         f"{len(DHCP_TIMEOUTS)} tries")
+    finally:
+        mux.waiting.pop(xid, None)
+
+
+# -- TFTP ----------------------------------------------------------------------------------
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.q: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.q.put_nowait((data, addr))
+
+    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable etc.
+        pass
+
+
+async def tftp_get(local_ip: str, server: str, filename: str, *, port: int = 69,
+                   blksize: int = 1468, timeout: float = 1.0, retries: int = 8,
+                   hasher: Any = None) -> int:
+    """Fetch one file; returns its size. Raises StepFailed('tftp', why)."""
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(_Udp, local_addr=(local_ip, 0))
+    try:
+        rrq = (b"\0\x01" + filename.encode() + b"\0octet\0blksize\0" + str(blksize).encode()
+               + b"\0tsize\0" + b"0\0")
+        last, dest = rrq, (server, port)
+        transport.sendto(rrq, dest)
+        peer: tuple[str, int] | None = None
+        expected, blk, size, tsize, tries = 1, 512, 0, None, 0
+        while True:
+            try:
+                data, addr = await asyncio.wait_for(proto.q.get(), timeout * min(4, 2 ** tries))
+            except TimeoutError:
+                tries += 1
+                if tries > retries:
+                    raise StepFailed("tftp", f"timeout after {retries} retransmissions "
+                                     f"at block {expected}") from None
+                transport.sendto(last, dest)
+                continue
+            if peer is None:
+                if addr[0] != server:
+                    continue
+                peer = dest = addr
+            elif addr != peer:
+                transport.sendto(b"\0\x05\0\x05unknown transfer ID\0", addr)
+                continue
+            op = int.from_bytes(data[:2], "big")
+            if op == 5:
+                code = int.from_bytes(data[2:4], "big")
+                msg = data[4:].split(b"\0", 1)[0].decode(errors="replace")
+                raise StepFailed("tftp", f"ERROR {code} {msg!r}")
+            if op == 6 and expected == 1:  # OACK
+                parts = data[2:].split(b"\0")
+                opts = {parts[i].decode().lower(): parts[i + 1].decode()
+                        for i in range(0, len(parts) - 1, 2)}
+                blk = int(opts.get("blksize", 512))
+                tsize = int(opts["tsize"]) if "tsize" in opts else None
+                last = b"\0\x04\0\0"
+                transport.sendto(last, dest)
+                tries = 0
+                continue
+            if op != 3 or len(data) < 4:
+                continue
+            n = int.from_bytes(data[2:4], "big")
+            payload = data[4:]
+            if n == expected & 0xFFFF:
+                if hasher is not None:
+                    hasher.update(payload)
+                size += len(payload)
+                last = b"\0\x04" + data[2:4]
+                transport.sendto(last, dest)
+                expected += 1
+                tries = 0
+                if len(payload) < blk:
+                    if tsize is not None and tsize != size:
+                        raise StepFailed("tftp", f"got {size} bytes, tsize said {tsize}")
+                    return size
+            elif n == (expected - 1) & 0xFFFF:  # our ACK was lost: say it again
+                transport.sendto(last, dest)
+    finally:
+        transport.close()
+
+
+# -- iPXE scripts --------------------------------------------------------------------------
+
+_SETTING = re.compile(r"\$\{([^}:]+)(?::([^}]+))?\}")
+
+
+def expand(text: str, settings: dict[str, str]) -> str:
+    """iPXE setting expansion: unknown settings expand to nothing."""
+
+    def one(m: re.Match[str]) -> str:
+        value = settings.get(m.group(1), "")
+        return quote(value, safe="") if m.group(2) == "uristring" else value
+
+    return _SETTING.sub(one, text)
+
+
+def script_lines(script: str) -> list[str]:
+    if not script.startswith("#!ipxe"):
+        raise StepFailed("script", f"not an iPXE script: {script[:60]!r}")
+    return [ln.strip() for ln in script.splitlines()[1:] if ln.strip()]
+
+
+# -- one machine ---------------------------------------------------------------------------
+
+@dataclass
+class Machine:
+    index: int
+    ip: str
+    mac: bytes
+    uuid: str
+    serial: str
+    phases: dict[str, float] = field(default_factory=dict)
+    done_at: float | None = None
+    attempts: int = 0
+    errors: list[str] = field(default_factory=list)
+    acked: bool = False
+
+    @property
+    def mac_text(self) -> str:
+        return ":".join(f"{b:02x}" for b in self.mac)
+
+    def settings(self) -> dict[str, str]:
+        s = {"uuid": self.uuid, "netX/mac": self.mac_text, "net0/mac": self.mac_text,
+             "mac": self.mac_text, "serial": self.serial, "manufacturer": "StormLab",
+             "product": "Blade 9000", "asset": "", "platform": "pcbios", "buildarch": "i386",
+             "ip": self.ip, "netX/ip": self.ip, "net0/ip": self.ip}
+        return s
+
+
+@dataclass
+class Storm:
+    args: argparse.Namespace
+    mux: DhcpMux
+    t0: float = 0.0
+    files: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
+    attempt_failures: Counter = field(default_factory=Counter)
+    sems: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+
+    def sem(self, phase: str) -> asyncio.Semaphore | None:
+        return self.sems.get(phase)
+
+    async def phase(self, m: Machine, name: str, coro: Any) -> Any:
+        sem = self.sem(name)
+        t = time.monotonic()
+        if sem is None:
+            result = await coro
+        else:
+            async with sem:
+                result = await coro
+        m.phases[name] = time.monotonic() - t
+        return result
+
+    def note_file(self, name: str, size: int, hasher: Any) -> None:
+        key = f"{size}:{hasher.hexdigest()}" if hasher is not None else str(size)
+        self.files[name.rsplit("/", 1)[-1]][key] += 1
+
+    async def dhcp(self, m: Machine, ipxe: bool, phase: str) -> DhcpReply:
+        a = self.args
+        xid = (m.index << 8 | (m.attempts & 0x7F) << 1 | int(ipxe)) & 0xFFFFFFFF
+        xid ^= a.xid_salt
+        opts = [(60, VENDOR_BIOS), (93, b"\0\0"), (94, b"\x01\x02\x01"),
+                (97, b"\0" + uuidlib.UUID(m.uuid).bytes_le), (57, b"\x05\xc0"),
+                (55, bytes((1, 3, 6, 43, 54, 60, 66, 67, 97, 128, 129, 175)))]
+        if ipxe:
+            opts += [(77, b"iPXE"), (175, b"\x13\x01\x01\x11\x01\x01\x24\x01\x01")]
+        pkt = build_dhcp(xid, m.mac, DISCOVER, opts, giaddr=socket.inet_aton(a.relay))
+        offer = await dhcp_exchange(self.mux, xid, pkt, (a.server, a.dhcp_port), OFFER, phase)
+        if offer.bootfile:
+            return offer
+        # No file in the offer: ask the boot server on 4011, as a PXE ROM does.
+        loop = asyncio.get_running_loop()
+        own = DhcpMux()
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: own, local_addr=(m.ip, 68), reuse_port=True)
+        try:
+            req = build_dhcp(xid, m.mac, REQUEST, opts, ciaddr=socket.inet_aton(m.ip))
+            ack = await dhcp_exchange(own, xid, req, (offer.server_id, a.proxy_port), ACK, phase)
+        finally:
+            transport.close()
+        if not ack.bootfile:
+            raise StepFailed(phase, "neither the offer nor the 4011 ACK names a boot file")
+        return ack
+
+    async def get(self, http: aiohttp.ClientSession, url: str, phase: str,
+                  body: bool = True) -> tuple[str, int]:
+        try:
+            async with http.get(url) as r:
+                if r.status != 200:
+                    raise StepFailed(phase, f"HTTP {r.status} for {urlsplit(url).path}")
+                if body:
+                    return await r.text(), r.status
+                hasher = hashlib.sha256() if self.args.hash else None
+                size = 0
+                async for chunk in r.content.iter_chunked(1 << 18):
+                    size += len(chunk)
+                    if hasher is not None:
+                        hasher.update(chunk)
+                if r.content_length is not None and r.content_length != size:
+                    raise StepFailed(phase, f"short body {size}/{r.content_length}")
+                self.note_file(urlsplit(url).path, size, hasher)
+                return "", size
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise StepFailed(phase, f"{type(exc).__name__}: {exc}".strip()) from None
+
+    async def boot_once(self, m: Machine) -> None:
+        a = self.args
+        m.phases.clear()
+        offer = await self.phase(m, "dhcp", self.dhcp(m, False, "dhcp"))
+        loader = offer.bootfile
+        if "://" in loader:
+            raise StepFailed("dhcp", f"offered a URL to the PXE ROM: {loader}")
+        hasher = hashlib.sha256() if a.hash else None
+        size = await self.phase(m, "tftp", tftp_get(m.ip, offer.siaddr if offer.siaddr != "0.0.0.0"
+                                                    else offer.server_id, loader,
+                                                    port=a.tftp_port, hasher=hasher))
+        self.note_file(loader, size, hasher)
+        offer2 = await self.phase(m, "dhcp2", self.dhcp(m, True, "dhcp2"))
+        script_url = offer2.bootfile
+        if not script_url.startswith("http"):
+            raise StepFailed("dhcp2", f"iPXE was offered {script_url!r}, not a script URL")
+        conn = aiohttp.TCPConnector(local_addr=(m.ip, 0), limit=2)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=a.http_timeout,
+                                        sock_read=a.http_timeout)
+        async with aiohttp.ClientSession(connector=conn, timeout=timeout,
+                                         headers={"User-Agent": "iPXE/1.0.0+ (storm)"}) as http:
+            kernel, initrds = await self.phase(m, "script", self.scripts(m, http, script_url))
+            t = time.monotonic()
+            for url in [kernel[0], *initrds]:
+                await self.get(http, url, "images", body=False)
+            m.phases["images"] = time.monotonic() - t
+            callback = next((w.split("=", 1)[1] for w in kernel[1:]
+                             if w.startswith("netboot.callback=")), None)
+            if callback is None:
+                if a.require_callback:
+                    raise StepFailed("callback", "no netboot.callback= on the kernel line")
+                return
+            t = time.monotonic()
+            try:
+                async with http.post(callback, data=b"") as r:
+                    await r.read()
+                    if r.status != 200:
+                        raise StepFailed("callback", f"HTTP {r.status}")
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                raise StepFailed("callback", f"{type(exc).__name__}: {exc}") from None
+            m.phases["callback"] = time.monotonic() - t
+            m.acked = True
+            if a.progress:
+                print(f"ACK {m.uuid}", flush=True)
+
+    async def scripts(self, m: Machine, http: aiohttp.ClientSession,
+                      url: str) -> tuple[list[str], list[str]]:
+        settings = m.settings()
+        for _hop in range(4):  # boot.ipxe chains to the node script; allow a few hops
+            text, _ = await self.get(http, url, "script")
+            lines = script_lines(text)
+            chain = next((ln for ln in lines if ln.split()[0] in ("chain", "chainload")), None)
+            kernel = next((ln for ln in lines if ln.split()[0] in ("kernel", "imgexec")), None)
+            if kernel is not None:
+                words = expand(kernel, settings).split()[1:]
+                words = [w for w in words if not w.startswith("--")]
+                initrds = [expand(ln, settings).split()[-1] for ln in lines
+                           if ln.split()[0] in ("initrd", "imgfetch", "module")]
+                return words, initrds
+            if chain is None:
+                echo = next((ln for ln in lines if ln.startswith("echo")), lines[:1])
+                raise StepFailed("script", f"script boots nothing: {echo!s:.100}")
+            url = next(w for w in expand(chain, settings).split()[1:] if not w.startswith("--"))
+        raise StepFailed("script", "too many chain hops")
+
+    async def machine(self, m: Machine) -> None:
+        a = self.args
+        if a.spread:
+            await asyncio.sleep(random.uniform(0, a.spread))
+        while True:
+            m.attempts += 1
+            try:
+                await self.boot_once(m)
+                m.done_at = time.monotonic() - self.t0
+                return
+            except StepFailed as exc:
+                m.errors.append(str(exc))
+                self.attempt_failures[f"{exc.phase}: {_generic(exc.why)}"] += 1
+            except Exception as exc:  # noqa: BLE001 - a client bug is a failed attempt, counted
+                m.errors.append(f"client: {type(exc).__name__}: {exc}")
+                self.attempt_failures[f"client: {type(exc).__name__}"] += 1
+            if m.attempts > a.reboots:
+                return
+            await asyncio.sleep(a.reboot_delay)  # boot.ipxe's ":failed ... sleep; reboot"
+
+
+def _generic(why: str) -> str:
+    """Failure text without per-machine numbers, for counting."""
+    return re.sub(r"\d+", "N", why)[:120]
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, int(round(p / 100 * (len(s) - 1)))))
+    return s[k]
+
+
+def make_machines(n: int, seed: int) -> list[Machine]:
+    out = []
+    for i in range(n):
+        ip = f"10.79.{10 + i // 250}.{1 + i % 250}"
+        mac = bytes((0x52, 0x54, 0x79, seed & 0xFF, i >> 8 & 0xFF, i & 0xFF))
+        uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, f"storm-{seed}-{i}"))
+        out.append(Machine(i, ip, mac, uuid, f"STORM-{seed}-{i:05d}"))
+    return out
+
+
+async def run(a: argparse.Namespace) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    mux = DhcpMux()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    sock.bind((a.relay, a.relay_port))
+    await loop.create_datagram_endpoint(lambda: mux, sock=sock)
+    storm = Storm(a, mux)
+    if a.phase_limit:
+        storm.sems = {p: asyncio.Semaphore(a.phase_limit) for p in PHASES}
+    machines = make_machines(a.n, a.seed)[a.first:]
+    storm.t0 = time.monotonic()
+    await asyncio.gather(*(storm.machine(m) for m in machines))
+    wall = time.monotonic() - storm.t0
+    assert mux.transport is not None
+    mux.transport.close()
+    done = [m for m in machines if m.done_at is not None]
+    failed = [m for m in machines if m.done_at is None]
+    phases = {}
+    for p in PHASES:
+        vals = [m.phases[p] for m in done if p in m.phases]
+        phases[p] = {"n": len(vals), "p50_ms": round(1000 * percentile(vals, 50), 1),
+                     "p99_ms": round(1000 * percentile(vals, 99), 1),
+                     "max_ms": round(1000 * max(vals), 1) if vals else None}
+    return {
+        "n": len(machines), "completed": len(done), "failed": len(failed),
+        "final_failures": dict(Counter(_generic(m.errors[-1]) for m in failed if m.errors)),
+        "attempt_failures": dict(storm.attempt_failures),
+        "retried_ok": sum(1 for m in done if m.attempts > 1),
+        "t_last_s": round(max((m.done_at for m in done), default=float("nan")), 3),
+        "wall_s": round(wall, 3), "phases": phases,
+        "files": {k: dict(v) for k, v in storm.files.items()},
+        "acked": [m.uuid for m in machines if m.acked],
+        "uuids": [m.uuid for m in machines],
+        "stray_dhcp": mux.stray,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="storm_client.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=100, help="machines")
+    ap.add_argument("--first", type=int, default=0, help="skip machines below this index")
+    ap.add_argument("--server", default="10.79.0.2")
+    ap.add_argument("--relay", default="10.79.0.3", help="relay address (giaddr), udp/67 here")
+    ap.add_argument("--relay-port", type=int, default=67)
+    ap.add_argument("--dhcp-port", type=int, default=67)
+    ap.add_argument("--proxy-port", type=int, default=4011)
+    ap.add_argument("--tftp-port", type=int, default=69)
+    ap.add_argument("--seed", type=int, default=1, help="varies MACs and UUIDs between runs")
+    ap.add_argument("--spread", type=float, default=0.0,
+                    help="power-on spread in seconds (0: all at once)")
+    ap.add_argument("--phase-limit", type=int, default=0,
+                    help="at most this many machines in any one phase (0: no limit)")
+    ap.add_argument("--reboots", type=int, default=0,
+                    help="a failed machine starts over this many times (as boot.ipxe reboots)")
+    ap.add_argument("--reboot-delay", type=float, default=3.0)
+    ap.add_argument("--http-timeout", type=float, default=60.0)
+    ap.add_argument("--hash", action="store_true", help="sha256 every file fetched")
+    ap.add_argument("--require-callback", action="store_true",
+                    help="a kernel line without netboot.callback= is a failure")
+    ap.add_argument("--progress", action="store_true", help="print 'ACK <uuid>' per callback")
+    ap.add_argument("--json", help="write the result here")
+    a = ap.parse_args(argv)
+    a.xid_salt = random.getrandbits(32) & 0xFF000000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    try:
+        import uvloop
+
+        result = uvloop.run(run(a))
+    except ImportError:
+        result = asyncio.run(run(a))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+    brief = {k: v for k, v in result.items() if k not in ("acked", "uuids")}
+    print(json.dumps(brief, indent=1), file=sys.stderr)
+    return 0 if result["failed"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
