@@ -91,12 +91,22 @@ http {{
                             stdout=subprocess.DEVNULL, stderr=open(tmp / "nginx.log", "wb"))
 
 
+def latency(out: str, label: str) -> str:
+    """wrk's latency percentile (``50%``, ``99%``) or ``Max`` as printed, e.g. ``1.20s``."""
+    if label == "Max":
+        m = re.search(r"Latency\s+\S+\s+\S+\s+(\S+)", out)
+    else:
+        m = re.search(rf"^\s+{re.escape(label)}\s+(\S+)", out, re.M)
+    return m.group(1) if m else "?"
+
+
 def wrk(url: str, duration: int, threads: int, connections: int) -> tuple[float, float, str]:
     """(bytes per second, requests per second, the raw output)."""
     wrk_bin = shutil.which("wrk")
     if wrk_bin is None:
         raise SystemExit("wrk is not installed: apt-get install wrk (make bench does)")
-    out = subprocess.run([wrk_bin, f"-t{threads}", f"-c{connections}", f"-d{duration}s", url],
+    out = subprocess.run([wrk_bin, f"-t{threads}", f"-c{connections}", f"-d{duration}s",
+                          "--latency", url],
                          check=True, capture_output=True, text=True).stdout
     m = re.search(r"(\d+) requests in ([\d.]+)(m?s), ([\d.]+)([KMGT]?B) read", out)
     if not m:
@@ -106,7 +116,8 @@ def wrk(url: str, duration: int, threads: int, connections: int) -> tuple[float,
         seconds = float(m.group(2)) / 1000
     read = float(m.group(4)) * UNITS[m.group(5)]
     if "Non-2xx" in out or "Socket errors" in out:
-        print(f"warning: errors reported by wrk for {url}:\n{out}", file=sys.stderr)
+        errors = re.findall(r"(Non-2xx.*|Socket errors.*)", out)
+        print(f"warning: wrk reported for {url}: {'; '.join(errors)}", file=sys.stderr)
     return read / seconds, int(m.group(1)) / seconds, out
 
 
@@ -160,11 +171,13 @@ def main(argv: list[str] | None = None) -> int:
                 for name in ("netboot", "nginx"):
                     url = f"http://127.0.0.1:{ports[name]}/images/bench.bin"
                     cpu0 = cpu_seconds(procs[name].pid)
-                    bps, rps, _out = wrk(url, args.duration, args.threads, args.connections)
+                    bps, rps, out = wrk(url, args.duration, args.threads, args.connections)
                     cpu = cpu_seconds(procs[name].pid) - cpu0
                     results[name].append(bps)
                     print(f"{name:8} {bps / 1e9:6.2f} GB/s  {rps:8.1f} req/s  "
-                          f"{cpu / (bps * args.duration / 1e9):5.3f} CPU s/GB  "
+                          f"{cpu / (bps * args.duration / 1e9):5.3f} CPU s/GB  latency p50 "
+                          f"{latency(out, '50%')} p99 {latency(out, '99%')} max "
+                          f"{latency(out, 'Max')}  "
                           f"(wrk -t{args.threads} -c{args.connections} -d{args.duration}s, "
                           f"{args.size_mb} MiB file)", flush=True)
         finally:
