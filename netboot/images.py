@@ -276,6 +276,7 @@ class Progress:
         self.interval = interval if interval is not None else (0.1 if self.tty else 5.0)
         self.label, self.total, self.done, self.started, self.last = "", 0, 0, 0.0, 0.0
         self.resumed_from = 0
+        self.midline = False  # a bar is drawn and the cursor is still on its line
 
     def start(self, label: str, total: int | None, done: int = 0) -> None:
         self.label, self.total, self.done = label, total or 0, done
@@ -298,11 +299,14 @@ class Progress:
         rate = (self.done - self.resumed_from) / max(now - self.started, 1e-6)
         pct = 100 * self.done / self.total if self.total else 0.0
         if self.tty:
-            width = 30
+            width = 24
             fill = int(width * pct / 100)
-            text = (f"\r{self.label[:40]:<40} {pct:5.1f}% [{'#' * fill}{'.' * (width - fill)}] "
+            room = max(16, shutil.get_terminal_size((100, 24)).columns - 66)
+            label = self.label if len(self.label) <= room else "…" + self.label[1 - room:]
+            text = (f"\r{label:<{room}} {pct:5.1f}% [{'#' * fill}{'.' * (width - fill)}] "
                     f"{_mb(self.done)}/{_mb(self.total)} {_mb(rate)}/s")
             self.out.write(text + end)
+            self.midline = not end
         else:
             self.out.write(f"fetch {self.label}: {pct:.0f}% {_mb(self.done)} of "
                            f"{_mb(self.total)}, {_mb(rate)}/s\n")
@@ -312,7 +316,8 @@ class Progress:
         self._show(time.monotonic(), end="\n")
 
     def note(self, text: str) -> None:
-        self.out.write(("\n" if self.tty else "") + text + "\n")
+        self.out.write(("\n" if self.midline else "") + text + "\n")
+        self.midline = False
         self.out.flush()
 
 
@@ -562,13 +567,14 @@ async def _fetch_release(session: aiohttp.ClientSession, images_dir: Path, stage
         return existing
     stage = stage_root / rel.name / rel.version
     stage.mkdir(parents=True, exist_ok=True)
+    progress.note(f"fetching {rel.name} {rel.version} ({rel.os} {rel.channel}, {rel.arch}) "
+                  f"from {rel.source}")
     records: list[FileRecord] = []
     for art in rel.artifacts:
         part = stage / (art.path + ".part")
         if (stage / art.path).exists():  # complete in an interrupted earlier run
             os.replace(stage / art.path, part)  # resumes as a 416 or a short Range
-        await download(session, art.url, part, progress, f"{rel.name} {rel.version} {art.path}",
-                       retries, backoff)
+        await download(session, art.url, part, progress, art.path, retries, backoff)
         record = await asyncio.to_thread(_check_digest, part, art)
         part.rename(stage / art.path)
         records.append(record)

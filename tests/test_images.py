@@ -443,8 +443,9 @@ async def test_cli_fetch_list_verify(server: ReleaseServer, tmp_path: Path,
                                    "--keyring", str(keyring))
     assert code == 0, err
     assert f"flatcar/{FLATCAR_VERSION}: verified by digest:sha512, gpg" in out
-    assert f"fetch flatcar {FLATCAR_VERSION} {KERNEL}: 3.1 MB" in err  # plain lines, no tty
-    assert "100% 3.1 MB of 3.1 MB" in err
+    assert f"fetching flatcar {FLATCAR_VERSION} (flatcar stable, amd64) from {server.url}" in err
+    assert f"fetch {KERNEL}: 3.1 MB\n" in err  # plain lines, no tty
+    assert f"fetch {KERNEL}: 100% 3.1 MB of 3.1 MB" in err
     code, out, err = await run_cli("list", "--config", str(cfg))
     header, row = out.splitlines()
     assert header.split()[:4] == ["NAME", "VERSION", "ARCH", "CHANNEL"]
@@ -466,8 +467,8 @@ def test_progress_bar_on_a_terminal_and_lines_elsewhere() -> None:
     bar.update(3_000_000)
     bar.finish()
     frames = tty.getvalue().split("\r")[1:]
-    assert " 25.0% [#######......................." in frames[0]
-    assert "100.0% [##############################] 4.0 MB/4.0 MB" in frames[-1]
+    assert " 25.0% [######..................]" in frames[0]
+    assert "100.0% [########################] 4.0 MB/4.0 MB" in frames[-1]
     assert tty.getvalue().endswith("\n") and tty.getvalue().count("\n") == 1
     plain = io.StringIO()
     lines = Progress(plain, tty=False, interval=3600)
