@@ -96,6 +96,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--request", action="store_true",
                    help="also send a DHCPREQUEST to port 4011 of each ProxyDHCP server "
                    "that answered (needs an IPv4 address on the interface)")
+    p.add_argument("--no-broadcast-flag", dest="broadcast", action="store_false",
+                   help="clear the BROADCAST flag, as iPXE does: answers then reach the "
+                   "probe only if the server (or relay) broadcasts them")
     p.set_defaults(func=cmd_probe)
 
 
@@ -111,7 +114,7 @@ def _interface_ipv4(interface: str) -> str | None:
 
 
 def build_request(mtype: str, *, arch: str, mac: str, uuid: str | None, ipxe: bool, xid: int,
-                  ciaddr: str = "0.0.0.0") -> bytes:
+                  ciaddr: str = "0.0.0.0", broadcast: bool = True) -> bytes:
     """A DHCP packet as a PXE ROM (or iPXE) sends it, built by scapy."""
     from scapy.layers.dhcp import BOOTP, DHCP
 
@@ -127,10 +130,11 @@ def build_request(mtype: str, *, arch: str, mac: str, uuid: str | None, ipxe: bo
         (97, b"\0" + u.bytes_le),
     ]
     if ipxe:
-        opts += [("user_class", b"iPXE"), (175, b"\xb1\x05\x01\x80\x86\x10\x0e\xeb\x03\x01\x00\x00")]
+        opts += [("user_class", b"iPXE"),
+                 (175, b"\xb1\x05\x01\x80\x86\x10\x0e\xeb\x03\x01\x00\x00")]
     opts.append("end")
     chaddr = bytes.fromhex(mac.replace(":", "").replace("-", "")) + b"\0" * 10
-    pkt = BOOTP(op=1, htype=1, hlen=6, xid=xid, flags=0x8000, ciaddr=ciaddr,
+    pkt = BOOTP(op=1, htype=1, hlen=6, xid=xid, flags=0x8000 if broadcast else 0, ciaddr=ciaddr,
                 chaddr=chaddr) / DHCP(options=opts)
     return bytes(pkt)
 
@@ -244,7 +248,7 @@ def diagnose(answers: list[Answer], requested: bool, have_address: bool) -> tupl
 
 
 def probe(interface: str, arches: list[str], *, mac: str, uuid: str | None, ipxe: bool,
-          timeout: float, request: bool) -> tuple[list[Answer], bool]:
+          timeout: float, request: bool, broadcast: bool = True) -> tuple[list[Answer], bool]:
     """Broadcast one DISCOVER per arch and collect answers until ``timeout``."""
     our_ip = _interface_ipv4(interface)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -258,7 +262,7 @@ def probe(interface: str, arches: list[str], *, mac: str, uuid: str | None, ipxe
         xids = {base + i: a for i, a in enumerate(arches)}
         for xid, arch in xids.items():
             sock.sendto(build_request("discover", arch=arch, mac=mac, uuid=uuid, ipxe=ipxe,
-                                      xid=xid), ("255.255.255.255", 67))
+                                      xid=xid, broadcast=broadcast), ("255.255.255.255", 67))
         answers: list[Answer] = []
         asked: set[tuple[str, int]] = set()
         deadline = time.monotonic() + timeout
@@ -305,7 +309,8 @@ def cmd_probe(args: argparse.Namespace) -> int:
           f"{', iPXE' if args.ipxe else ''}; listening {args.timeout:g}s", flush=True)
     try:
         answers, have_ip = probe(args.interface, arches, mac=mac, uuid=args.uuid,
-                                 ipxe=args.ipxe, timeout=args.timeout, request=args.request)
+                                 ipxe=args.ipxe, timeout=args.timeout, request=args.request,
+                                 broadcast=args.broadcast)
     except PermissionError as exc:
         print(f"probe: {exc}: port 68 and SO_BINDTODEVICE need root")
         return 2

@@ -242,6 +242,10 @@ class Lab:
         far.ns(far.ns_lab, "ip", "link", "set", "br0", "up")
         far.ns(far.ns_lab, "ip", "link", "set", "lo", "up")
         sh("ip", "netns", "add", self.ns_relay)
+        # No IPv6 here: a link-local address finishing DAD makes dnsmasq re-read its
+        # interfaces, and a reply arriving meanwhile was dropped by its relay.
+        for key in ("all", "default"):
+            self.ns(self.ns_relay, "sysctl", "-qw", f"net.ipv6.conf.{key}.disable_ipv6=1")
         for lab_ns, outer, inner, addr in (
                 (self.ns_lab, f"vn{self.tag}", "eth0", self.relay_near_addr),
                 (far.ns_lab, f"vf{self.tag}", "eth1", far.router_addr)):

@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass, field
 
 MAGIC = b"\x63\x82\x53\x63"
-_HEADER = struct.Struct("!BBBBIHHIIII16s64s128s")  # 236 bytes, RFC 2131 figure 1
+_HEADER = struct.Struct("!BBBBIHH4s4s4s4s16s64s128s")  # 236 bytes, RFC 2131 figure 1
 HEADER_LEN = _HEADER.size
 MIN_LEN = HEADER_LEN + len(MAGIC)
 
@@ -114,14 +114,9 @@ def parse(data: bytes) -> DhcpPacket:
             _parse_options(data, base, base + 64, options, order)  # sname field
             sname = b""
     return DhcpPacket(
-        op, htype, hlen, hops, xid, secs, flags,
-        _ip(ci), _ip(yi), _ip(si), _ip(gi), chaddr,
+        op, htype, hlen, hops, xid, secs, flags, ci, yi, si, gi, chaddr,
         sname.split(b"\0", 1)[0], bfile.split(b"\0", 1)[0], options, order,
     )
-
-
-def _ip(v: int) -> bytes:
-    return v.to_bytes(4, "big")
 
 
 def _parse_options(data: bytes, pos: int, end: int, out: dict[int, bytes],
@@ -156,26 +151,27 @@ def build(pkt: DhcpPacket, min_size: int = 300) -> bytes:
     parts = [
         _HEADER.pack(
             pkt.op, pkt.htype, pkt.hlen, pkt.hops, pkt.xid, pkt.secs, pkt.flags,
-            int.from_bytes(pkt.ciaddr, "big"), int.from_bytes(pkt.yiaddr, "big"),
-            int.from_bytes(pkt.siaddr, "big"), int.from_bytes(pkt.giaddr, "big"),
+            pkt.ciaddr, pkt.yiaddr, pkt.siaddr, pkt.giaddr,
             pkt.chaddr.ljust(16, b"\0")[:16], pkt.sname[:63].ljust(64, b"\0"),
             pkt.file[:127].ljust(128, b"\0"),
         ),
         MAGIC,
     ]
     for code, value in pkt.options.items():
-        if not value and code not in (OPT_VENDOR_CLASS,):
-            parts.append(bytes((code, 0)))
-            continue
-        for i in range(0, len(value), 255):
-            chunk = value[i : i + 255]
-            parts.append(bytes((code, len(chunk))))
-            parts.append(chunk)
+        parts.append(encode_option(code, value))
     parts.append(b"\xff")
     out = b"".join(parts)
     if len(out) < min_size:  # BOOTP minimum; some ROMs drop shorter replies
         out += b"\0" * (min_size - len(out))
     return out
+
+
+def encode_option(code: int, value: bytes) -> bytes:
+    """One option as TLVs; a value over 255 bytes is split (RFC 3396)."""
+    if len(value) <= 255:
+        return bytes((code, len(value))) + value
+    return b"".join(bytes((code, len(value[i:i + 255]))) + value[i:i + 255]
+                    for i in range(0, len(value), 255))
 
 
 def encode_suboptions(subs: list[tuple[int, bytes]]) -> bytes:
