@@ -131,6 +131,16 @@ async def test_fetch_again_is_a_no_op(server: ReleaseServer, images: Path) -> No
     assert not [p for p, _ in server.requests[before:] if p.endswith((KERNEL, INITRD))]
 
 
+async def test_fetch_again_repairs_a_changed_file(server: ReleaseServer, images: Path,
+                                                tree: Path) -> None:
+    await fetch_flatcar(server, images)
+    kernel = images / "flatcar" / FLATCAR_VERSION / KERNEL
+    kernel.write_bytes(b"damaged")
+    await fetch_flatcar(server, images)
+    assert kernel.read_bytes() == (tree / FOLDER / KERNEL).read_bytes()
+    assert verify_record(images, Manifest.load(images).images[f"flatcar/{FLATCAR_VERSION}"]) == []
+
+
 async def test_fcos_fetch_uses_stream_sha256_and_mirror(
         server: ReleaseServer, images: Path, keyring: Path) -> None:
     rec = await fetch(images, "fcos", channel="stable", base_url=server.url, keyring=keyring,
