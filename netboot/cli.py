@@ -73,6 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate everything offline, with the same messages the server logs."""
     from .config import ConfigError, ConfigStore
+    from .images import check_profile_images
 
     logging.disable(logging.CRITICAL)
     try:
@@ -82,11 +83,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 1
     problems = list(store.problems)
     snap = store.snapshot
-    for prof in snap.profiles.values():
-        for item in [prof.kernel, *prof.initrds]:
-            if not (store.server.images_dir / item).is_file():
-                problems.append(f"profile {prof.name}: image {item!r} is missing from "
-                                f"{store.server.images_dir} (make images fetches the demo OS)")
+    problems += check_profile_images(snap.profiles, store.server.images_dir)
     if problems:
         print("\n".join(problems), file=sys.stderr)
         print(f"{len(problems)} problem(s)", file=sys.stderr)

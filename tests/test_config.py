@@ -151,7 +151,7 @@ def test_check_command(config_tree: Path) -> None:
     (config_tree.parent / "profiles" / "bad.yaml").write_text("kernel: k\n")
     missing = _check(config_tree)
     assert missing.returncode == 1
-    assert "image 'k' is missing" in missing.stderr
+    assert "profile bad: missing from" in missing.stderr and ": k;" in missing.stderr
 
 
 def test_bundled_config_is_valid() -> None:
