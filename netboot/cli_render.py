@@ -1,4 +1,4 @@
-"""``netboot render ignition|oem MAC|UUID``: what a node would get, offline.
+"""netboot render ignition|oem MAC|UUID: what a node would get, offline.
 
 It builds the same Booter and Artifacts that ``netboot serve`` builds (same
 config, secret, advertised address, registry and swarm facts) and asks them

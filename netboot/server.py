@@ -129,6 +129,9 @@ class TftpRouter:
             artifacts.refused("address", "oem", uuid, client[0], "tftp")
             raise TftpError(ERR_ACCESS, "access violation")
         a = artifacts.issued(uuid)
+        if a is None:  # forgotten (LRU): the address booted as this node, render again
+            a, _ = self.booter.node_artifacts(self.http.by_address.get(client[0], (None, None))[1],
+                                              uuid)
         if a is None or not a.ok or a.archive is None:
             raise TftpError(ERR_NOT_FOUND, "file not found")
         artifacts.counters.inc("ignition_served_total", kind="oem", transport="tftp")
