@@ -53,55 +53,75 @@ def udp_socket(host: str, port: int, interface: str | None,
     return sock
 
 
-class _Endpoint(asyncio.DatagramProtocol):
-    def __init__(self, proxy: ProxyDhcp, port: int):
+#: datagrams read per wake-up before yielding to the loop (HTTP and TFTP share it)
+BATCH = 64
+
+
+class _Endpoint:
+    """One port, driven by loop.add_reader with non-blocking recvfrom/sendto: one
+    wake-up serves a burst, and no transport or protocol callback per packet
+    (uvloop's transport sendto cost more than the ProxyDHCP decision itself)."""
+
+    def __init__(self, proxy: ProxyDhcp, port: int, sock: socket.socket):
         self.proxy = proxy
         self.port = port
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        try:
-            reply = self.proxy.handle(data, self.port, addr)
-            if reply is not None and self.transport is not None:
-                if self.transport.get_write_buffer_size():
-                    # The kernel is pushing back: drop rather than queue without
-                    # bound in user space; the client retransmits.
-                    self.proxy.counters.inc("dhcp_send_dropped_total")
-                    return
-                self.transport.sendto(reply.data, (reply.address, reply.port))
-        except Exception:  # a bug must cost one packet, not the server
-            self.proxy.counters.inc("dhcp_errors_total")
-            log.exception("error handling a DHCP packet from %s:%d", addr[0], addr[1])
-
-    def error_received(self, exc: Exception) -> None:
-        self.proxy.counters.inc("dhcp_socket_errors_total")
-        log.debug("DHCP socket error: %s", exc)
+    def on_readable(self) -> None:
+        recvfrom = self.sock.recvfrom
+        sendto = self.sock.sendto
+        handle = self.proxy.handle
+        port = self.port
+        for _ in range(BATCH):
+            try:
+                data, addr = recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ICMP errors queued on the socket
+                self.proxy.counters.inc("dhcp_socket_errors_total")
+                log.debug("DHCP socket error: %s", exc)
+                continue
+            try:
+                reply = handle(data, port, addr)
+                if reply is not None:
+                    sendto(reply.data, (reply.address, reply.port))
+            except (BlockingIOError, InterruptedError):
+                # The kernel is pushing back (send buffer full): drop, the client
+                # retransmits; never queue without bound in user space.
+                self.proxy.counters.inc("dhcp_send_dropped_total")
+            except OSError as exc:  # unreachable giaddr and the like
+                self.proxy.counters.inc("dhcp_socket_errors_total")
+                log.debug("DHCP send to %s failed: %s", addr[0], exc)
+            except Exception:  # a bug must cost one packet, not the server
+                self.proxy.counters.inc("dhcp_errors_total")
+                log.exception("error handling a DHCP packet from %s:%d", addr[0], addr[1])
 
 
 class DhcpServer:
     def __init__(self) -> None:
-        self.transports: list[asyncio.DatagramTransport] = []
+        self.sockets: list[socket.socket] = []
         self.ports: list[int] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def close(self) -> None:
-        for t in self.transports:
-            t.close()
+        for sock in self.sockets:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        self.sockets.clear()
 
 
 async def start_dhcp(proxy: ProxyDhcp, ports: list[int], *, host: str = "0.0.0.0",
                      interface: str | None = None) -> DhcpServer:
     loop = asyncio.get_running_loop()
     server = DhcpServer()
+    server._loop = loop
     try:
         for port in ports:
             sock = udp_socket(host, port, interface)
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda p=port: _Endpoint(proxy, p), sock=sock)
-            server.transports.append(transport)  # type: ignore[arg-type]
+            server.sockets.append(sock)
             server.ports.append(sock.getsockname()[1])
+            loop.add_reader(sock.fileno(), _Endpoint(proxy, port, sock).on_readable)
     except BaseException:
         server.close()
         raise
