@@ -116,6 +116,19 @@ def parse_dhcp(data: bytes) -> DhcpReply | None:
     return DhcpReply(op, xid, siaddr, file, opts)
 
 
+def pxe_menu_first_item(opt43: bytes) -> int | None:
+    """Boot server type of the first PXE_BOOT_MENU (sub-option 9) entry, if any."""
+    i = 0
+    while i + 1 < len(opt43):
+        code, n = opt43[i], opt43[i + 1]
+        if code == 255:
+            return None
+        if code == 9 and n >= 3:
+            return int.from_bytes(opt43[i + 2:i + 4], "big")
+        i += 2 + n
+    return None
+
+
 class DhcpMux(asyncio.DatagramProtocol):
     """Replies by xid to whoever waits for them."""
 
@@ -160,19 +173,109 @@ async def dhcp_exchange(mux: DhcpMux, xid: int, packet: bytes, dest: tuple[str, 
 
 # -- TFTP ----------------------------------------------------------------------------------
 
-class _Udp(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.q: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+class _TftpClient(asyncio.DatagramProtocol):
+    """One lock-step RRQ as a callback state machine: no task or queue per packet, so a
+    thousand of them in one process stay cheap and ACK on time."""
+
+    def __init__(self, server: str, port: int, filename: str, blksize: int, timeout: float,
+                 retries: int, hasher: Any):
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[int] = self.loop.create_future()
+        self.server, self.filename, self.timeout, self.retries = server, filename, timeout, retries
+        self.hasher = hasher
+        self.rrq = (b"\0\x01" + filename.encode() + b"\0octet\0blksize\0"
+                    + str(blksize).encode() + b"\0tsize\0" + b"0\0")
+        self.last, self.dest = self.rrq, (server, port)
+        self.peer: tuple[str, int] | None = None
+        self.expected, self.blk, self.size, self.tsize, self.tries = 1, 512, 0, None, 0
+        self.timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._send(self.rrq)
 
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.q.put_nowait((data, addr))
+    def _send(self, data: bytes, dest: tuple[str, int] | None = None) -> None:
+        assert self.transport is not None
+        self.transport.sendto(data, dest or self.dest)
+        if dest is None:
+            self.last = data
+            if self.timer is not None:
+                self.timer.cancel()
+            self.timer = self.loop.call_later(self.timeout * min(4, 2 ** self.tries),
+                                              self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        if self.done.done():
+            return
+        self.tries += 1
+        if self.tries > self.retries:
+            self._fail(f"timeout after {self.retries} retransmissions at block {self.expected}")
+            return
+        self._send(self.last)
+
+    def _fail(self, why: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(StepFailed("tftp", why))
+
+    def _finish(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.done.done():
+            self.done.set_result(self.size)
 
     def error_received(self, exc: Exception) -> None:  # ICMP port unreachable etc.
         pass
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if self.done.done():
+            return
+        if self.peer is None:
+            if addr[0] != self.server:
+                return
+            self.peer = self.dest = addr
+        elif addr != self.peer:
+            self._send(b"\0\x05\0\x05unknown transfer ID\0", addr)
+            return
+        op = int.from_bytes(data[:2], "big")
+        if op == 5:
+            code = int.from_bytes(data[2:4], "big")
+            msg = data[4:].split(b"\0", 1)[0].decode(errors="replace")
+            self._fail(f"ERROR {code} {msg!r}")
+        elif op == 6 and self.expected == 1:  # OACK
+            parts = data[2:].split(b"\0")
+            try:
+                opts = {parts[i].decode().lower(): parts[i + 1].decode()
+                        for i in range(0, len(parts) - 1, 2)}
+                self.blk = int(opts.get("blksize", 512))
+                self.tsize = int(opts["tsize"]) if "tsize" in opts else None
+            except (ValueError, UnicodeDecodeError):
+                self._fail(f"bad OACK {data[:60]!r}")
+                return
+            self.tries = 0
+            self._send(b"\0\x04\0\0")
+        elif op == 3 and len(data) >= 4:
+            n = int.from_bytes(data[2:4], "big")
+            if n == self.expected & 0xFFFF:
+                payload = data[4:]
+                if self.hasher is not None:
+                    self.hasher.update(payload)
+                self.size += len(payload)
+                self.expected += 1
+                self.tries = 0
+                if len(payload) < self.blk:
+                    assert self.transport is not None
+                    self.transport.sendto(b"\0\x04" + data[2:4], self.dest)
+                    if self.tsize is not None and self.tsize != self.size:
+                        self._fail(f"got {self.size} bytes, tsize said {self.tsize}")
+                    else:
+                        self._finish()
+                    return
+                self._send(b"\0\x04" + data[2:4])
+            elif n == (self.expected - 1) & 0xFFFF:  # our ACK was lost: say it again
+                assert self.transport is not None
+                self.transport.sendto(self.last, self.dest)
 
 
 async def tftp_get(local_ip: str, server: str, filename: str, *, port: int = 69,
@@ -180,66 +283,71 @@ async def tftp_get(local_ip: str, server: str, filename: str, *, port: int = 69,
                    hasher: Any = None) -> int:
     """Fetch one file; returns its size. Raises StepFailed('tftp', why)."""
     loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(_Udp, local_addr=(local_ip, 0))
+    transport, proto = await loop.create_datagram_endpoint(
+        lambda: _TftpClient(server, port, filename, blksize, timeout, retries, hasher),
+        local_addr=(local_ip, 0))
     try:
-        rrq = (b"\0\x01" + filename.encode() + b"\0octet\0blksize\0" + str(blksize).encode()
-               + b"\0tsize\0" + b"0\0")
-        last, dest = rrq, (server, port)
-        transport.sendto(rrq, dest)
-        peer: tuple[str, int] | None = None
-        expected, blk, size, tsize, tries = 1, 512, 0, None, 0
-        while True:
-            try:
-                data, addr = await asyncio.wait_for(proto.q.get(), timeout * min(4, 2 ** tries))
-            except TimeoutError:
-                tries += 1
-                if tries > retries:
-                    raise StepFailed("tftp", f"timeout after {retries} retransmissions "
-                                     f"at block {expected}") from None
-                transport.sendto(last, dest)
-                continue
-            if peer is None:
-                if addr[0] != server:
-                    continue
-                peer = dest = addr
-            elif addr != peer:
-                transport.sendto(b"\0\x05\0\x05unknown transfer ID\0", addr)
-                continue
-            op = int.from_bytes(data[:2], "big")
-            if op == 5:
-                code = int.from_bytes(data[2:4], "big")
-                msg = data[4:].split(b"\0", 1)[0].decode(errors="replace")
-                raise StepFailed("tftp", f"ERROR {code} {msg!r}")
-            if op == 6 and expected == 1:  # OACK
-                parts = data[2:].split(b"\0")
-                opts = {parts[i].decode().lower(): parts[i + 1].decode()
-                        for i in range(0, len(parts) - 1, 2)}
-                blk = int(opts.get("blksize", 512))
-                tsize = int(opts["tsize"]) if "tsize" in opts else None
-                last = b"\0\x04\0\0"
-                transport.sendto(last, dest)
-                tries = 0
-                continue
-            if op != 3 or len(data) < 4:
-                continue
-            n = int.from_bytes(data[2:4], "big")
-            payload = data[4:]
-            if n == expected & 0xFFFF:
-                if hasher is not None:
-                    hasher.update(payload)
-                size += len(payload)
-                last = b"\0\x04" + data[2:4]
-                transport.sendto(last, dest)
-                expected += 1
-                tries = 0
-                if len(payload) < blk:
-                    if tsize is not None and tsize != size:
-                        raise StepFailed("tftp", f"got {size} bytes, tsize said {tsize}")
-                    return size
-            elif n == (expected - 1) & 0xFFFF:  # our ACK was lost: say it again
-                transport.sendto(last, dest)
+        return await proto.done
     finally:
+        if proto.timer is not None:
+            proto.timer.cancel()
         transport.close()
+
+
+async def http_fetch(local_ip: str, url: str, phase: str, *, timeout: float,
+                     hasher: Any = None) -> int:
+    """GET a large file over a plain socket into one reused buffer (aiohttp would copy
+    every chunk several times: at 9 GB per storm the client, not the server, would be
+    the bottleneck). Returns the body size; the body must have a Content-Length."""
+    u = urlsplit(url)
+    host, port = u.hostname or "", u.port or 80
+    path = u.path + (f"?{u.query}" if u.query else "")
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(timeout) as deadline:
+            sock.bind((local_ip, 0))
+            await loop.sock_connect(sock, (host, port))
+            await loop.sock_sendall(sock, (
+                f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n"
+                "User-Agent: iPXE/1.0.0+ (storm)\r\nConnection: close\r\n\r\n").encode())
+            buf = bytearray(1 << 18)
+            mv = memoryview(buf)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                n = await loop.sock_recv_into(sock, buf)
+                if n == 0 or len(head) > 65536:
+                    raise StepFailed(phase, f"no HTTP header for {u.path}")
+                head += buf[:n]
+            header, _, body = head.partition(b"\r\n\r\n")
+            lines = header.decode("latin-1").split("\r\n")
+            status = int(lines[0].split(" ", 2)[1])
+            if status != 200:
+                raise StepFailed(phase, f"HTTP {status} for {u.path}")
+            fields = {k.strip().lower(): v.strip() for k, _, v in
+                      (ln.partition(":") for ln in lines[1:])}
+            if "content-length" not in fields:
+                raise StepFailed(phase, f"no Content-Length for {u.path}")
+            length = int(fields["content-length"])
+            size = len(body)
+            if hasher is not None:
+                hasher.update(body)
+            while size < length:
+                deadline.reschedule(loop.time() + timeout)
+                n = await loop.sock_recv_into(sock, mv[:min(len(buf), length - size)])
+                if n == 0:
+                    raise StepFailed(phase, f"short body {size}/{length} for {u.path}")
+                if hasher is not None:
+                    hasher.update(mv[:n])
+                size += n
+            return size
+    except TimeoutError:
+        raise StepFailed(phase, f"HTTP timeout for {u.path}") from None
+    except OSError as exc:
+        raise StepFailed(phase, f"{type(exc).__name__}: {exc}") from None
+    finally:
+        sock.close()
 
 
 # -- iPXE scripts --------------------------------------------------------------------------
@@ -330,7 +438,12 @@ class Storm:
         offer = await dhcp_exchange(self.mux, xid, pkt, (a.server, a.dhcp_port), OFFER, phase)
         if offer.bootfile:
             return offer
-        # No file in the offer: ask the boot server on 4011, as a PXE ROM does.
+        # No file in the offer: ask the boot server on 4011, as a PXE ROM does, naming
+        # the first item of the offer's PXE boot menu (option 43 sub-option 9) in
+        # sub-option 71 (PXE_BOOT_ITEM: type, layer 0).
+        item = pxe_menu_first_item(offer.options.get(43, b""))
+        if item is not None:
+            opts = [*opts, (43, bytes((71, 4)) + item.to_bytes(2, "big") + b"\0\0\xff")]
         loop = asyncio.get_running_loop()
         own = DhcpMux()
         transport, _ = await loop.create_datagram_endpoint(
@@ -388,8 +501,18 @@ class Storm:
                                          headers={"User-Agent": "iPXE/1.0.0+ (storm)"}) as http:
             kernel, initrds = await self.phase(m, "script", self.scripts(m, http, script_url))
             t = time.monotonic()
-            for url in [kernel[0], *initrds]:
-                await self.get(http, url, "images", body=False)
+            sem = self.sem("images")
+            if sem is not None:
+                await sem.acquire()
+            try:
+                for url in [kernel[0], *initrds]:
+                    hasher = hashlib.sha256() if a.hash else None
+                    size = await http_fetch(m.ip, url, "images", timeout=a.http_timeout,
+                                            hasher=hasher)
+                    self.note_file(urlsplit(url).path, size, hasher)
+            finally:
+                if sem is not None:
+                    sem.release()
             m.phases["images"] = time.monotonic() - t
             callback = next((w.split("=", 1)[1] for w in kernel[1:]
                              if w.startswith("netboot.callback=")), None)

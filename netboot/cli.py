@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -62,6 +63,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("%s: ports 67, 69 and 4011 need root or CAP_NET_BIND_SERVICE", exc)
         return 2
     except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):  # e.g. ENOSPC in data_dir
+            log.error("cannot start: %s", exc)
+            return 2
         log.error("cannot listen: %s (is another DHCP/TFTP server running on this host? "
                   "dnsmasq often is)", exc)
         return 2

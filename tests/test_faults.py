@@ -176,12 +176,11 @@ def fill(path: Path) -> None:
 REGISTRY_BLOCKS_BOOT = pytest.mark.xfail(strict=True, reason=(
     "bug: GET /ipxe/node awaits the registry write and answers 500 when it fails "
     "(RegistryError: database or disk is full), so no machine gets a boot script; "
-    "see the report for issue 8"))
+    "see docs/operations.md"))
 NO_START = pytest.mark.xfail(strict=True, reason=(
     "bug: serve() exits when data_dir cannot be written: Registry.open dies with an "
     "uncaught sqlite3.OperationalError 'disk I/O error' traceback (exit 1), or, with no "
-    "secret yet, the CLI says 'cannot listen: No space left on device (is another "
-    "DHCP/TFTP server running...)'; see the report for issue 8"))
+    "secret yet, load_secret's ENOSPC ends it (exit 2); see docs/operations.md"))
 
 
 def check_served_and_explained(server: NetbootServer, data: Path, result: dict, n: int,

@@ -317,7 +317,7 @@ def test_flood_of_rrqs_for_a_missing_file(srv: NetbootServer) -> None:
 
 
 @pytest.mark.xfail(strict=True, reason="bug: the TFTP server never logs refusals; a flood is "
-                   "visible only in /metrics (see the report for issue 8)")
+                   "visible only in /metrics (docs/operations.md)")
 def test_flood_is_explained_in_the_log(srv: NetbootServer) -> None:
     log_before = len(srv.log_text())
     socks = [netns_socket(srv.lab.ns_cli, bind=(RELAY_ADDR, 0), timeout=0.0) for _ in range(8)]
@@ -369,7 +369,7 @@ def test_flood_of_rrqs_for_a_real_file_is_bounded_in_sessions(srv: NetbootServer
 
 
 @pytest.mark.xfail(strict=True, reason="bug: aiohttp logs a full ERROR traceback for every "
-                   "malformed HTTP request (see the report for issue 8)")
+                   "malformed HTTP request (docs/operations.md)")
 def test_malformed_http_flood_is_not_a_log_flood(srv: NetbootServer) -> None:
     """200 malformed HTTP requests must not write hundreds of log lines."""
     before = len(srv.log_text().splitlines())
