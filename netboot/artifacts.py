@@ -147,7 +147,11 @@ class SwarmSource:
 
         while True:  # serve already read once at startup
             await asyncio.sleep(self.interval)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception as exc:  # keep refreshing; the type only (never a token)
+                self.error = f"swarm facts refresh failed: {type(exc).__name__}"
+                log.error("%s", self.error)
             if self.sweep and self.rebooted:
                 hosts, self.rebooted = self.rebooted, set()
                 try:
@@ -245,7 +249,10 @@ class Artifacts:
         try:
             while True:
                 await asyncio.sleep(TEMPLATE_POLL)
-                self.refresh_templates()
+                try:
+                    self.refresh_templates()
+                except OSError as exc:  # e.g. permissions changed: keep the last fingerprint
+                    log.warning("cannot scan %s: %s", self.renderer.template_dir, exc)
         finally:
             swarm.cancel()
 

@@ -319,3 +319,34 @@ def test_tokens_never_logged(tree: Path, tmp_path: Path, caplog: pytest.LogCaptu
     artifacts.refused("bad_signature", "oem", U1, "127.0.0.9", "http")
     assert "refused oem for" in caplog.text
     assert WORKER_TOKEN not in caplog.text and MANAGER_TOKEN not in caplog.text
+
+
+async def test_background_upkeep_notices_template_edits(tmp_path: Path) -> None:
+    """Artifacts.run (what serve starts) re-stats templates so boots never touch the disk."""
+    import asyncio
+
+    tdir = tmp_path / "ign"
+    tdir.mkdir()
+    tpl = tdir / "mine.yaml.j2"
+    tpl.write_text("storage:\n  files:\n    - path: /etc/a\n      contents: {inline: x}\n")
+    config = write_tree(tmp_path / "t")
+    config.write_text(config.read_text().replace(f"ignition_dir: {REPO / 'ignition'}",
+                                                 f"ignition_dir: {tdir}"))
+    (config.parent / "profiles" / "flatcar.yaml").write_text("kernel: k\nignition: mine\n")
+    booter, artifacts = make_booter(config)
+    task = asyncio.create_task(artifacts.run())
+    try:
+        _, r1 = booter.ipxe_script(M1, U1)
+        assert r1.artifacts is not None and r1.artifacts.config is not None
+        assert b'"/etc/a"' in r1.artifacts.config
+        before = artifacts.fingerprint
+        tpl.write_text(tpl.read_text().replace("/etc/a", "/etc/b"))
+        for _ in range(60):
+            if artifacts.fingerprint != before:
+                break
+            await asyncio.sleep(0.1)
+        _, r2 = booter.ipxe_script(M1, U1)
+        assert r2.artifacts is not None and r2.artifacts.config is not None
+        assert b'"/etc/b"' in r2.artifacts.config
+    finally:
+        task.cancel()
