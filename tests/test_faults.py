@@ -25,7 +25,7 @@ from bench.storm_lab import (
     run_storm,
     sh,
 )
-from bench.storm_probe import sha256, tftp_fetch
+from bench.storm_probe import metric, sha256, tftp_fetch
 
 pytestmark = [pytest.mark.lab, pytest.mark.timeout(240)]
 
@@ -114,6 +114,9 @@ def test_files_arrive_intact_over_a_lossy_reordering_link(lossy_lab: StormLab,
     # TFTP with a plain client: loader and a file of 103 blocks
     assert sha256(tftp_fetch(server, "undionly.kpxe")) == expected_files(server)["undionly.kpxe"]
     assert sha256(tftp_fetch(server, "images/storm/odd.bin")) == sha256(odd)
+    # the impairment really hit the transfers: the server had to send blocks again
+    _, text = server.http("GET", "/metrics")
+    assert metric(text.decode(), "netboot_tftp_retransmits") > 0, "no loss seen"
     # HTTP with curl, byte for byte
     for rel in (server.kernel, server.initrd):
         dest = tmp_path / rel.replace("/", "_")
