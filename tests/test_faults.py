@@ -274,3 +274,28 @@ def test_broken_profile_edit_mid_storm(lab: StormLab, tmp_path: Path, kind: str)
                                "&mac=52:54:79:aa:bb:cc")
     assert status == 200 and re.search(rb"kernel \S+/images/storm/vmlinuz .*netboot.callback=",
                                        body), body
+
+
+# -- baseline: the storm harness itself, both stacks ---------------------------------------
+
+@pytest.mark.parametrize("stack", ["netboot", "peers"])
+def test_small_storm_without_faults(tmp_path: Path, stack: str) -> None:
+    """The no-fault baseline the benchmark relies on: 30 machines through the whole
+    exchange, every file hashed, against netboot and against dnsmasq + nginx."""
+    import argparse
+    import shutil
+
+    from bench.storm import one_run
+
+    reason = can_run() or next((f"{t} is not installed" for t in ("dnsmasq", "nginx")
+                                if stack == "peers" and shutil.which(t) is None), None)
+    if reason:
+        pytest.skip(reason)
+    a = argparse.Namespace(kernel_size=256 << 10, src=None, seed=5, hash=True)
+    result = one_run(stack, 30, tmp_path, a)
+    assert result["completed"] == 30 and result["failed"] == 0, result
+    assert {n: sum(c.values()) for n, c in result["files"].items()} == {
+        "undionly.kpxe": 30, "vmlinuz": 30, "initrd.cpio.gz": 30}
+    for name, seen in result["files"].items():
+        assert len(seen) == 1, (name, seen)  # one size and digest for every copy
+    assert result["server"]["peak_rss_mib"] > 0
