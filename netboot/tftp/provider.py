@@ -104,6 +104,16 @@ class FileProvider:
         start = offset - self._chunk_off
         return self._chunk[start:start + n]
 
+    def readinto_at(self, offset: int, buffers: list[memoryview]) -> int:
+        """Fill `buffers` in order from offset with one preadv; returns the bytes read.
+
+        Used by ReadSession to read a chunk straight into its framed DATA packets
+        (no intermediate bytes objects); fewer bytes than asked only at the end of the file.
+        """
+        if self._fd < 0:
+            return 0
+        return os.preadv(self._fd, buffers, offset)
+
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)

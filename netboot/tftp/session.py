@@ -11,7 +11,6 @@ Blocks are numbered internally from 1 without limit; only the wire number wraps
 from __future__ import annotations
 
 import enum
-import struct
 from dataclasses import dataclass, field
 
 from netboot.tftp import packet as pk
@@ -20,7 +19,6 @@ from netboot.tftp.provider import Provider
 MIN_BLKSIZE = 8
 MAX_BLKSIZE = 65464
 DEFAULT_BLKSIZE = 512
-_DATA_HDR = struct.Struct("!HH")
 
 
 class Outcome(enum.Enum):
@@ -74,6 +72,22 @@ def negotiate(options: dict[str, str], size: int | None, *, max_blksize: int = M
     return neg
 
 
+# Module-level aliases: in Python 3.11 `Outcome.RUNNING` goes through EnumType.__getattr__
+# (about a microsecond of interpreter work), too dear for a per-packet check.
+_RUNNING = Outcome.RUNNING
+_COMPLETED = Outcome.COMPLETED
+_FAILED = Outcome.FAILED
+_PROBE = Outcome.PROBE
+
+CHUNK = 256 * 1024  # bytes of content read (and framed as DATA packets) at a time
+MAX_CHUNK_BLOCKS = 512  # keeps a preadv under IOV_MAX (1024) for tiny blksizes
+# Byte k of these is the high/low byte of wire block number k & 0xFFFF, for k up to
+# 65535 + MAX_CHUNK_BLOCKS, so one slice gives the numbers of a whole chunk, rollover included.
+_BLOCK_HI = (b"".join(bytes([h]) * 256 for h in range(256)) * 2)[:65536 + MAX_CHUNK_BLOCKS]
+_BLOCK_LO = (bytes(range(256)) * 258)[:65536 + MAX_CHUNK_BLOCKS]
+_OPCODE_DATA = bytes([pk.DATA]) * MAX_CHUNK_BLOCKS
+
+
 class ReadSession:
     """Sends one provider's content to one peer (RRQ side of RFC 1350 + 2347/2348/2349/7440).
 
@@ -81,16 +95,30 @@ class ReadSession:
     forward slides the window and sends from the block after it. A duplicate or
     stale ACK is ignored (no Sorcerer's Apprentice); only a timeout resends,
     from the block after the last ACKed, up to `retries` times without progress.
+
+    DATA packets are framed a chunk (~256 KiB of content) at a time into one fresh
+    buffer, header and payload in place (`preadv` straight from the file when the
+    provider offers `readinto_at`); the packets returned are memoryviews over that
+    buffer, which is never written again, so a caller may hold them as long as it likes.
+    The in-order ACK (the case of nearly every packet) is `on_ack`: a list slice of
+    ready packets and a few counters, no dispatch.
     """
 
     __slots__ = (
         "_acked",
+        "_fast",
         "_last",
+        "_last_len",
+        "_pk_first",
+        "_pk_full",
+        "_pkts",
+        "_readinto",
+        "_rexmit_bytes",
         "_sent_hi",
         "_started",
         "_tries",
+        "_tries_at",
         "blksize",
-        "bytes_sent",
         "deadline",
         "error_code",
         "oack",
@@ -118,107 +146,201 @@ class ReadSession:
         self.retries = retries
         self.oack = neg.oack
         self.deadline: float | None = None
-        self.outcome = Outcome.RUNNING
+        self.outcome = _RUNNING
         self.reason = ""
         self.error_code = -1  # code of an ERROR the client sent, if any
-        self.bytes_sent = 0  # payload bytes, retransmissions included
         self.retransmits = 0
+        self._rexmit_bytes = 0  # payload bytes of retransmitted DATA
         self._acked = 0  # highest block acknowledged (0: OACK or nothing yet)
         self._sent_hi = 0  # highest block sent so far
         self._last: int | None = None  # final (short) block once it has been read
+        self._last_len = 0  # its payload length
         self._tries = 0  # consecutive timeouts without progress
+        self._tries_at = 0  # _acked when _tries was last counted (the fast path never resets it)
         self._started = False  # False until ACK 0 while an OACK is outstanding
+        self._fast = False  # started and running: on_ack may take its fast path
+        self._pkts: list[memoryview] = []  # framed DATA packets of the current chunk
+        self._pk_first = 1  # block number of _pkts[0]
+        self._pk_full = 0  # leading packets of _pkts that are full-size and not the final one
+        self._readinto = getattr(provider, "readinto_at", None)
 
     @property
     def done(self) -> bool:
-        return self.outcome is not Outcome.RUNNING
+        return self.outcome is not _RUNNING
 
-    def start(self, now: float) -> list[bytes]:
+    @property
+    def bytes_sent(self) -> int:
+        """Payload bytes sent, retransmissions included (derived: the fast path counts nothing)."""
+        hi, last = self._sent_hi, self._last
+        if last is not None and hi >= last:
+            unique = (last - 1) * self.blksize + self._last_len
+        else:
+            unique = hi * self.blksize
+        return unique + self._rexmit_bytes
+
+    def start(self, now: float) -> list[memoryview | bytes]:
         """First packets: the OACK if any option was accepted, else DATA 1 (and its window)."""
         if self.oack:
             self.deadline = now + self.timeout
             return [pk.encode_oack(self.oack)]
-        self._started = True
+        self._started = self._fast = True
         return self._send_window(now)
 
-    def _send_window(self, now: float) -> list[bytes]:
-        # Hot path (once per ACK): kept to plain locals, no helper calls but read_at.
+    def _load(self, first: int) -> None:
+        """Frame the chunk of DATA packets that starts at block `first`."""
         bs = self.blksize
+        step = bs + 4
+        count = max(1, min(CHUNK // bs, MAX_CHUNK_BLOCKS))
+        offset = (first - 1) * bs
+        size = self.provider.size()
+        if size is not None:  # no bigger buffer than the rest of the content needs
+            count = max(1, min(count, (size - offset) // bs + 1))
+        want = count * bs
+        buf = bytearray(count * step)
+        mv = memoryview(buf)
+        pkts = [mv[p:p + step] for p in range(0, count * step, step)]
+        readinto = self._readinto
+        if readinto is not None:
+            n = readinto(offset, [v[4:] for v in pkts])
+        else:
+            data = self.provider.read_at(offset, want)
+            n = len(data)
+            dv = memoryview(data)
+            for j in range(0, (n + bs - 1) // bs):
+                o = j * bs
+                part = dv[o:o + bs]
+                p = j * step + 4
+                buf[p:p + len(part)] = part
+        full = n // bs
+        if n < want:  # end of content in this chunk: a short (maybe empty) final block
+            del pkts[full + 1:]
+            p = full * step
+            pkts[full] = mv[p:p + 4 + n - full * bs]
+            self._last = first + full
+            self._last_len = n - full * bs
+            self._pk_full = full
+        else:
+            self._pk_full = count
+        # Headers with three strided copies instead of a pack per block: opcode bytes,
+        # then the high and low bytes of the wire block numbers, cut from tables.
+        f = first & 0xFFFF
+        mv[1::step] = _OPCODE_DATA[:count]
+        mv[2::step] = _BLOCK_HI[f:f + count]
+        mv[3::step] = _BLOCK_LO[f:f + count]
+        self._pkts = pkts
+        self._pk_first = first
+
+    def _send_window(self, now: float) -> list[memoryview | bytes]:
+        """The window from the block after the last ACKed: the general (and retransmit) path."""
         first = block = self._acked + 1
         stop = first + self.windowsize
-        last = self._last
-        if last is not None and last < stop:
-            stop = last + 1
-        read_at = self.provider.read_at
-        pack = _DATA_HDR.pack
-        out: list[bytes] = []
-        sent = 0
+        out: list[memoryview | bytes] = []
         while block < stop:
-            payload = read_at((block - 1) * bs, bs)
-            out.append(pack(pk.DATA, block & 0xFFFF) + payload)
-            n = len(payload)
-            sent += n
-            block += 1
-            if n < bs:
-                self._last = block - 1
-                break
+            last = self._last
+            if last is not None:
+                if block > last:
+                    break
+                if stop > last + 1:
+                    stop = last + 1
+            i = block - self._pk_first
+            if i < 0 or i >= len(self._pkts):
+                self._load(block)
+                continue
+            take = self._pkts[i:i + stop - block]
+            out += take
+            block += len(take)
         hi = block - 1
         sent_hi = self._sent_hi
         if first <= sent_hi:  # part of this window went out before
-            self.retransmits += min(sent_hi, hi) - first + 1
+            again = min(sent_hi, hi) - first + 1
+            self.retransmits += again
+            self._rexmit_bytes += sum(len(p) for p in out[:again]) - 4 * again
         if hi > sent_hi:
             self._sent_hi = hi
-        self.bytes_sent += sent
         self.deadline = now + self.timeout
         return out
 
-    def receive(self, data: bytes, now: float) -> list[bytes]:
+    def on_ack(self, block: int, now: float) -> list[memoryview | bytes]:
+        """An ACK (wire block number) during the data phase: the per-packet hot path.
+
+        The common case, an ACK of everything sent whose next window is full blocks
+        already framed, is a list slice and three stores; anything else (a gap, a
+        duplicate, completion, a chunk boundary, before the OACK was acknowledged,
+        after the end) goes through the general path.
+        """
+        hi = self._sent_hi
+        if block == hi & 0xFFFF and self._fast:
+            # While _fast, hi > _acked (every advancing ACK sends or completes) and
+            # _pk_first <= hi + 1 (chunks are framed only for blocks about to be sent).
+            i = hi + 1 - self._pk_first
+            ws = self.windowsize
+            if i + ws <= self._pk_full:
+                self._acked = hi
+                self._sent_hi = hi + ws
+                self.deadline = now + self.timeout
+                return self._pkts[i:i + ws]
+        return self._ack(block, now)
+
+    def _ack(self, block: int, now: float) -> list[memoryview | bytes]:
+        if not self._fast:
+            return self._ack_slow(block, now)
+        acked = self._acked
+        delta = (block - acked) & 0xFFFF
+        if delta == 0 or delta > self._sent_hi - acked:
+            return []  # duplicate or out-of-window: never resend on it
+        acked += delta
+        self._acked = acked
+        last = self._last
+        if last is not None and acked >= last:
+            self._finish(_COMPLETED, "")
+            return []
+        return self._send_window(now)
+
+    def _ack_slow(self, block: int, now: float) -> list[memoryview | bytes]:
+        if self.outcome is not _RUNNING:
+            return []
+        if not self._started:
+            if block != 0:
+                return []  # stray ACK before the OACK was acknowledged
+            self._started = self._fast = True
+            self._tries = 0
+            self._tries_at = -1  # ACK 0 is progress: the next timeout counts from one
+            return self._send_window(now)
+        return []
+
+    def receive(self, data: bytes, now: float) -> list[memoryview | bytes]:
         """Feed one packet from the peer; returns packets to send back.
 
         Raises packet.MalformedPacket for bytes that are neither ACK nor ERROR;
         the caller counts and drops those, the session is unaffected.
         """
-        if self.outcome is not Outcome.RUNNING:
+        if len(data) >= 4 and data[1] == pk.ACK and data[0] == 0:
+            return self.on_ack((data[2] << 8) | data[3], now)
+        if self.outcome is not _RUNNING:
             return []
-        if self._started and len(data) >= 4 and data[1] == pk.ACK and data[0] == 0:
-            # Hot path: an ACK during the data phase, parsed inline.
-            delta = (((data[2] << 8) | data[3]) - self._acked) & 0xFFFF
-            if delta == 0 or delta > self._sent_hi - self._acked:
-                return []  # duplicate or out-of-window: never resend on it
-            self._acked += delta
-            self._tries = 0
-            last = self._last
-            if last is not None and self._acked >= last:
-                self._finish(Outcome.COMPLETED, "")
-                return []
-            return self._send_window(now)
         op = pk.opcode_of(data)
         if op == pk.ACK:
-            block = pk.parse_ack(data)
-            if not self._started:
-                if block != 0:
-                    return []  # stray ACK before the OACK was acknowledged
-                self._started = True
-                self._tries = 0
-                return self._send_window(now)
-            return []  # unreachable in the data phase: the hot path took it
+            pk.parse_ack(data)  # too short: raises MalformedPacket
         if op == pk.ERROR:
             code, _msg = pk.parse_error(data)
             self.error_code = code
             if not self._started and code == pk.ERR_OPTION:
-                self._finish(Outcome.PROBE, "client declined options")
+                self._finish(_PROBE, "client declined options")
             else:
-                self._finish(Outcome.FAILED, "client error")
+                self._finish(_FAILED, "client error")
             return []
         raise pk.MalformedPacket("unexpected opcode")
 
-    def on_timer(self, now: float) -> list[bytes]:
+    def on_timer(self, now: float) -> list[memoryview | bytes]:
         """Call when `now >= deadline`: resend what is unacknowledged, or give up."""
-        if self.outcome is not Outcome.RUNNING or self.deadline is None or now < self.deadline:
+        if self.outcome is not _RUNNING or self.deadline is None or now < self.deadline:
             return []
+        if self._acked != self._tries_at:  # progress since the last timeout: a fresh budget
+            self._tries_at = self._acked
+            self._tries = 0
         self._tries += 1
         if self._tries > self.retries:
-            self._finish(Outcome.FAILED, "timeout")
+            self._finish(_FAILED, "timeout")
             return [pk.encode_error(pk.ERR_UNDEFINED, "timeout")]
         if not self._started:
             self.retransmits += 1
@@ -228,10 +350,13 @@ class ReadSession:
 
     def abort(self, reason: str) -> None:
         """End the transfer from outside (server shutdown, replaced by a new request)."""
-        if self.outcome is Outcome.RUNNING:
-            self._finish(Outcome.FAILED, reason)
+        if self.outcome is _RUNNING:
+            self._finish(_FAILED, reason)
 
     def _finish(self, outcome: Outcome, reason: str) -> None:
         self.outcome = outcome
         self.reason = reason
         self.deadline = None
+        self._fast = False
+        self._pkts = []
+        self._pk_full = 0
