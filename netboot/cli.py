@@ -25,11 +25,40 @@ examples:
 """
 
 
+class _MalformedHttpSummary(logging.Filter):
+    """aiohttp logs a full traceback for every malformed request; a flood of them
+    would flood the log. Keep one line a minute saying how many there were."""
+
+    def __init__(self, every: float = 60.0):
+        super().__init__()
+        self.every = every
+        self.suppressed = 0
+        self.last = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        self.suppressed += 1
+        if record.created - self.last < self.every:
+            return False
+        record.msg = "%d malformed HTTP request(s) dropped since the last report; latest: %s"
+        record.args = (self.suppressed, str(exc).splitlines()[0] if str(exc) else type(exc))
+        record.exc_info = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self.suppressed = 0
+        self.last = record.created
+        return True
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=getattr(logging, level.upper()),
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     for noisy in ("aiosqlite", "asyncio", "watchfiles"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.root.level))
+    logging.getLogger("aiohttp.server").addFilter(_MalformedHttpSummary())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

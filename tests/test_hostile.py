@@ -368,8 +368,6 @@ def test_flood_of_rrqs_for_a_real_file_is_bounded_in_sessions(srv: NetbootServer
     assert result["completed"] == 3, result
 
 
-@pytest.mark.xfail(strict=True, reason="bug: aiohttp logs a full ERROR traceback for every "
-                   "malformed HTTP request (docs/operations.md)")
 def test_malformed_http_flood_is_not_a_log_flood(srv: NetbootServer) -> None:
     """200 malformed HTTP requests must not write hundreds of log lines."""
     before = len(srv.log_text().splitlines())
