@@ -126,6 +126,7 @@ class LoadBench(Bench):
     """dhcp_bench's lab, servers and search, with the broadcast client as the load."""
 
     def measure(self, server: str, rate: int) -> Run:
+        before = self.rcvbuf_errors()
         r = self.lab.ns(self.client_ns, *(["taskset", "-c", "0"] if self.args.pin else []),
                         str(VENV_BIN / "python"), __file__, "client", "--rate", str(rate),
                         "--duration", str(self.args.duration), "--clients",
@@ -136,9 +137,11 @@ class LoadBench(Bench):
             raise RuntimeError(f"load client failed: {r.stdout}{r.stderr}") from None
         sent = d["sent"] + d["send_failed"]
         drop = 100.0 * (sent - d["received"]) / sent if sent else 100.0
-        run = Run(rate, sent, d["received"], drop, d["send_rate"], d["avg_ms"], d["max_ms"])
+        run = Run(rate, sent, d["received"], drop, d["send_rate"], d["avg_ms"], d["max_ms"],
+                  self.rcvbuf_errors() - before)
         print(f"    rate {rate:>6}/s: sent {sent:>7} received {d['received']:>7} "
-              f"drops {drop:6.3f}% sent at {d['send_rate']:8.0f}/s avg {d['avg_ms']:.3f} ms "
+              f"drops {drop:6.3f}% (client rcvbuf {run.client_rcvbuf_errors}) "
+              f"sent at {d['send_rate']:8.0f}/s avg {d['avg_ms']:.3f} ms "
               f"p99 {d['p99_ms']:.2f} ms max {d['max_ms']:.1f} ms {'ok' if run.ok else 'FAIL'}",
               flush=True)
         return run
