@@ -174,15 +174,18 @@ def test_timeout_resends_then_gives_up() -> None:
     assert s.deadline == 1.0
     assert s.on_timer(0.5) == []  # early wake-up: nothing
     assert blocks(s.on_timer(1.0)) == [1]
-    assert s.deadline == 2.0
+    assert s.deadline == 2.0  # backoff: 1, 2, 4 x timeout
+    assert s.on_timer(1.5) == []
     assert blocks(s.on_timer(2.0)) == [1]
-    assert blocks(s.on_timer(3.0)) == [1]
+    assert s.deadline == 4.0
+    assert blocks(s.on_timer(4.0)) == [1]
+    assert s.deadline == 8.0
     assert s.retransmits == 3
-    out = s.on_timer(4.0)
+    out = s.on_timer(8.0)
     assert pk.parse_error(out[0])[0] == pk.ERR_UNDEFINED
     assert s.outcome is Outcome.FAILED and s.reason == "timeout"
     assert s.deadline is None
-    assert s.on_timer(5.0) == [] and s.receive(pk.encode_ack(1), 5.0) == []
+    assert s.on_timer(9.0) == [] and s.receive(pk.encode_ack(1), 9.0) == []
 
 
 def test_progress_resets_retry_budget() -> None:

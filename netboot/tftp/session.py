@@ -342,11 +342,16 @@ class ReadSession:
         if self._tries > self.retries:
             self._finish(_FAILED, "timeout")
             return [pk.encode_error(pk.ERR_UNDEFINED, "timeout")]
+        # Back off (1, 2, 4, 8, 8 x timeout): a storm on a congested link keeps its
+        # machines instead of giving up on them after a few seconds.
+        backoff = self.timeout * (1 << min(self._tries - 1, 3))
         if not self._started:
             self.retransmits += 1
-            self.deadline = now + self.timeout
+            self.deadline = now + backoff
             return [pk.encode_oack(self.oack)]
-        return self._send_window(now)
+        out = self._send_window(now)
+        self.deadline = now + backoff
+        return out
 
     def abort(self, reason: str) -> None:
         """End the transfer from outside (server shutdown, replaced by a new request)."""
