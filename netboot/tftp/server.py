@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import logging
 import signal
 import socket
 import sys
@@ -32,6 +33,11 @@ from netboot.tftp.provider import (
     normalise_path,
 )
 from netboot.tftp.session import MAX_BLKSIZE, Outcome, ReadSession
+
+log = logging.getLogger("netboot.tftp")
+
+#: seconds between log summaries of refused requests (a flood is one line, not one a packet)
+REFUSAL_LOG_EVERY = 10.0
 
 _RUNNING = Outcome.RUNNING  # a global: Outcome.RUNNING is slow in 3.11 (EnumType.__getattr__)
 
@@ -196,6 +202,10 @@ class TftpServer:
         self._on_transfer = on_transfer
         self._timeout = timeout
         self._retries = retries
+        self._refusals: dict[str, int] = {}
+        self._refusal_logged = float("-inf")
+        self._refusal_flush: asyncio.TimerHandle | None = None
+        self._refusal_latest: tuple[str, str, str] = ("", "", "")
         self._max_windowsize = max_windowsize
         self._by_peer: dict[tuple[str, int], _Transfer] = {}
         self._per_ip: dict[str, int] = {}
@@ -224,6 +234,8 @@ class TftpServer:
         if self._closed:
             return
         self._closed = True
+        if self._refusal_flush is not None:
+            self._refusal_flush.cancel()
         self._loop.remove_reader(self._sock.fileno())
         for t in list(self._by_peer.values()):
             t.session.abort("shutdown")
@@ -288,15 +300,15 @@ class TftpServer:
             existing.session.abort("superseded")
             self._finish(existing)
         if req.mode not in ("octet", "netascii"):
-            c.inc("tftp_refused", reason="mode")
+            self._refused("mode", req.filename, addr)
             self._send_error(self._sock, addr, pk.ERR_ILLEGAL, "unsupported mode")
             return
         if len(self._by_peer) >= self._max_transfers:
-            c.inc("tftp_refused", reason="busy")
+            self._refused("busy", req.filename, addr)
             self._send_error(self._sock, addr, pk.ERR_UNDEFINED, "server busy")
             return
         if self._per_ip.get(addr[0], 0) >= self._max_per_client:
-            c.inc("tftp_refused", reason="client_limit")
+            self._refused("client_limit", req.filename, addr)
             self._send_error(self._sock, addr, pk.ERR_UNDEFINED, "too many transfers")
             return
         try:
@@ -305,14 +317,38 @@ class TftpServer:
             if req.mode == "netascii":
                 provider = NetasciiProvider(provider)
         except TftpError as exc:
-            c.inc("tftp_refused", reason="not_found" if exc.code == pk.ERR_NOT_FOUND else "denied")
+            self._refused("not_found" if exc.code == pk.ERR_NOT_FOUND else "denied",
+                          req.filename, addr)
             self._send_error(self._sock, addr, exc.code, exc.message)
             return
         except Exception:  # noqa: BLE001 - a buggy resolver refuses one request, no more
-            c.inc("tftp_refused", reason="resolver_error")
+            self._refused("resolver_error", req.filename, addr)
             self._send_error(self._sock, addr, pk.ERR_UNDEFINED, "internal error")
             return
         self._start(provider, req, path, addr, local)
+
+    def _refused(self, reason: str, filename: str, addr: tuple[str, int]) -> None:
+        """Count a refusal; log a summary at most every REFUSAL_LOG_EVERY seconds."""
+        self.counters.inc("tftp_refused", reason=reason)
+        self._refusals[reason] = self._refusals.get(reason, 0) + 1
+        self._refusal_latest = (filename, addr[0], reason)
+        wait = self._refusal_logged + REFUSAL_LOG_EVERY - time.monotonic()
+        if wait <= 0:
+            self._flush_refusals()
+        elif self._refusal_flush is None:  # report the rest even if the flood stops
+            self._refusal_flush = self._loop.call_later(wait, self._flush_refusals)
+
+    def _flush_refusals(self) -> None:
+        self._refusal_flush = None
+        if not self._refusals:
+            return
+        filename, client, reason = self._refusal_latest
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(self._refusals.items()))
+        log.warning("TFTP refused %d request(s) since the last report (%s); latest: %r "
+                    "from %s (%s)", sum(self._refusals.values()), counts, filename[:80],
+                    client, reason)
+        self._refusals.clear()
+        self._refusal_logged = time.monotonic()
 
     def _start(self, provider: Provider, req: pk.Request, path: str, addr: tuple[str, int],
                local: str | None) -> None:
