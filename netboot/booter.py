@@ -30,6 +30,7 @@ class NodeIndex(Protocol):
 
     def get(self, uuid: str) -> Node | None: ...
     def node_token(self, uuid: str) -> str: ...
+    def note(self, uuid: str, **kw: Any) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,10 @@ class Booter:
         who = (r.machine.hostname or "machine file") if r.machine else "default"
         if client.uuid:
             self._remember(client.mac, client.uuid)
+            if self.registry is not None and self.registry.get(client.uuid) is None:
+                # first contact: 'discovered', queued so the reply never waits on disk
+                self.registry.note(client.uuid, mac=client.mac, address=None, source="dhcp",
+                                   profile=r.profile.name)
         snap = self.config.snapshot
         # pxelinux is BIOS-only; under UEFI a pxelinux profile boots through iPXE.
         if r.profile.loader == "pxelinux" and client.arch is Arch.BIOS:

@@ -225,7 +225,8 @@ class IgnitionRenderer:
         try:
             text = self.env.get_template(name).render(ctx)
         except jinja2.TemplateNotFound as exc:
-            raise IgnitionError(template, f"template {exc.name!r} not found in {self.template_dir}")
+            raise IgnitionError(
+                template, f"template {exc.name!r} not found in {self.template_dir}") from None
         except _TemplateRefused as exc:
             raise IgnitionError(template, f"{_template_line(exc, name)}: {exc}") from None
         except jinja2.UndefinedError as exc:
@@ -252,10 +253,15 @@ def canonical_json(cfg: dict[str, Any]) -> bytes:
     return json.dumps(cfg, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+# libyaml's safe loader where PyYAML was built with it: ~4x faster per render, which is
+# most of a cache miss (docs/BENCHMARKS.md, Ignition rendering).
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def parse_template_output(template: str, text: str) -> dict[str, Any]:
     """YAML text to an Ignition dict with the template conveniences applied."""
     try:
-        cfg = yaml.safe_load(text)
+        cfg = yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a safe loader
     except yaml.MarkedYAMLError as exc:
         # Only the problem and position: the snippet could show a token.
         mark = exc.problem_mark

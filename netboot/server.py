@@ -7,6 +7,7 @@ import logging
 import os
 import secrets
 import signal
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,16 @@ from aiohttp import web
 
 from .artifacts import Artifacts
 from .booter import Booter
-from .config import ConfigStore
+from .config import ConfigStore, ServerConfig
 from .dhcp.proxy import ProxyDhcp
 from .dhcp.server import start_dhcp
 from .http.app import HttpContext, ignition_outcome, make_app
 from .identity import IdentityError, normalise_mac, normalise_uuid
+from .images import check_profile_images
 from .loaders import LoaderTable
 from .metrics import Counters
 from .netutil import choose_interface, interface_ipv4, interfaces
+from .registry import Registry, RegistryError
 from .tftp.packet import ERR_ACCESS, ERR_NOT_FOUND
 from .tftp.provider import BytesProvider, Provider, RootResolver, TftpError, normalise_path
 from .tftp.server import start_tftp
@@ -150,9 +153,16 @@ class TftpRouter:
             return
 
         async def go() -> None:
-            if node is None:
-                await registry.observe(uuid, mac=mac, address=address, source="tftp", boot=True)
-            await registry.transition(uuid, state, source="tftp", address=address)
+            if node is None or state == "booting":  # a pxelinux config fetch is a boot
+                r = self.booter.resolve(mac, uuid)
+                hostname = r.machine.hostname if r.machine else None
+                if hostname is None and r.profile is not None:
+                    hostname = self.booter.context(r, mac, uuid)["hostname"]
+                await self.http.record(registry.observe(
+                    uuid, mac=mac, address=address, source="tftp", boot=True, hostname=hostname,
+                    profile=r.profile.name if r.profile else None))
+            await self.http.record(registry.transition(uuid, state, source="tftp",
+                                                       address=address))
             if then is not None:
                 await then()
 
@@ -165,6 +175,46 @@ class TftpRouter:
         task.add_done_callback(self.tasks.discard)
 
 
+async def open_registry(cfg: ServerConfig, counters: Counters) -> tuple[Registry | None, bytes]:
+    """The registry and the HMAC secret from data_dir. A full, read-only or broken
+    data dir must not stop machines from booting: netboot then serves without a
+    registry (nothing is recorded) and with a secret that lasts until restart."""
+    try:
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        secret = load_secret(cfg.data_dir, cfg.api.secret)
+    except OSError as exc:
+        log.error("data_dir %s unusable: %s; signing with a temporary secret until restart",
+                  cfg.data_dir, exc)
+        secret = (cfg.api.secret or secrets.token_hex(32)).encode()
+    try:
+        registry = await Registry.open(cfg.data_dir, secret=secret, counters=counters,
+                                       webhooks=cfg.api.webhooks, stuck_after=cfg.api.stuck_after)
+    except (OSError, sqlite3.Error, RegistryError) as exc:
+        log.error("data_dir %s unusable: %s%s; serving boot files without the registry "
+                  "(boots are not recorded until it is fixed and netboot restarted)",
+                  cfg.data_dir, exc, _write_probe(cfg.data_dir))
+        return None, secret
+    return registry, secret
+
+
+def _write_probe(directory: Path) -> str:
+    """SQLite says 'disk I/O error'; the OS says why (full, read-only...)."""
+    probe = directory / f".netboot-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        return f" ({exc.strerror})"
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return ""
+
+
 async def serve(config_path: Path, *, interface: str | None = None, address: str | None = None,
                 http_port: int | None = None, data_dir: Path | None = None,
                 ready: asyncio.Event | None = None) -> None:
@@ -174,25 +224,21 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
     for problem in store.problems:
         log.warning("config: %s", problem)
     iface, addr = pick_address(cfg.interface, cfg.address)
+    missing = check_profile_images(store.snapshot.profiles, cfg.images_dir)
+    if missing:
+        raise SetupError("\n".join(missing) + "\nnot starting: fetch, build or import the "
+                         "images above (netboot check lists the same problems)")
     counters = Counters()
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
-    secret = load_secret(cfg.data_dir, cfg.api.secret)
-
-    registry = None
-    try:
-        from .registry import Registry
-    except ImportError:  # registry not built yet
-        Registry = None  # type: ignore[assignment,misc]
-    if Registry is not None:
-        registry = await Registry.open(cfg.data_dir, secret=secret, counters=counters,
-                                       webhooks=cfg.api.webhooks, stuck_after=cfg.api.stuck_after)
+    registry, secret = await open_registry(cfg, counters)
     artifacts = Artifacts.from_config(cfg, secret, counters)
     if artifacts.swarm.socket:  # once at startup, so the first boots have facts; then background
         await artifacts.swarm.refresh()
     booter = Booter(store, addr, cfg.http_port, registry=registry, artifacts=artifacts)
     loaders = LoaderTable(cfg.tftp.roots)
     http_ctx = HttpContext(booter, counters, cfg.images_dir, loaders, registry=registry,
-                           artifacts=artifacts)
+                           artifacts=artifacts, data_dir=cfg.data_dir)
+    if registry is None:
+        http_ctx.registry_problem = f"registry in {cfg.data_dir} could not be opened"
     admin_token = cfg.api.admin_token or os.environ.get("NETBOOT_ADMIN_TOKEN")
     app = make_app(http_ctx, admin_token=admin_token)
     runner = web.AppRunner(app, access_log=None)
@@ -214,16 +260,20 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
             log.info("TFTP listening on udp/%d%s: %d loader(s) from %s; images/ from %s",
                      cfg.tftp.port, f" on {iface}" if iface else "", len(loaders.files),
                      ", ".join(map(str, loaders.roots)) or "nowhere", cfg.images_dir)
-            missing = sorted({*cfg.loaders.values(), cfg.pxelinux_loader} - set(loaders.files))
-            if missing:
-                log.warning("loaders not found in the TFTP roots: %s (apt-get install ipxe "
-                            "pxelinux syslinux-common, or set tftp.roots)", ", ".join(missing))
+            wanted = {**cfg.loaders, "pxelinux": cfg.pxelinux_loader}
+            missing = sorted(f"{arch} ({name})" for arch, name in wanted.items()
+                             if name not in loaders.files)
+            if missing:  # Debian's ipxe has no arm or 32-bit UEFI build: usually expected
+                log.info("no loader for %s in the TFTP roots: such clients are not offered "
+                         "a loader (put the file in a tftp.roots directory)", ", ".join(missing))
         if cfg.dhcp.enabled:
             proxy = ProxyDhcp(booter, addr, counters, dhcp_port=cfg.dhcp.port)
             dhcp = await start_dhcp(proxy, [cfg.dhcp.port, cfg.dhcp.proxy_port], interface=iface)
             closers.append(dhcp.close)
             log.info("ProxyDHCP listening on udp/%d and udp/%d%s, advertising %s",
                      cfg.dhcp.port, cfg.dhcp.proxy_port, f" on {iface}" if iface else "", addr)
+        log.info("dashboard: http://%s:%d/  health: /health  metrics: /metrics", addr,
+                 cfg.http_port)
         snap = store.snapshot
         log.info("serving %d profile(s) [%s], %d machine file(s), default profile: %s",
                  len(snap.profiles), ", ".join(sorted(snap.profiles)),

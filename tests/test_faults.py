@@ -176,16 +176,6 @@ def fill(path: Path) -> None:
     subprocess.run(["sync"], check=False)
 
 
-REGISTRY_BLOCKS_BOOT = pytest.mark.xfail(strict=True, reason=(
-    "bug: GET /ipxe/node awaits the registry write and answers 500 when it fails "
-    "(RegistryError: database or disk is full), so no machine gets a boot script; "
-    "see docs/operations.md"))
-NO_START = pytest.mark.xfail(strict=True, reason=(
-    "bug: serve() exits when data_dir cannot be written: Registry.open dies with an "
-    "uncaught sqlite3.OperationalError 'disk I/O error' traceback (exit 1), or, with no "
-    "secret yet, load_secret's ENOSPC ends it (exit 2); see docs/operations.md"))
-
-
 def check_served_and_explained(server: NetbootServer, data: Path, result: dict, n: int,
                                log_mark: int, reasons: tuple[str, ...]) -> None:
     """Boot files kept being served to all n machines; log and /health say what is wrong."""
@@ -201,7 +191,6 @@ def check_served_and_explained(server: NetbootServer, data: Path, result: dict, 
     assert health["status"] != "ok" and str(data) in json.dumps(health), health
 
 
-@REGISTRY_BLOCKS_BOOT
 def test_data_dir_fills_up_while_serving(lab: StormLab, tmp_path: Path) -> None:
     data = lab.tmpfs(tmp_path / "data", "1M")
     server = NetbootServer(lab, tmp_path / "nb", data_dir=data, kernel_size=64 << 10)
@@ -216,7 +205,6 @@ def test_data_dir_fills_up_while_serving(lab: StormLab, tmp_path: Path) -> None:
                                ("No space left on device", "database or disk is full"))
 
 
-@NO_START
 @pytest.mark.parametrize("how", ["full", "readonly"])
 def test_data_dir_full_or_readonly_at_start(lab: StormLab, tmp_path: Path, how: str) -> None:
     data = lab.tmpfs(tmp_path / "data", "1M")

@@ -411,7 +411,8 @@ def openapi_document() -> dict[str, Any]:
             op["responses"]["403"] = {"description": "token is for another node", **err}
         paths.setdefault(r.path, {})[r.method.lower()] = op
     paths["/static/{path}"] = {"get": {
-        "summary": "Dashboard stylesheet and assets", "operationId": "static", "tags": ["dashboard"],
+        "summary": "Dashboard stylesheet and assets", "operationId": "static",
+        "tags": ["dashboard"],
         "parameters": [{"name": "path", "in": "path", "required": True,
                         "schema": {"type": "string"}}],
         "responses": {"200": {"description": "file"}, "404": {"description": "no such file"}}}}

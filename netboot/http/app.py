@@ -6,7 +6,9 @@ by :mod:`netboot.http.api` when a registry is present.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +20,7 @@ from ..identity import IdentityError, normalise_mac, normalise_uuid
 from ..images import ImageResponse
 from ..loaders import LoaderTable
 from ..metrics import Counters
+from ..registry import RegistryError
 
 if TYPE_CHECKING:
     from ..artifacts import Artifacts, Kind, NodeArtifacts
@@ -52,6 +55,27 @@ class HttpContext:
     by_address: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
     #: per-node Ignition configs and OEM archives (the same object as booter.artifacts)
     artifacts: Artifacts | None = None
+    data_dir: Path | None = None
+    #: why the registry cannot record (full or read-only data_dir...), for /health
+    registry_problem: str | None = None
+    _registry_logged: float = float("-inf")
+
+    async def record(self, call: Awaitable[Any]) -> None:
+        """Await a registry write; if the data dir fails, boots go on without it.
+
+        A full or read-only disk must not stop machines from getting their boot
+        scripts: the failure is counted, logged once a minute and shown at /health.
+        """
+        try:
+            await call
+        except (RegistryError, sqlite3.Error, OSError) as exc:
+            self.counters.inc("registry_write_errors_total")
+            self.registry_problem = f"registry in {self.data_dir}: {exc}"
+            now = time.monotonic()
+            if now - self._registry_logged >= 60:
+                self._registry_logged = now
+                log.error("cannot record boots: %s (still serving boot files and scripts; "
+                          "free space or fix permissions in %s)", exc, self.data_dir)
 
 
 CTX = web.AppKey("netboot", HttpContext)
@@ -86,13 +110,16 @@ async def node_ipxe(request: web.Request) -> web.Response:
              address, resolved.profile.name if resolved.profile else "none",
              f" ({resolved.reason})" if resolved.reason else "")
     if ctx.registry is not None and uuid:
-        await ctx.registry.observe(
+        hostname = resolved.machine.hostname if resolved.machine else None
+        if hostname is None and resolved.profile is not None:
+            hostname = ctx.booter.context(resolved, mac, uuid)["hostname"]
+        await ctx.record(ctx.registry.observe(
             uuid, mac=mac, address=address, source="ipxe", boot=True,
             serial=_param(request, "serial"), vendor=_param(request, "manufacturer"),
             product=_param(request, "product"), asset=_param(request, "asset"),
-            hostname=resolved.machine.hostname if resolved.machine else None,
-            profile=resolved.profile.name if resolved.profile else None)
-        await ctx.registry.transition(uuid, "booting", source="ipxe", address=address)
+            hostname=hostname, profile=resolved.profile.name if resolved.profile else None))
+        await ctx.record(ctx.registry.transition(uuid, "booting", source="ipxe",
+                                                 address=address))
     await ignition_outcome(ctx, resolved, uuid, address, "ipxe")
     return web.Response(text=script, content_type="text/plain")
 
@@ -112,8 +139,8 @@ async def ignition_outcome(ctx: HttpContext, resolved: Any, uuid: str | None, ad
     log.error("not booting %s (%s via %s, profile %s): %s", uuid or "-", address, source,
               resolved.profile.name, reason)
     if ctx.registry is not None and uuid:
-        await ctx.registry.transition(uuid, "error", source="ignition", reason=reason,
-                                      address=address)
+        await ctx.record(ctx.registry.transition(uuid, "error", source="ignition",
+                                                 reason=reason, address=address))
 
 
 def _artifact_for(ctx: HttpContext, uuid: str) -> NodeArtifacts | None:
@@ -184,8 +211,8 @@ async def _deploying(ctx: HttpContext, request: web.Request) -> None:
     if uuid is not None:
         node = ctx.registry.get(uuid)
         if node is not None and node.state == "booting":
-            await ctx.registry.transition(uuid, "deploying", source="http",
-                                          address=request.remote)
+            await ctx.record(ctx.registry.transition(uuid, "deploying", source="http",
+                                                     address=request.remote))
 
 
 async def loader(request: web.Request) -> web.StreamResponse:
@@ -204,9 +231,11 @@ async def health(request: web.Request) -> web.Response:
     store = ctx.booter.config
     problems = store.problems
     body: dict[str, Any] = {
-        "status": "degraded" if problems else "ok",
+        "status": "degraded" if problems or ctx.registry_problem else "ok",
         "config_generation": store.snapshot.generation,
         "config_problems": problems,
+        "registry": ("absent: " if ctx.registry is None else "") + (
+            ctx.registry_problem or "ok"),
         "profiles": sorted(store.snapshot.profiles),
         "machines": len(store.snapshot.machine_files),
         "uptime_seconds": round(time.time() - ctx.started, 1),
