@@ -11,7 +11,7 @@ help:
 	@echo "make test    install test dependencies and run all tests, end-to-end boots included"
 	@echo "make unit    tests without QEMU"
 	@echo "make e2e     only the end-to-end QEMU boots"
-	@echo "make bench   benchmarks against dnsmasq, tftpd-hpa and nginx"
+	@echo "make bench   benchmarks against dnsmasq, tftpd-hpa and nginx (ONLY=dhcp|tftp|http|render|storm)"
 	@echo "make lint    ruff"
 	@echo "make check   validate the bundled configuration"
 	@echo "make demo    a lab rack of three QEMU guests booting; make demo-down removes it"
@@ -44,7 +44,7 @@ e2e: deps-test images
 
 bench: images
 	@scripts/setup.sh bench
-	$(PY) bench/run_all.py
+	$(PY) bench/run_all.py $(if $(ONLY),--only $(ONLY))
 
 lint: deps-test
 	.venv/bin/ruff check netboot tests bench scripts

@@ -8,6 +8,7 @@ it is safe on the per-packet path.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
@@ -81,17 +82,18 @@ class Booter:
         undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False))
     _templates: dict[str, jinja2.Template] = field(default_factory=dict)
     #: MAC -> SMBIOS UUID as last seen in DHCP, for pxelinux (which only knows the MAC)
-    _uuid_by_mac: dict[str, str] = field(default_factory=dict)
+    #: (an OrderedDict: evicting the oldest of a plain dict slows as deletions pile up)
+    _uuid_by_mac: OrderedDict[str, str] = field(default_factory=OrderedDict)
     max_remembered: int = 100_000
 
     def _remember(self, mac: str, uuid: str) -> None:
         seen = self._uuid_by_mac
         if seen.get(mac) == uuid:
             return
-        seen.pop(mac, None)
         seen[mac] = uuid
+        seen.move_to_end(mac)
         if len(seen) > self.max_remembered:
-            del seen[next(iter(seen))]
+            seen.popitem(last=False)
 
     def uuid_for_mac(self, mac: str) -> str | None:
         return self._uuid_by_mac.get(mac)

@@ -10,8 +10,9 @@ what=${1:-test}
 
 RUN_PKGS=(ipxe pxelinux syslinux-common cpio busybox-static linux-image-amd64 iproute2 kmod gpgv)
 TEST_PKGS=("${RUN_PKGS[@]}" qemu-system-x86 ipxe-qemu ovmf dnsmasq-base tftp-hpa atftp curl
-           ignition docker.io chromium chromium-driver prometheus iptables nftables gnupg gpgv)
-BENCH_PKGS=("${TEST_PKGS[@]}" tftpd-hpa nginx-light wrk kea-admin)
+           ignition docker.io chromium chromium-driver prometheus iptables nftables gnupg gpgv
+           isc-dhcp-relay tcpdump)
+BENCH_PKGS=("${TEST_PKGS[@]}" tftpd-hpa nginx-light wrk kea-admin gcc)
 
 case "$what" in
   run) pkgs=("${RUN_PKGS[@]}") ;;

@@ -207,3 +207,28 @@ def test_scapy_reads_a_full_ethernet_frame_of_our_reply(proxy: ProxyDhcp) -> Non
     parsed = Ether(bytes(frame))
     assert parsed[BOOTP].file.rstrip(b"\0") == b"undionly.kpxe"
     assert len(reply.data) >= 300  # BOOTP minimum size
+
+
+def test_relayed_offer_sets_broadcast_so_the_relay_can_deliver_it(proxy: ProxyDhcp) -> None:
+    """iPXE clears BROADCAST; a relay would then unicast to yiaddr, which a proxy
+    offer leaves empty, and the offer would be lost (seen with dnsmasq's relay)."""
+    data = bytearray(request(giaddr="10.9.0.1", ipxe=True))
+    data[10:12] = b"\0\0"  # flags: BROADCAST cleared, as iPXE sends it
+    reply = proxy.handle(bytes(data), 67, ("10.9.0.1", 67))
+    assert reply is not None
+    assert decode(reply.data)[0].flags & 0x8000
+
+
+def test_decision_log_is_rate_limited_and_counted(proxy: ProxyDhcp,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from netboot.dhcp.proxy import LOG_BURST
+
+    caplog.set_level("INFO", logger="netboot.dhcp")
+    n = LOG_BURST + 300
+    for i in range(n):  # distinct clients: each decision is new
+        mac = f"52:54:01:00:{i // 256:02x}:{i % 256:02x}"
+        assert proxy.handle(request(mac=mac, uuid=None), 67, ("0.0.0.0", 68)) is not None
+    logged = [r for r in caplog.records if r.getMessage().startswith("boot decision")]
+    suppressed = proxy.counters.total("dhcp_log_suppressed_total")
+    assert LOG_BURST <= len(logged) < n
+    assert len(logged) + suppressed == n
