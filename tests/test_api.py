@@ -84,7 +84,8 @@ async def test_node_reports_for_itself(srv: Served) -> None:
                                   "labels": {"rack": "r1"}}
 
     st, body = await _call("POST", f"{base}/register?token={tok}",
-                           json={"serial": "SN-9", "vendor": "Dell Inc.", "mac": "52-54-00-00-00-02"})
+                           json={"serial": "SN-9", "vendor": "Dell Inc.",
+                                 "mac": "52-54-00-00-00-02"})
     assert st == 200 and body["serial"] == "SN-9"
     assert body["macs"] == ["52:54:00:00:00:01", "52:54:00:00:00:02"]
     assert body["address"] == "127.0.0.1"  # the request's source address

@@ -12,7 +12,8 @@ import pytest
 from netboot.cpio import OEM_PATHS, CpioError, OemCache, build_cpio, build_oem_archive
 
 CPIO = shutil.which("cpio")
-needs_cpio = pytest.mark.skipif(CPIO is None, reason="GNU cpio not installed (apt-get install cpio)")
+needs_cpio = pytest.mark.skipif(CPIO is None,
+                                reason="GNU cpio not installed (apt-get install cpio)")
 
 CONFIG = b'{"ignition":{"version":"3.3.0"}}'
 

@@ -226,7 +226,8 @@ def test_manager_init_only_when_asked(renderer: IgnitionRenderer) -> None:
         vars={"swarm_init": True, "swarm_advertise_addr": "10.252.0.1"})))
     assert file_text(cfg, "/etc/netboot/swarm.env") == "SWARM_ADVERTISE_ADDR=10.252.0.1\n"
     assert "docker swarm init" in unit(cfg, "swarm-join.service")["contents"]
-    with pytest.raises(IgnitionError, match=r"_node\.yaml\.j2 line \d+: undefined.*swarm_advertise"):
+    with pytest.raises(IgnitionError,
+                       match=r"_node\.yaml\.j2 line \d+: undefined.*swarm_advertise"):
         renderer.render("swarm-manager", context(role="manager", swarm=None,
                                                  vars={"swarm_init": True}))
 
@@ -295,7 +296,8 @@ storage:
 
 def test_unit_without_suffix_refused(tmp_path: Path) -> None:
     r = write_template(tmp_path, "unit", "systemd:\n  units:\n    - name: swarm-join\n")
-    with pytest.raises(IgnitionError, match=r"systemd\.units\[0\]\.name: 'swarm-join' needs a unit"):
+    with pytest.raises(IgnitionError,
+                       match=r"systemd\.units\[0\]\.name: 'swarm-join' needs a unit"):
         r.render("unit", context())
 
 
