@@ -69,6 +69,10 @@ class Resolved:
     artifacts: NodeArtifacts | None = None
     #: why a profile with ``ignition:`` could not be served (the boot script says it too)
     ignition_error: str | None = None
+    #: why the profile's kernel arguments could not be rendered (an undefined variable...)
+    error: str | None = None
+    #: ``boot: once`` and installed: the machine was sent to its local disk (not a boot)
+    local_boot: bool = False
 
 
 @dataclass
@@ -152,8 +156,7 @@ class Booter:
         assert r.profile is not None
         machine_vars = dict(r.machine.vars) if r.machine else {}
         variables = {**r.profile.vars, **machine_vars}
-        hostname = (r.machine.hostname if r.machine and r.machine.hostname else None) or (
-            f"node-{mac.replace(':', '')}" if mac else "node")
+        hostname = self.hostname(r, mac)
         node_urls: dict[str, str] = {}
         if uuid and self.registry is not None:
             token = self.registry.node_token(uuid)
@@ -171,6 +174,31 @@ class Booter:
             "profile": r.profile.name,
             "node_urls": node_urls,
         }
+
+    @staticmethod
+    def hostname(r: Resolved, mac: str | None) -> str:
+        """The machine file's hostname, else one made from the MAC."""
+        if r.machine is not None and r.machine.hostname:
+            return r.machine.hostname
+        return f"node-{mac.replace(':', '')}" if mac else "node"
+
+    def _local_boot(self, r: Resolved, uuid: str | None) -> bool:
+        """``boot: once`` after ``installed`` (until an admin re-arms the node)."""
+        assert r.profile is not None
+        if r.profile.boot != "once" or not (self.registry and uuid):
+            return False
+        node = self.registry.get(uuid)
+        r.local_boot = node is not None and node.state == "installed" and not node.armed
+        return r.local_boot
+
+    def _args(self, r: Resolved, mac: str | None, uuid: str | None) -> str | None:
+        """The kernel arguments, or None with ``r.error`` set when the template fails."""
+        try:
+            return self.cmdline(r, mac, uuid)
+        except jinja2.TemplateError as exc:
+            assert r.profile is not None
+            r.error = f"profile {r.profile.name}: cmdline template: {exc}"
+            return None
 
     def _render(self, source: str, ctx: dict[str, Any]) -> str:
         tpl = self._templates.get(source)
@@ -198,10 +226,11 @@ class Booter:
         r = self.resolve(mac, uuid)
         if r.profile is None:
             return (f"#!ipxe\necho netboot: not booting this machine: {r.reason}\nexit\n", r)
-        node = self.registry.get(uuid) if (self.registry and uuid) else None
-        if node is not None and r.profile.boot == "once" and node.state == "installed" \
-                and not node.armed:
+        if self._local_boot(r, uuid):
             return ("#!ipxe\necho netboot: installed, booting from local disk\nexit\n", r)
+        cmdline = self._args(r, mac, uuid)
+        if cmdline is None:
+            return f"#!ipxe\n{_refusal(r.error, 'echo')}exit 1\n", r
         images = f"{self.base_url}/images"
         initrds = [f"{images}/{i}" for i in r.profile.initrds]
         names = [f"initrd={n.rsplit('/', 1)[-1]}" for n in r.profile.initrds]
@@ -209,7 +238,7 @@ class Booter:
         if r.profile.ignition:
             a = self.ignition(r, mac, uuid)
             if a is None:
-                return f"#!ipxe\n{_refusal(r, 'echo')}exit 1\n", r
+                return f"#!ipxe\n{_refusal(r.ignition_error, 'echo')}exit 1\n", r
             assert self.artifacts is not None
             # --name: the signed URL's basename is useless as a name, and UEFI kernels
             # only see initrds named on the command line.
@@ -217,7 +246,7 @@ class Booter:
                            f"{self.artifacts.signed_url(self.base_url, 'oem', a.uuid)}")
             names.append(f"initrd={OEM_INITRD_NAME}")
             os_args = os_kernel_args(r.profile)
-        args = " ".join([*names, *os_args, self.cmdline(r, mac, uuid)])
+        args = " ".join([*names, *os_args, cmdline])
         lines = ["#!ipxe", f"kernel {images}/{r.profile.kernel} {args}".rstrip()]
         lines += [f"initrd {i}" for i in initrds]
         lines.append("boot")
@@ -263,16 +292,21 @@ class Booter:
         r = self.resolve(mac, uuid)
         if r.profile is None or r.profile.loader != "pxelinux":
             return None, r, uuid
+        if self._local_boot(r, uuid):
+            return ("DEFAULT local\nPROMPT 0\nTIMEOUT 0\nLABEL local\n  LOCALBOOT 0\n", r,
+                    uuid)
+        cmdline = self._args(r, mac, uuid)
+        if cmdline is None:
+            return _pxelinux_refusal(r.error), r, uuid
         initrds = [f"images/{i}" for i in r.profile.initrds]
         os_args: list[str] = []
         if r.profile.ignition:
             a = self.ignition(r, mac, uuid)
             if a is None:  # LOCALBOOT -1 hands the failure back to the firmware
-                return ((f"{_refusal(r, 'SAY')}DEFAULT failed\nPROMPT 0\nTIMEOUT 0\n"
-                        "LABEL failed\n  LOCALBOOT -1\n"), r, uuid)
+                return _pxelinux_refusal(r.ignition_error), r, uuid
             initrds.append(f"oem/{a.uuid}.cpio.gz")
             os_args = os_kernel_args(r.profile)
-        args = " ".join([*os_args, self.cmdline(r, mac, uuid)])
+        args = " ".join([*os_args, cmdline])
         lines = ["DEFAULT netboot", "PROMPT 0", "TIMEOUT 0", "LABEL netboot",
                  f"  KERNEL images/{r.profile.kernel}"]
         if initrds:
@@ -281,10 +315,15 @@ class Booter:
         return "\n".join(lines) + "\n", r, uuid
 
 
-def _refusal(r: Resolved, say: str) -> str:
+def _refusal(reason: str | None, say: str) -> str:
     """Two console lines (``say`` is iPXE's echo or pxelinux's SAY) telling why not."""
     # One printable line: no iPXE ${...} expansion, nothing that ends the command.
-    reason = "".join(c if " " <= c < "\x7f" and c != "$" else " "
-                     for c in r.ignition_error or "")[:400]
-    return (f"{say} netboot: NOT BOOTING this machine: its Ignition config failed\n"
-            f"{say} netboot: {reason}\n")
+    text = "".join(c if " " <= c < "\x7f" and c != "$" else " " for c in reason or "")[:400]
+    return (f"{say} netboot: NOT BOOTING this machine: its boot configuration failed\n"
+            f"{say} netboot: {text}\n")
+
+
+def _pxelinux_refusal(reason: str | None) -> str:
+    """LOCALBOOT -1 hands the failure back to the firmware, after saying why."""
+    return (f"{_refusal(reason, 'SAY')}DEFAULT failed\nPROMPT 0\nTIMEOUT 0\n"
+            "LABEL failed\n  LOCALBOOT -1\n")

@@ -20,7 +20,7 @@ from .booter import Booter
 from .config import ConfigStore, ServerConfig
 from .dhcp.proxy import ProxyDhcp
 from .dhcp.server import start_dhcp
-from .http.app import HttpContext, ignition_outcome, make_app
+from .http.app import HttpContext, boot_failed, ignition_outcome, make_app
 from .identity import IdentityError, normalise_mac, normalise_uuid
 from .images import check_profile_images
 from .loaders import LoaderTable
@@ -108,8 +108,14 @@ class TftpRouter:
         if text is None:
             raise TftpError(1, "file not found")
         self.http.by_address[client[0]] = (uuid, mac)
-        self._transition(client[0], "booting", then=lambda: ignition_outcome(
-            self.http, resolved, uuid, client[0], "tftp"))
+        if resolved.local_boot:  # boot: once, installed: sent to its disk, not a boot
+            return BytesProvider(text.encode())
+
+        async def outcome() -> None:
+            await ignition_outcome(self.http, resolved, uuid, client[0], "tftp")
+            await boot_failed(self.http, resolved, uuid, client[0], "tftp")
+
+        self._transition(client[0], "booting", then=outcome)
         if resolved.ignition_error is None and resolved.artifacts is not None \
                 and self.http.artifacts is not None:
             self.http.artifacts.grant(client[0], resolved.artifacts.uuid)
@@ -156,9 +162,7 @@ class TftpRouter:
         async def go() -> None:
             if node is None or state == "booting":  # a pxelinux config fetch is a boot
                 r = self.booter.resolve(mac, uuid)
-                hostname = r.machine.hostname if r.machine else None
-                if hostname is None and r.profile is not None:
-                    hostname = self.booter.context(r, mac, uuid)["hostname"]
+                hostname = self.booter.hostname(r, mac) if r.profile else None
                 await self.http.record(registry.observe(
                     uuid, mac=mac, address=address, source="tftp", boot=True, hostname=hostname,
                     profile=r.profile.name if r.profile else None))

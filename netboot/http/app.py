@@ -109,10 +109,8 @@ async def node_ipxe(request: web.Request) -> web.Response:
     log.info("boot script: mac=%s uuid=%s from %s -> profile %s%s", mac or "-", uuid or "-",
              address, resolved.profile.name if resolved.profile else "none",
              f" ({resolved.reason})" if resolved.reason else "")
-    if ctx.registry is not None and uuid:
-        hostname = resolved.machine.hostname if resolved.machine else None
-        if hostname is None and resolved.profile is not None:
-            hostname = ctx.booter.context(resolved, mac, uuid)["hostname"]
+    if ctx.registry is not None and uuid and not resolved.local_boot:
+        hostname = ctx.booter.hostname(resolved, mac) if resolved.profile else None
         await ctx.record(ctx.registry.observe(
             uuid, mac=mac, address=address, source="ipxe", boot=True,
             serial=_param(request, "serial"), vendor=_param(request, "manufacturer"),
@@ -121,7 +119,19 @@ async def node_ipxe(request: web.Request) -> web.Response:
         await ctx.record(ctx.registry.transition(uuid, "booting", source="ipxe",
                                                  address=address))
     await ignition_outcome(ctx, resolved, uuid, address, "ipxe")
+    await boot_failed(ctx, resolved, uuid, address, "ipxe")
     return web.Response(text=script, content_type="text/plain")
+
+
+async def boot_failed(ctx: HttpContext, resolved: Any, uuid: str | None, address: str,
+                      source: str) -> None:
+    """A profile whose kernel arguments do not render: say why, and mark the node."""
+    if resolved.error is None:
+        return
+    log.error("not booting %s (%s via %s): %s", uuid or "-", address, source, resolved.error)
+    if ctx.registry is not None and uuid:
+        await ctx.record(ctx.registry.transition(uuid, "error", source=source,
+                                                 reason=resolved.error, address=address))
 
 
 async def ignition_outcome(ctx: HttpContext, resolved: Any, uuid: str | None, address: str,

@@ -1,0 +1,83 @@
+"""Boot policy through the real HTTP app and registry: `boot: once` keeps sending an
+installed machine to its disk on every later boot, and a profile whose kernel
+arguments do not render refuses with the reason instead of an HTTP 500."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from netboot.booter import Booter
+from netboot.config import ConfigStore
+from netboot.http.app import HttpContext, make_app
+from netboot.loaders import LoaderTable
+from netboot.metrics import Counters
+from netboot.registry import Registry
+
+UUID = "5db34dac-6aee-4034-9d7c-0037a295993e"
+MAC = "52:54:00:00:07:01"
+
+
+@pytest.fixture
+async def app_url(config_tree: Path) -> AsyncIterator[tuple[str, Registry, Path]]:
+    profiles = config_tree.parent / "profiles"
+    (profiles / "once.yaml").write_text("kernel: demo/vmlinuz\nboot: once\n"
+                                        "cmdline: 'host={{ hostname }}'\n")
+    (profiles / "broken.yaml").write_text("kernel: demo/vmlinuz\ncmdline: 'x={{ nosuchvar }}'\n")
+    machines = config_tree.parent / "machines"
+    (machines / "once.yaml").write_text(f'mac: "{MAC}"\nprofile: once\n')
+    (machines / "broken.yaml").write_text('mac: "52:54:00:00:07:02"\nprofile: broken\n')
+    store = ConfigStore(config_tree)
+    assert store.problems == []  # an undefined variable is only found when rendering
+    counters = Counters()
+    registry = await Registry.open(config_tree.parent / "data", secret=b"s" * 32,
+                                   counters=counters)
+    booter = Booter(store, "127.0.0.1", 8080, registry=registry)
+    ctx = HttpContext(booter, counters, config_tree.parent / "images", LoaderTable([]),
+                      registry=registry)
+    runner = web.AppRunner(make_app(ctx), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}", registry, config_tree
+    finally:
+        await runner.cleanup()
+        await registry.close()
+
+
+async def _script(session: aiohttp.ClientSession, url: str, mac: str, uuid: str) -> str:
+    async with session.get(f"{url}/ipxe/node", params={"uuid": uuid, "mac": mac}) as r:
+        assert r.status == 200
+        return await r.text()
+
+
+async def test_boot_once_stays_on_local_disk_on_every_later_boot(app_url) -> None:
+    url, registry, _ = app_url
+    async with aiohttp.ClientSession() as s:
+        first = await _script(s, url, MAC, UUID)
+        assert first.splitlines()[1].startswith("kernel ")
+        await registry.transition(UUID, "installed", source="test")
+        for _ in range(3):  # each later power cycle: local disk, and still 'installed'
+            again = await _script(s, url, MAC, UUID)
+            assert "booting from local disk" in again and "kernel " not in again
+            assert registry.get(UUID).state == "installed"
+        assert registry.get(UUID).boot_count == 1
+        await registry.patch(UUID, rearm=True)  # an admin re-arms: it installs again
+        assert (await _script(s, url, MAC, UUID)).splitlines()[1].startswith("kernel ")
+
+
+async def test_undefined_cmdline_variable_refuses_with_the_reason(app_url) -> None:
+    url, registry, _ = app_url
+    uuid = "11111111-0000-4000-8000-000000000002"
+    async with aiohttp.ClientSession() as s:
+        script = await _script(s, url, "52:54:00:00:07:02", uuid)
+    assert "NOT BOOTING" in script and "'nosuchvar' is undefined" in script
+    assert script.rstrip().endswith("exit 1")
+    node = registry.get(uuid)
+    assert node.state == "error" and "nosuchvar" in (node.reason or "")
