@@ -156,11 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     check.set_defaults(func=cmd_check)
 
-    for name in ("cli_nodes", "cli_render", "cli_probe", "cli_images"):
-        try:
-            module = __import__(f"netboot.{name}", fromlist=["add_parser"])
-        except ImportError:
-            continue
+    from . import cli_images, cli_nodes, cli_probe, cli_render
+
+    for module in (cli_nodes, cli_render, cli_probe, cli_images):
         module.add_parser(sub)
     return parser
 

@@ -107,7 +107,7 @@ class TftpRouter:
         text, resolved, uuid = self.booter.pxelinux(mac)
         if text is None:
             raise TftpError(1, "file not found")
-        self.http.by_address[client[0]] = (uuid, mac)
+        self.http.remember(client[0], uuid, mac)
         if resolved.local_boot:  # boot: once, installed: sent to its disk, not a boot
             return BytesProvider(text.encode())
 

@@ -190,13 +190,13 @@ class WebhookDispatcher:
                 if attempt + 1 == self.attempts:
                     self.counters.inc("webhook_deliveries_total", result="failed")
                     log.error("webhook %s for %s to %s: giving up after %d attempts: %s",
-                              d.event, d.uuid, d.url, self.attempts, problem)
+                              d.event, d.uuid, _host(d.url), self.attempts, problem)
                     return
                 self.counters.inc("webhook_deliveries_total", result="retry")
                 delay = min(self.max_delay, self.base_delay * 2 ** attempt)
                 delay *= random.uniform(0.75, 1.0)  # jitter: don't retry in lockstep
-                log.warning("webhook %s to %s failed (%s); retry in %.1fs", d.event, d.url,
-                            problem, delay)
+                log.warning("webhook %s to %s failed (%s); retry in %.1fs", d.event,
+                            _host(d.url), problem, delay)
                 await asyncio.sleep(delay)
         finally:
             self._slots.release()
@@ -211,3 +211,10 @@ class WebhookDispatcher:
                 return f"HTTP {r.status}"
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return f"{type(exc).__name__}: {exc}"
+
+
+def _host(url: str) -> str:
+    """What a log may say of a webhook URL: a Slack URL's path is its secret."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or "?"

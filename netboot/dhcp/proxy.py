@@ -91,9 +91,6 @@ class ProxyDhcp:
             c.inc("dhcp_ignored_total", reason="not-pxe")
             return None
         client = self._client(pkt, vendor, http_boot)
-        if client is None:
-            c.inc("dhcp_ignored_total", reason="bad-identity")
-            return None
         decision = self.booter.dhcp(client)
         if isinstance(decision, Ignore):
             c.inc("dhcp_ignored_total", reason="policy")
@@ -110,7 +107,7 @@ class ProxyDhcp:
         # port 4011: the client has an address by now and talks to us directly
         return Reply(reply, source[0], source[1])
 
-    def _client(self, pkt: P.DhcpPacket, vendor: bytes, http_boot: bool) -> Client | None:
+    def _client(self, pkt: P.DhcpPacket, vendor: bytes, http_boot: bool) -> Client:
         mac = pkt.chaddr[:6].hex(":")  # hlen is 6 here: normalise_mac's form, faster
         arch_opt = pkt.options.get(P.OPT_CLIENT_ARCH)
         code: int | None = None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,13 +53,22 @@ class HttpContext:
     registry: Registry | None = None
     started: float = field(default_factory=time.time)
     #: client address -> (uuid, mac) as identified by its boot script request
-    by_address: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)
+    by_address: OrderedDict[str, tuple[str | None, str | None]] = field(
+        default_factory=OrderedDict)
+    max_addresses: int = 100_000
     #: per-node Ignition configs and OEM archives (the same object as booter.artifacts)
     artifacts: Artifacts | None = None
     data_dir: Path | None = None
     #: why the registry cannot record (full or read-only data_dir...), for /health
     registry_problem: str | None = None
     _registry_logged: float = float("-inf")
+
+    def remember(self, address: str, uuid: str | None, mac: str | None) -> None:
+        """Which node an address just booted as (HTTP and TFTP), bounded."""
+        self.by_address[address] = (uuid, mac)
+        self.by_address.move_to_end(address)
+        if len(self.by_address) > self.max_addresses:
+            self.by_address.popitem(last=False)
 
     async def record(self, call: Awaitable[Any]) -> None:
         """Await a registry write; if the data dir fails, boots go on without it.
@@ -103,9 +113,7 @@ async def node_ipxe(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text=f"#!ipxe\necho netboot: {exc}\n") from None
     address = request.remote or ""
     script, resolved = ctx.booter.ipxe_script(mac, uuid)
-    ctx.by_address[address] = (uuid, mac)
-    if len(ctx.by_address) > 100_000:
-        ctx.by_address.pop(next(iter(ctx.by_address)))
+    ctx.remember(address, uuid, mac)
     log.info("boot script: mac=%s uuid=%s from %s -> profile %s%s", mac or "-", uuid or "-",
              address, resolved.profile.name if resolved.profile else "none",
              f" ({resolved.reason})" if resolved.reason else "")
