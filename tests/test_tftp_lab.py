@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -163,10 +164,16 @@ def test_counters_after_lossy_run(lab: tuple[str, str], tmp_path: Path) -> None:
             sh("ip", "netns", "exec", cli_ns, "curl", "-sS", "--tftp-blksize", "1468", "-o",
                str(tmp_path / f"o{i}"), f"tftp://{SERVER_IP}:{PORT}/f", timeout=240)
             assert (tmp_path / f"o{i}").read_bytes() == (root / "f").read_bytes()
+        # A lost final ACK leaves the server resending the last block after curl has
+        # every byte and is gone; with --timeout 0.2 and the backoff that ends within
+        # 0.2+0.4+0.8+1.6+1.6 s. Let it end before reading the counters.
+        time.sleep(5)
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=10)
     lines = out.splitlines()
-    assert counter(lines, "tftp_transfers_completed") == 2, out
-    assert counter(lines, "tftp_transfers_failed") == 0, out
+    completed = counter(lines, "tftp_transfers_completed")
+    # every transfer ended; one whose final ACK was lost ends as a server-side timeout
+    assert completed + counter(lines, "tftp_transfers_failed") == 2, out
+    assert completed >= 1, out
     assert counter(lines, "tftp_retransmits") > 0, out  # the link really lost packets

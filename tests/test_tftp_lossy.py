@@ -59,7 +59,13 @@ async def fetch_all(tmp_path: Path, clients: set[str], seed: int) -> None:
             await asyncio.sleep(0.05)
         assert srv.counters.get("tftp_retransmits") > 0
         # A lost final ACK leaves the server retrying after the client is done, so a
-        # transfer may end as a timeout on our side although the client has every byte.
+        # transfer may end as a timeout on our side although the client has every byte;
+        # with the retransmit backoff (1+2+4+8+8 s) that takes up to ~23 s.
+        for _ in range(400):
+            if srv.active == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert srv.active == 0, "a transfer never ended"
         ctr = srv.counters
         assert ctr.get("tftp_transfers_completed") + ctr.total("tftp_transfers_failed") == len(jobs)
     finally:
