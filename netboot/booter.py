@@ -73,6 +73,8 @@ class Resolved:
     error: str | None = None
     #: ``boot: once`` and installed: the machine was sent to its local disk (not a boot)
     local_boot: bool = False
+    #: template variables, built once per request (the node token is an HMAC)
+    variables: dict[str, Any] | None = None
 
 
 @dataclass
@@ -175,6 +177,12 @@ class Booter:
             "node_urls": node_urls,
         }
 
+    def _variables(self, r: Resolved, mac: str | None, uuid: str | None) -> dict[str, Any]:
+        """``context`` for this resolution, shared by the cmdline and Ignition renders."""
+        if r.variables is None:
+            r.variables = self.context(r, mac, uuid)
+        return r.variables
+
     @staticmethod
     def hostname(r: Resolved, mac: str | None) -> str:
         """The machine file's hostname, else one made from the MAC."""
@@ -208,7 +216,7 @@ class Booter:
 
     def cmdline(self, r: Resolved, mac: str | None, uuid: str | None) -> str:
         assert r.profile is not None
-        return self._render(r.profile.cmdline, self.context(r, mac, uuid))
+        return self._render(r.profile.cmdline, self._variables(r, mac, uuid))
 
     # -- HTTP: iPXE scripts ------------------------------------------------
     def chain_script(self) -> str:
@@ -263,7 +271,7 @@ class Booter:
             r.ignition_error = ("no SMBIOS UUID known for this machine; signed Ignition URLs "
                                 "are per UUID")
         else:
-            a = self.artifacts.render(r.profile, self.context(r, mac, uuid), uuid)
+            a = self.artifacts.render(r.profile, self._variables(r, mac, uuid), uuid)
             self.artifacts.issue(a)
             r.artifacts = a
             if a.ok:
