@@ -10,6 +10,7 @@ Only the lab's own addresses (10.77.x.0/24 inside these namespaces) are used.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,16 @@ VENV_BIN = Path(os.environ.get("NETBOOT_VENV_BIN", REPO / ".venv" / "bin"))
 
 def sh(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(args), check=check, capture_output=True, text=True, **kw)
+
+
+LEASE_LO, LEASE_HI = 100, 200
+"""Host parts of the lab site DHCP's (dnsmasq's) range: it leases .100 to .200."""
+
+
+def site_lease_in(out: str, subnet: int) -> bool:
+    """True if probe output shows an offer of a site lease on 10.<subnet>.0.0/24."""
+    return any(LEASE_LO <= int(host) <= LEASE_HI
+               for host in re.findall(rf"yiaddr 10\.{subnet}\.0\.(\d+)\b", out))
 
 
 def can_run_lab() -> str | None:
@@ -110,7 +121,7 @@ class Lab:
         leases = self.workdir / "dnsmasq.leases"
         self.spawn(self.ns_router, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
                    "--port=0", "--interface=eth0", "--bind-interfaces",
-                   f"--dhcp-range={self.net}.100,{self.net}.200,255.255.255.0,1h",
+                   f"--dhcp-range={self.net}.{LEASE_LO},{self.net}.{LEASE_HI},255.255.255.0,1h",
                    f"--dhcp-leasefile={leases}", "--log-dhcp",
                    log=self.workdir / "dnsmasq.log")
 
@@ -263,7 +274,7 @@ class Lab:
     def start_site_dhcp_for(self, *subnets: int) -> None:
         """The site's DHCP (addresses only) for our subnet and relayed ones; use
         instead of start_site_dhcp()."""
-        ranges = [f"--dhcp-range=10.{n}.0.100,10.{n}.0.200,255.255.255.0,1h"
+        ranges = [f"--dhcp-range=10.{n}.0.{LEASE_LO},10.{n}.0.{LEASE_HI},255.255.255.0,1h"
                   for n in (self.subnet, *subnets)]
         self.spawn(self.ns_router, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
                    "--port=0", "--interface=eth0", "--bind-interfaces", *ranges,
