@@ -77,9 +77,8 @@ async def test_retried_with_backoff_until_accepted(receiver: Receiver) -> None:
                           base_delay=0.05)
     d.start()
     try:
-        t0 = time.monotonic()
         assert d.emit("error", _node(), source="api", time=1_700_000_000.0) == 1
-        assert time.monotonic() - t0 < 0.05  # emit never waits for the network
+        assert receiver.attempts == 0  # emit only queues: it never waits for the network
         await receiver.wait_for(1)
     finally:
         await d.close()
