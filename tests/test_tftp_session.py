@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import os
 import random
 
@@ -10,7 +11,7 @@ import pytest
 from netboot.tftp import packet as pk
 from netboot.tftp.provider import BytesProvider
 from netboot.tftp.session import Outcome, ReadSession, negotiate
-from tests.tftp_helpers import SimClient, lossy
+from tests.tftp_helpers import AtftpClient, SimClient, lossy
 
 
 class UnsizedProvider(BytesProvider):
@@ -351,3 +352,92 @@ def test_random_loss_dup_reorder_delivers_intact(seed: int, ws: int) -> None:
         to_client = lossy(to_client, rng, 0.15, 0.05, 0.2)
     assert s.outcome is Outcome.COMPLETED, s.reason
     assert client.done and bytes(client.data) == content
+
+
+def test_backoff_leaves_silences_longer_than_a_client_timer() -> None:
+    """Defaults: resends 1, 2, 4, 8, 8 s apart, so a client that only re-ACKs after 5 s of
+    silence (atftp) gets two chances; its late ACK is progress and slides the window."""
+    s = windowed(os.urandom(512 * 40), 4)
+    s.receive(pk.encode_ack(0), 0.0)
+    s.receive(pk.encode_ack(4), 0.0)  # 5-8 out; the client's ACK 8 is lost
+    sent = []
+    now = 0.0
+    while s.deadline is not None and len(sent) < 4:
+        now = s.deadline
+        assert blocks(s.on_timer(now)) == [5, 6, 7, 8]
+        sent.append(now)
+    assert sent == [1.0, 2.0, 4.0, 8.0] and s.deadline == 16.0
+    assert blocks(s.receive(pk.encode_ack(8), 13.0)) == [9, 10, 11, 12]  # its timer, at 8 + 5
+    assert s.deadline == 14.0 and s._tries_at != s._acked  # next timeout counts from one again
+
+
+def run_atftp(content: bytes, ws: int, seed: int, *, timeout: float, retries: int,
+              client_timeout: float) -> tuple[ReadSession, AtftpClient]:
+    """Event-driven: the session and atftp's receiver over a link with 10% loss, 2%
+    duplication, a quarter of the packets held back 2-6 ms. The option handshake is
+    left out (atftp aborts on a second OACK, see tests/test_tftp_lossy.py)."""
+    rng = random.Random(seed)
+    s = ReadSession(BytesProvider(content), {"blksize": "512", "windowsize": str(ws)},
+                    timeout=timeout, retries=retries)
+    c = AtftpClient(blksize=512, windowsize=ws, timeout=client_timeout)
+    s.start(0.0)
+    c.deadline = client_timeout
+    queue: list[tuple[float, int, bool, bytes]] = []  # (arrival, seq, to_client, packet)
+    seq = 0
+
+    def send(packets: list, now: float, to_client: bool) -> None:
+        nonlocal seq
+        for p in packets:
+            if rng.random() < 0.10:
+                continue
+            for _ in range(2 if rng.random() < 0.02 else 1):
+                delay = 0.0002 + (0.002 + rng.random() * 0.004 if rng.random() < 0.25 else 0)
+                seq += 1
+                heapq.heappush(queue, (now + delay, seq, to_client, bytes(p)))
+
+    send(s.receive(pk.encode_ack(0), 0.0), 0.0, True)
+    while not s.done or not (c.done or c.aborted):
+        times = [queue[0][0]] if queue else []
+        if s.deadline is not None:
+            times.append(s.deadline)
+        if not (c.done or c.aborted):
+            times.append(c.deadline)
+        if not times:
+            break
+        now = min(times)
+        if queue and queue[0][0] == now:
+            _, _, to_client, p = heapq.heappop(queue)
+            if not to_client:
+                send(s.receive(p, now), now, True)
+            elif not (c.done or c.aborted):
+                send(c.on_packet(p, now), now, False)
+        elif s.deadline == now:
+            send(s.on_timer(now), now, True)
+        else:
+            send(c.on_timer(now), now, False)
+    return s, c
+
+
+@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("ws", [4, 8])
+def test_atftp_receiver_through_loss_completes(seed: int, ws: int) -> None:
+    content = random.Random(seed).randbytes(512 * 300 + 7)
+    s, c = run_atftp(content, ws, seed, timeout=1.0, retries=5, client_timeout=5.0)
+    assert c.done and bytes(c.data) == content
+    # a lost final ACK leaves the server to time out after the client has everything
+    assert s.outcome is Outcome.COMPLETED or s.reason == "timeout"
+
+
+def test_atftp_receiver_stalls_when_resends_never_leave_it_silence() -> None:
+    """The model reproduces the stall seen with the real client: resends never more than
+    0.8 s apart keep restarting its 5 s timer, and it ignores them all (no ACK)."""
+    stalled = 0
+    for seed in range(16):
+        content = random.Random(seed).randbytes(512 * 300 + 7)
+        s, c = run_atftp(content, 4, seed, timeout=0.1, retries=10, client_timeout=5.0)
+        if not c.done:
+            assert s.reason == "timeout" and c.extra_ack and c.last == s._sent_hi
+            stalled += 1
+        else:
+            assert bytes(c.data) == content
+    assert stalled > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from netboot.tftp import packet as pk
@@ -101,6 +102,69 @@ class SimClient:
         return [pk.encode_ack(self.expected - 1)]
 
 
+@dataclass
+class AtftpClient:
+    """Receiver side as atftp 0.8.0 (tftp_file.c) does it, for sequences no RFC client makes.
+
+    It counts `windowsize` in-order blocks from its own last ACK (not from the sender's
+    window) and then ACKs. A block that is not the next one gets one "extra" ACK of the
+    last in-order block; every further wrong block is ignored, without an ACK, until an
+    in-order block arrives or its own timer fires. That timer is a select() restarted by
+    every packet received, so while a sender keeps retransmitting blocks it already has,
+    it never fires: once that one extra ACK is lost, only `timeout` seconds of silence
+    from the sender get the transfer going again. Wire block numbers are taken as
+    absolute (no rollover: keep contents under 65535 blocks).
+    """
+
+    blksize: int
+    windowsize: int
+    timeout: float = 5.0  # atftp's default; --tftp-timeout sets it
+    retries: int = 5  # NB_OF_RETRY: consecutive timeouts before it gives up
+    data: bytearray = field(default_factory=bytearray)
+    last: int = 0  # last block received in order
+    in_window: int = 0
+    extra_ack: bool = False
+    done: bool = False
+    aborted: bool = False
+    timeouts: int = 0
+    deadline: float = 0.0
+
+    def on_packet(self, pkt: bytes, now: float) -> list[bytes]:
+        if pk.opcode_of(pkt) == pk.ERROR:
+            self.aborted = True
+            return []
+        self.deadline = now + self.timeout
+        self.timeouts = 0
+        block, payload = pk.parse_data(pkt)
+        if block != self.last + 1:
+            if self.extra_ack:
+                return []
+            self.extra_ack = True
+            self.in_window = 0
+            return [pk.encode_ack(self.last)]
+        self.extra_ack = False
+        self.data += payload
+        self.last = block
+        self.in_window += 1
+        if len(payload) < self.blksize:
+            self.done = True
+            return [pk.encode_ack(self.last)]
+        if self.in_window >= self.windowsize:
+            self.in_window = 0
+            return [pk.encode_ack(self.last)]
+        return []
+
+    def on_timer(self, now: float) -> list[bytes]:
+        self.timeouts += 1
+        if self.timeouts > self.retries:
+            self.aborted = True
+            return []
+        self.extra_ack = False
+        self.in_window = 0
+        self.deadline = now + self.timeout
+        return [pk.encode_ack(self.last)]
+
+
 def lossy(packets: list[bytes], rng: random.Random, loss: float, dup: float,
           reorder: float) -> list[bytes]:
     """Apply loss, duplication and adjacent swaps to a burst of packets."""
@@ -123,12 +187,14 @@ class LossyRelay:
     Stands in for netem where the kernel lacks it. Clients talk to `port`; each client
     gets its own upstream socket, so the server sees distinct peers and real TIDs.
     A reordered packet is held back a few milliseconds, so later ones overtake it.
+    Packets for which `spare` is true pass undamaged (see tests/test_tftp_lossy.py).
     """
 
     def __init__(self, server: tuple[str, int], *, loss: float, reorder: float, dup: float,
-                 seed: int = 1):
+                 seed: int = 1, spare: Callable[[bytes], bool] | None = None):
         self.server = server
         self.loss, self.reorder, self.dup = loss, reorder, dup
+        self.spare = spare
         self.rng = random.Random(seed)
         self.loop = asyncio.get_running_loop()
         self.front = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -141,6 +207,9 @@ class LossyRelay:
         self.loop.add_reader(self.front.fileno(), self._from_client)
 
     def _deliver(self, sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
+        if self.spare is not None and self.spare(data):
+            self._send(sock, data, addr)
+            return
         rng = self.rng
         if rng.random() < self.loss:
             self.dropped += 1
