@@ -116,10 +116,14 @@ def test_lossy_link_all_clients_complete(served: tuple[str, Path, list[str]],
         out = tmp_path / "curl512"
         jobs.append((["curl", "-sS", "-o", str(out), f"{url}/f512x"], out, "f512x"))
     if shutil.which("atftp"):
-        for ws in ("1",):  # windowed atftp under loss: see the xfail in test_tftp_lossy.py
-            out = tmp_path / f"atftp-{ws}"
-            jobs.append((["atftp", "--option", "blksize 1468", "--option", f"windowsize {ws}",
-                          "-g", "-r", "f400k", "-l", str(out), SERVER_IP, str(PORT)], out, "f400k"))
+        # Plain RFC 1350, no options: atftp 0.8.0 aborts on a resent OACK (which a lost
+        # ACK 0 causes), and after a lost "extra" ACK it waits for more silence than its
+        # timer before it ACKs again, so it gets a 1 s timer against our gaps of up to
+        # 1.6 s (docs/tftp.md, "Known limitations"; windowed atftp through loss:
+        # tests/test_tftp_lossy.py).
+        out = tmp_path / "atftp"
+        jobs.append((["atftp", "--tftp-timeout", "1", "-g", "-r", "f512x", "-l", str(out),
+                      SERVER_IP, str(PORT)], out, "f512x"))
     if shutil.which("tftp"):
         jobs.append((["tftp", SERVER_IP, str(PORT), "-m", "binary", "-c", "get", "f512x",
                       str(tmp_path / "hpa")], tmp_path / "hpa", "f512x"))
