@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 BENCHES: dict[str, list[str]] = {
     "dhcp": ["dhcp_bench.py", "--duration", "3", "--start", "5000", "--ceiling", "80000"],
     "dhcp-l2": ["dhcp_load.py", "--duration", "3", "--start", "4000", "--ceiling", "60000"],
-    "tftp": ["tftp_bench.py", "--reps", "3", "--clients", "200", "--pin", "1"],
+    "tftp": ["tftp_bench.py", "--reps", "5", "--clients", "200", "--pin", "1"],
     "http": ["http_bench.py", "--rounds", "2"],
     "render": ["render_bench.py", "--machines", "1000", "--repeats", "1000"],
     "storm": ["storm.py", "-n", "100", "-n", "1000"],

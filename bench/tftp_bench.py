@@ -137,9 +137,9 @@ def other_cpus(cpu: int) -> str | None:
     return ",".join(map(str, rest)) if rest else None
 
 
-def herd(s: Server, root: Path, tmp: Path, n: int, reps: int,
+def herd(s: Server, root: Path, tmp: Path, n: int,
          client_cpus: str | None) -> tuple[float, int, float | None]:
-    """n concurrent curl fetches, reps times: median seconds, failures, median server CPU s.
+    """n concurrent curl fetches: seconds, failures, the server's CPU seconds for them.
 
     The clients stand for n other machines, so they run off the server's CPU: sharing it,
     they would compete with the server for its own core (CFS gives one event-loop process
@@ -147,32 +147,48 @@ def herd(s: Server, root: Path, tmp: Path, n: int, reps: int,
     """
     want = (root / "small").read_bytes()
     assert s.cpu is not None
-    times: list[float] = []
-    cpu: list[float] = []
-    failed = 0
-    for rep in range(reps):
-        d = tmp / f"herd-{s.name}-{rep}"
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir()
-        argv = ["curl", "-s", "--tftp-blksize", "1468"]
-        if client_cpus is not None:
-            argv = ["taskset", "-c", client_cpus, *argv]
-        c0 = s.cpu.read()
-        t0 = time.perf_counter()
-        procs = [subprocess.Popen([*argv, "-o", str(d / str(i)),
-                                   f"tftp://127.0.0.1:{s.port}/small"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for i in range(n)]
-        codes = [p.wait(600) for p in procs]
-        times.append(time.perf_counter() - t0)
-        c1 = s.cpu.read()
-        if c0 is not None and c1 is not None:
-            cpu.append(c1 - c0)
-        failed += sum(1 for i, c in enumerate(codes)
-                      if c != 0 or not (d / str(i)).exists()
-                      or (d / str(i)).read_bytes() != want)
-        shutil.rmtree(d, ignore_errors=True)
-    return statistics.median(times), failed, statistics.median(cpu) if cpu else None
+    d = tmp / f"herd-{s.name}"
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    argv = ["curl", "-s", "--tftp-blksize", "1468"]
+    if client_cpus is not None:
+        argv = ["taskset", "-c", client_cpus, *argv]
+    c0 = s.cpu.read()
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([*argv, "-o", str(d / str(i)), f"tftp://127.0.0.1:{s.port}/small"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for i in range(n)]
+    codes = [p.wait(600) for p in procs]
+    dt = time.perf_counter() - t0
+    c1 = s.cpu.read()
+    failed = sum(1 for i, c in enumerate(codes)
+                 if c != 0 or not (d / str(i)).exists() or (d / str(i)).read_bytes() != want)
+    shutil.rmtree(d, ignore_errors=True)
+    return dt, failed, None if c0 is None or c1 is None else c1 - c0
+
+
+def herds(servers: list[Server], root: Path, tmp: Path, n: int, reps: int,
+          client_cpus: str | None) -> None:
+    """The herd, rounds alternating between the servers (all running, each on its own
+    port), so a drift in the host's speed hits every server alike; medians into results."""
+    runs: dict[str, list[tuple[float, int, float | None]]] = {s.name: [] for s in servers}
+    for s in servers:
+        start(s)
+    try:
+        for _ in range(reps):
+            for s in servers:
+                runs[s.name].append(herd(s, root, tmp, n, client_cpus))
+    finally:
+        for s in servers:
+            stop(s)
+    for s in servers:
+        rs = runs[s.name]
+        used = [u for _, _, u in rs if u is not None]
+        s.results["herd_s"] = statistics.median(dt for dt, _, _ in rs)
+        s.results["herd_failed"] = sum(f for _, f, _ in rs)
+        s.results["herd_cpu"] = statistics.median(used) if used else None
+        s.results["herd_rounds"] = [dt for dt, _, _ in rs]
+        print(f"   {s.name} herd: {[round(dt, 2) for dt, _, _ in rs]} s", file=sys.stderr)
 
 
 def fmt(v: float | None, unit: str) -> str:
@@ -181,7 +197,7 @@ def fmt(v: float | None, unit: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=3, help="runs of each stream and herd; medians")
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--pin", type=int, default=1,
                     help="CPU of the servers and stream clients (herd clients: the others); "
@@ -223,12 +239,11 @@ def main() -> None:
             try:
                 s.results["ws1"] = stream(s, "curl", root, tmp, args.reps, cpu) or 0.0
                 s.results["ws4"] = stream(s, "atftp", root, tmp, args.reps, cpu) or 0.0
-                dt, failed, used = herd(s, root, tmp, args.clients, args.reps, other_cpus(cpu))
-                s.results["herd_s"], s.results["herd_failed"] = dt, failed
-                s.results["herd_cpu"] = used
             finally:
                 stop(s)
             print(f"   {s.results}", file=sys.stderr)
+        print("== herd", file=sys.stderr)
+        herds(servers, root, tmp, args.clients, args.reps, other_cpus(cpu))
     hpa = servers[2].results
     # Peers have no windowsize, so both of their columns are lock-step figures.
     best_peer_ws1 = max(p.results[k] for p in servers[2:] for k in ("ws1", "ws4"))
@@ -254,6 +269,10 @@ def main() -> None:
             "(target <= 1, zero failures)"
             + (f", using {r['herd_cpu'] / hpa['herd_cpu']:.2f}x its CPU for them"
                if r["herd_cpu"] and hpa["herd_cpu"] else ""))
+    lines.append("")
+    lines.append("Herd rounds in order (s; rounds alternate between the servers): " + "; ".join(
+        f"{s.name} " + ", ".join(f"{dt:.2f}" for dt in s.results["herd_rounds"])
+        for s in servers))
     table = "\n".join(lines)
     print(table)
     if args.write:

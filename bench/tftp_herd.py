@@ -54,7 +54,7 @@ def main() -> None:
         try:
             for rep in range(args.reps):
                 for s in servers:
-                    dt, failed, used = herd(s, root, tmp, args.clients, 1, clients)
+                    dt, failed, used = herd(s, root, tmp, args.clients, clients)
                     runs[s.name].append((dt, used))
                     cpu_s = "n/a" if used is None else f"{used:.2f} s CPU"
                     print(f"run {rep + 1}: {s.name}: {dt:.2f} s, {failed} failed, {cpu_s}",
