@@ -30,6 +30,13 @@ def sh(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 LEASE_LO, LEASE_HI = 100, 200
 """Host parts of the lab site DHCP's (dnsmasq's) range: it leases .100 to .200."""
 
+RESERVED_LO, RESERVED_N = 10, 40
+"""Guests get fixed addresses .10 to .49 from the site DHCP (dnsmasq --dhcp-hostsdir), as
+racks usually do. Without them dnsmasq, which does not hold an address it offered, can
+offer one address to several guests powered on together (its start address is a hash of
+the MAC, and lab MACs differ in the last byte only); the losers get DHCPNAK, and iPXE
+ignores NAKs and retries its REQUEST until it gives up."""
+
 
 def site_lease_in(out: str, subnet: int) -> bool:
     """True if probe output shows an offer of a site lease on 10.<subnet>.0.0/24."""
@@ -122,8 +129,23 @@ class Lab:
         self.spawn(self.ns_router, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
                    "--port=0", "--interface=eth0", "--bind-interfaces",
                    f"--dhcp-range={self.net}.{LEASE_LO},{self.net}.{LEASE_HI},255.255.255.0,1h",
+                   f"--dhcp-hostsdir={self.hosts_dir()}",
                    f"--dhcp-leasefile={leases}", "--log-dhcp",
                    log=self.workdir / "dnsmasq.log")
+
+    def hosts_dir(self) -> Path:
+        """dnsmasq's --dhcp-hostsdir: one file per guest reserving its address."""
+        d = self.workdir / "dhcp-hosts"
+        d.mkdir(exist_ok=True)
+        return d
+
+    def reserve(self, mac: str, idx: int) -> None:
+        """A fixed address for a guest on this lab's subnet (see RESERVED_LO), if this
+        lab's workdir holds the site DHCP's hosts dir (a relayed far lab may not)."""
+        if (self.workdir / "dhcp-hosts").is_dir() and idx < RESERVED_N:
+            f = self.hosts_dir() / mac.replace(":", "-")
+            if not f.exists():  # the same MAC booted again keeps its address
+                f.write_text(f"{mac},{self.net}.{RESERVED_LO + idx}\n")
 
     def spawn(self, ns: str, *args: str, log: Path, env: dict | None = None) -> subprocess.Popen:
         out = open(log, "ab")
@@ -166,6 +188,7 @@ class Lab:
         self.ns(self.ns_lab, "ip", "link", "set", tap, "master", "br0", "up")
         mac = mac or f"52:54:00:{int(self.tag[:2], 16):02x}:{idx // 256:02x}:{idx % 256:02x}"
         uuid = uuid or str(uuidlib.uuid4())
+        self.reserve(mac, idx)
         g = Guest(f"g{idx}", mac, uuid, serial, firmware, self.workdir / f"guest{idx}.log")
         cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-smp", "1",
                "-smbios", f"type=1,uuid={uuid},serial={serial},manufacturer={vendor},"
@@ -278,6 +301,7 @@ class Lab:
                   for n in (self.subnet, *subnets)]
         self.spawn(self.ns_router, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
                    "--port=0", "--interface=eth0", "--bind-interfaces", *ranges,
+                   f"--dhcp-hostsdir={self.hosts_dir()}",
                    f"--dhcp-leasefile={self.workdir / 'dnsmasq.leases'}", "--log-dhcp",
                    log=self.workdir / "dnsmasq.log")
 
