@@ -16,11 +16,11 @@ from typing import Any
 from aiohttp import web
 
 from .artifacts import Artifacts
-from .booter import Booter
+from .booter import Booter, Resolved
 from .config import ConfigStore, ServerConfig
 from .dhcp.proxy import ProxyDhcp
 from .dhcp.server import start_dhcp
-from .http.app import HttpContext, boot_failed, ignition_outcome, make_app
+from .http.app import HttpContext, boot_outcome, make_app
 from .identity import IdentityError, normalise_mac, normalise_uuid
 from .images import check_profile_images
 from .loaders import LoaderTable
@@ -111,11 +111,8 @@ class TftpRouter:
         if resolved.local_boot:  # boot: once, installed: sent to its disk, not a boot
             return BytesProvider(text.encode())
 
-        async def outcome() -> None:
-            await ignition_outcome(self.http, resolved, uuid, client[0], "tftp")
-            await boot_failed(self.http, resolved, uuid, client[0], "tftp")
-
-        self._transition(client[0], "booting", then=outcome)
+        self._transition(client[0], "booting", boot=resolved, then=lambda: boot_outcome(
+            self.http, resolved, uuid, client[0], "tftp"))
         if resolved.ignition_error is None and resolved.artifacts is not None \
                 and self.http.artifacts is not None:
             self.http.artifacts.grant(client[0], resolved.artifacts.uuid)
@@ -148,7 +145,12 @@ class TftpRouter:
         return BytesProvider(a.archive)
 
     def _transition(self, address: str, state: str, only_from: str | None = None,
-                    then: Any = None) -> None:
+                    boot: Resolved | None = None, then: Any = None) -> None:
+        """Move the node that booted from ``address`` to ``state``, off the reply path.
+
+        ``boot``: the resolution a pxelinux config was just made from; that fetch is a
+        boot, recorded with the profile and hostname it was given.
+        """
         registry = self.http.registry
         uuid, mac = self.http.by_address.get(address, (None, None))
         if registry is None or uuid is None:
@@ -160,12 +162,11 @@ class TftpRouter:
             return
 
         async def go() -> None:
-            if node is None or state == "booting":  # a pxelinux config fetch is a boot
-                r = self.booter.resolve(mac, uuid)
-                hostname = self.booter.hostname(r, mac) if r.profile else None
+            if boot is not None:
+                hostname = self.booter.hostname(boot, mac) if boot.profile else None
                 await self.http.record(registry.observe(
                     uuid, mac=mac, address=address, source="tftp", boot=True, hostname=hostname,
-                    profile=r.profile.name if r.profile else None))
+                    profile=boot.profile.name if boot.profile else None))
             await self.http.record(registry.transition(uuid, state, source="tftp",
                                                        address=address))
             if then is not None:

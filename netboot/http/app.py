@@ -126,9 +126,15 @@ async def node_ipxe(request: web.Request) -> web.Response:
             hostname=hostname, profile=resolved.profile.name if resolved.profile else None))
         await ctx.record(ctx.registry.transition(uuid, "booting", source="ipxe",
                                                  address=address))
-    await ignition_outcome(ctx, resolved, uuid, address, "ipxe")
-    await boot_failed(ctx, resolved, uuid, address, "ipxe")
+    await boot_outcome(ctx, resolved, uuid, address, "ipxe")
     return web.Response(text=script, content_type="text/plain")
+
+
+async def boot_outcome(ctx: HttpContext, resolved: Any, uuid: str | None, address: str,
+                       source: str) -> None:
+    """After a boot script or pxelinux config was handed out: report what failed in it."""
+    await ignition_outcome(ctx, resolved, uuid, address, source)
+    await boot_failed(ctx, resolved, uuid, address, source)
 
 
 async def boot_failed(ctx: HttpContext, resolved: Any, uuid: str | None, address: str,
