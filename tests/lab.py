@@ -133,17 +133,21 @@ class Lab:
                    f"--dhcp-leasefile={leases}", "--log-dhcp",
                    log=self.workdir / "dnsmasq.log")
 
+    @property
+    def hosts_path(self) -> Path:
+        """dnsmasq's --dhcp-hostsdir (one file per guest reserving its address); it
+        exists once this lab has started the site DHCP."""
+        return self.workdir / "dhcp-hosts"
+
     def hosts_dir(self) -> Path:
-        """dnsmasq's --dhcp-hostsdir: one file per guest reserving its address."""
-        d = self.workdir / "dhcp-hosts"
-        d.mkdir(exist_ok=True)
-        return d
+        self.hosts_path.mkdir(exist_ok=True)
+        return self.hosts_path
 
     def reserve(self, mac: str, idx: int) -> None:
         """A fixed address for a guest on this lab's subnet (see RESERVED_LO), if this
-        lab's workdir holds the site DHCP's hosts dir (a relayed far lab may not)."""
-        if (self.workdir / "dhcp-hosts").is_dir() and idx < RESERVED_N:
-            f = self.hosts_dir() / mac.replace(":", "-")
+        lab runs the site DHCP (a relayed far lab does not)."""
+        if self.hosts_path.is_dir() and idx < RESERVED_N:
+            f = self.hosts_path / mac.replace(":", "-")
             if not f.exists():  # the same MAC booted again keeps its address
                 f.write_text(f"{mac},{self.net}.{RESERVED_LO + idx}\n")
 
