@@ -40,6 +40,13 @@ class Server:
     results: dict[str, Any] = field(default_factory=dict)
 
 
+def netboot_argv(root: Path, port: int, *extra: str) -> list[str]:
+    """The standalone netboot TFTP server on 127.0.0.1:port, limits out of the way."""
+    return [sys.executable, "-m", "netboot.tftp.server", "--root", str(root), "--host",
+            "127.0.0.1", "--port", str(port), "--max-per-client", "10000",
+            "--max-transfers", "10000", *extra]
+
+
 def pin(argv: list[str], cpu: int) -> list[str]:
     return argv if cpu < 0 else ["taskset", "-c", str(cpu), *argv]
 
@@ -219,11 +226,9 @@ def main() -> None:
         (root / "small").write_bytes(small)
         for f in root.iterdir():
             f.chmod(0o644)
-        py = [sys.executable, "-m", "netboot.tftp.server", "--root", str(root), "--host",
-              "127.0.0.1", "--max-per-client", "10000", "--max-transfers", "10000"]
         servers = [
-            Server("netboot (asyncio)", pin([*py, "--port", "16901"], cpu), 16901, True),
-            Server("netboot (uvloop)", pin([*py, "--port", "16902", "--uvloop"], cpu), 16902,
+            Server("netboot (asyncio)", pin(netboot_argv(root, 16901), cpu), 16901, True),
+            Server("netboot (uvloop)", pin(netboot_argv(root, 16902, "--uvloop"), cpu), 16902,
                    True),
             Server("tftpd-hpa 5.2", pin(["in.tftpd", "-L", "-s", str(root), "-a",
                                          "127.0.0.1:16903"], cpu), 16903, False),

@@ -20,7 +20,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.tftp_bench import Server, herd, other_cpus, pin, start, stop  # noqa: E402
+from bench.tftp_bench import (  # noqa: E402
+    Server,
+    herd,
+    netboot_argv,
+    other_cpus,
+    pin,
+    start,
+    stop,
+)
 
 
 def main() -> None:
@@ -40,9 +48,7 @@ def main() -> None:
         ipxe = Path("/usr/lib/ipxe/ipxe.efi")
         (root / "small").write_bytes(ipxe.read_bytes() if ipxe.exists() else os.urandom(1 << 20))
         (root / "small").chmod(0o644)
-        nb = pin([sys.executable, "-m", "netboot.tftp.server", "--root", str(root), "--host",
-                  "127.0.0.1", "--port", "16902", "--uvloop", "--max-per-client", "10000",
-                  "--max-transfers", "10000"], cpu)
+        nb = pin(netboot_argv(root, 16902, "--uvloop"), cpu)
         if args.nice:
             nb = ["nice", "-n", str(args.nice), *nb]
         servers = [Server("netboot (uvloop)", nb, 16902, True),
