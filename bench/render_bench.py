@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Ignition rendering cost on the boot path: N distinct machines, then repeats.
 
-Each distinct machine goes through ``Booter.ipxe_script`` exactly as a boot
-does: context, jinja2 render of the bundled ``swarm-worker`` template, YAML,
+Each distinct machine goes through ``Booter.decide`` and ``ipxe.render`` exactly
+as a boot does: context, jinja2 render of the bundled ``swarm-worker`` template, YAML,
 strict validation, canonical JSON, newc cpio + gzip -9, signed OEM URL. Then
 an unchanged machine asks again: that must be a render-cache hit.
 
@@ -18,8 +18,10 @@ import time
 import uuid as uuidlib
 from pathlib import Path
 
-from netboot.artifacts import Artifacts
-from netboot.booter import Booter
+from netboot.artifacts import Artifacts, NodeArtifacts
+from netboot.boot import ipxe
+from netboot.boot.booter import Booter
+from netboot.boot.spec import BootSpec
 from netboot.config import ConfigStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,6 +53,14 @@ def setup(root: Path) -> tuple[Booter, Artifacts]:
     return Booter(store, "10.0.0.2", 8080, artifacts=artifacts), artifacts
 
 
+def script(booter: Booter, mac: str, uuid: str) -> BootSpec:
+    """Decide and render one boot script, as /ipxe/node does; the decision."""
+    d = booter.decide(mac, uuid)
+    ipxe.render(d, booter.base_url)
+    assert isinstance(d, BootSpec), d
+    return d
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--machines", type=int, default=1000)
@@ -60,31 +70,33 @@ def main() -> None:
         booter, artifacts = setup(Path(tmp))
         nodes = [(f"52:54:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}",
                   str(uuidlib.UUID(int=i + 1))) for i in range(args.machines)]
-        booter.ipxe_script("52:54:ff:ff:ff:ff", str(uuidlib.UUID(int=1 << 100)))  # warm-up
+        script(booter, "52:54:ff:ff:ff:ff", str(uuidlib.UUID(int=1 << 100)))  # warm-up
         c = artifacts.counters
         renders0 = c.get("ignition_renders_total", result="ok")
         per: list[float] = []
+        results: dict[str, NodeArtifacts] = {}
         t0 = time.perf_counter()
         for mac, uuid in nodes:
             t = time.perf_counter()
-            _, r = booter.ipxe_script(mac, uuid)
+            d = script(booter, mac, uuid)
             per.append(time.perf_counter() - t)
-            assert r.artifacts is not None and r.artifacts.ok, r.ignition_error
+            assert d.oem is not None and d.oem.ok
+            results[uuid] = d.oem
         total = time.perf_counter() - t0
         renders = c.get("ignition_renders_total", result="ok") - renders0
-        sizes = [len(artifacts.issued(u).archive) for _, u in nodes]  # type: ignore[union-attr]
-        digests = {artifacts.issued(u).digest for _, u in nodes}  # type: ignore[union-attr]
+        sizes = [len(results[u].archive or b"") for _, u in nodes]
+        digests = {results[u].digest for _, u in nodes}
 
         mac, uuid = nodes[len(nodes) // 2]
-        first = artifacts.issued(uuid)
+        first = results[uuid]
         hits0 = c.get("ignition_cache_hits_total")
         hit_t: list[float] = []
         for _ in range(args.repeats):
             t = time.perf_counter()
-            _, r = booter.ipxe_script(mac, uuid)
+            d = script(booter, mac, uuid)
             hit_t.append(time.perf_counter() - t)
         hits = c.get("ignition_cache_hits_total") - hits0
-        assert r.artifacts is first, "a repeat must be the cached object"
+        assert d.oem is first, "a repeat must be the cached object"
 
         # the render-cache lookup alone (what a repeat costs beyond building the script)
         profile = booter.config.snapshot.profiles["flatcar"]

@@ -43,7 +43,7 @@ from bench.storm_lab import (  # noqa: E402
 _QUERY = "uuid=${uuid}&mac=${netX/mac}&" + "&".join(
     f"{k}=${{{k}:uristring}}" for k in ("serial", "manufacturer", "product", "asset",
                                        "platform", "buildarch"))
-# what netboot's Booter.chain_script() serves, as a static file
+# what netboot serves as /boot.ipxe (netboot.boot.ipxe.chain_script), as a static file
 BOOT_IPXE = ("#!ipxe\nchain --autofree http://{addr}:8080/ipxe/node?" + _QUERY
              + " || goto failed\nexit\n:failed\n"
              "echo no boot script for this machine; retrying in 10s\nsleep 10\nreboot\n")

@@ -49,11 +49,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 async def node_artifacts(args: argparse.Namespace) -> Any:
     """The node's NodeArtifacts, built exactly as ``serve`` builds them."""
     from .artifacts import Artifacts
-    from .booter import Booter
+    from .boot.booter import Booter
     from .config import ConfigError, ConfigStore
     from .identity import IdentityError, normalise_mac, normalise_uuid
-    from .registry import Registry
     from .server import SetupError, load_secret, pick_address
+    from .storage.registry import Registry
 
     try:
         store = ConfigStore(args.config, interface=args.interface, address=args.address,
@@ -84,8 +84,7 @@ async def node_artifacts(args: argparse.Namespace) -> Any:
         if mac is not None:
             node = registry.by_mac(mac)
             machine = snap.machines_by_mac.get(mac)
-            uuid = (node.uuid if node else None) or (machine.uuid if machine else None) \
-                or booter.uuid_for_mac(mac)
+            uuid = (node.uuid if node else None) or (machine.uuid if machine else None)
             if uuid is None:
                 raise RenderError(f"no UUID known for {mac}: Ignition URLs and configs are "
                                   "per SMBIOS UUID; boot it once or give its UUID")
@@ -97,11 +96,12 @@ async def node_artifacts(args: argparse.Namespace) -> Any:
                 mac = node.macs[0]
             elif machine is not None and machine.all_macs:
                 mac = machine.all_macs[0]
-        a, r = booter.node_artifacts(mac, uuid)
-        if r.profile is None:
-            raise RenderError(f"{args.node}: not booted by netboot: {r.reason}")
+        if booter.resolve(mac, uuid).profile is None:
+            raise RenderError(f"{args.node}: not booted by netboot: "
+                              f"{booter.resolve(mac, uuid).reason}")
+        a, why = booter.artifacts_for(mac, uuid)
         if a is None or not a.ok:
-            raise RenderError(f"{args.node}: {r.ignition_error}")
+            raise RenderError(f"{args.node}: {why}")
         return a
     finally:
         await registry.close()

@@ -9,6 +9,8 @@ import os
 import secrets
 import signal
 import sqlite3
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,20 +18,23 @@ from typing import Any
 from aiohttp import web
 
 from .artifacts import Artifacts
-from .booter import Booter, Resolved
+from .boot.booter import Booter
+from .boot.lifecycle import Lifecycle
+from .boot.sightings import Sightings
 from .config import ConfigStore, ServerConfig
 from .dhcp.proxy import ProxyDhcp
 from .dhcp.server import start_dhcp
-from .http.app import HttpContext, boot_outcome, make_app
-from .identity import IdentityError, normalise_mac, normalise_uuid
+from .http.app import make_app
+from .http.context import HttpContext
 from .images import check_profile_images
 from .loaders import LoaderTable
-from .metrics import Counters
+from .metrics import Counters, NodeMetrics
 from .netutil import choose_interface, interface_ipv4, interfaces
-from .registry import Registry, RegistryError
-from .tftp.packet import ERR_ACCESS, ERR_NOT_FOUND
-from .tftp.provider import BytesProvider, Provider, RootResolver, TftpError, normalise_path
+from .storage.registry import Registry, RegistryError
+from .tftp.provider import RootResolver
+from .tftp.router import TftpRouter
 from .tftp.server import start_tftp
+from .webhooks import WebhookDispatcher
 
 log = logging.getLogger("netboot")
 
@@ -74,114 +79,69 @@ def load_secret(data_dir: Path, configured: str | None) -> bytes:
 
 
 @dataclass
-class TftpRouter:
-    """Chooses what a TFTP path serves: generated pxelinux configs, OEM archives, images,
-    loaders."""
+class Services:
+    """Everything one netboot process runs, wired once (``serve`` and the tests use it)."""
 
+    store: ConfigStore
+    counters: Counters
     booter: Booter
+    lifecycle: Lifecycle
+    artifacts: Artifacts
     http: HttpContext
-    images: RootResolver
-    loaders: LoaderTable
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    tftp: TftpRouter
+    registry: Registry | None = None
+    hooks: WebhookDispatcher | None = None
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
-    def __call__(self, path: str, client: tuple[str, int]) -> Provider:
-        path = normalise_path(path)
-        if path.startswith("pxelinux.cfg/"):
-            return self._pxelinux(path[len("pxelinux.cfg/"):], client)
-        if path.startswith("oem/"):
-            return self._oem(path[len("oem/"):], client)
-        if path.startswith("images/"):
-            provider = self.images(path[len("images/"):], client)
-            self._transition(client[0], "deploying", only_from="booting")
-            return provider
-        return self.loaders(path, client)
+    def app(self) -> web.Application:
+        return make_app(self.http)
 
-    def _pxelinux(self, name: str, client: tuple[str, int]) -> Provider:
-        # pxelinux asks for 01-<mac> first, then UUID, hex IP forms and "default".
-        if not name.startswith("01-"):
-            raise TftpError(1, "file not found")
-        try:
-            mac = normalise_mac(name[3:])
-        except IdentityError:
-            raise TftpError(1, "file not found") from None
-        text, resolved, uuid = self.booter.pxelinux(mac)
-        if text is None:
-            raise TftpError(1, "file not found")
-        self.http.remember(client[0], uuid, mac)
-        if resolved.local_boot:  # boot: once, installed: sent to its disk, not a boot
-            return BytesProvider(text.encode())
+    async def start(self) -> None:
+        """Background work: first contacts, stuck nodes, Ignition upkeep, webhooks."""
+        if self.hooks is not None:
+            self.hooks.start()
+        self.tasks += [asyncio.create_task(self.lifecycle.run(), name="lifecycle"),
+                       asyncio.create_task(self.artifacts.run(), name="ignition-upkeep")]
 
-        self._transition(client[0], "booting", boot=resolved, then=lambda: boot_outcome(
-            self.http, resolved, uuid, client[0], "tftp"))
-        if resolved.ignition_error is None and resolved.artifacts is not None \
-                and self.http.artifacts is not None:
-            self.http.artifacts.grant(client[0], resolved.artifacts.uuid)
-        return BytesProvider(text.encode())
-
-    def _oem(self, name: str, client: tuple[str, int]) -> Provider:
-        """``oem/<uuid>.cpio.gz``: only to the address that just booted as that node.
-
-        TFTP has no secrets to sign with, so the client's address is the credential:
-        it must be the one netboot handed this node's pxelinux config or iPXE script.
-        """
-        artifacts = self.http.artifacts
-        try:
-            uuid = normalise_uuid(name.removesuffix(".cpio.gz")) if name.endswith(
-                ".cpio.gz") else None
-        except IdentityError:
-            uuid = None
-        if artifacts is None or uuid is None:
-            raise TftpError(ERR_NOT_FOUND, "file not found")
-        if not artifacts.granted(client[0], uuid):
-            artifacts.refused("address", "oem", uuid, client[0], "tftp")
-            raise TftpError(ERR_ACCESS, "access violation")
-        a = artifacts.issued(uuid)
-        if a is None:  # forgotten (LRU): the address booted as this node, render again
-            a, _ = self.booter.node_artifacts(self.http.by_address.get(client[0], (None, None))[1],
-                                              uuid)
-        if a is None or not a.ok or a.archive is None:
-            raise TftpError(ERR_NOT_FOUND, "file not found")
-        artifacts.counters.inc("ignition_served_total", kind="oem", transport="tftp")
-        return BytesProvider(a.archive)
-
-    def _transition(self, address: str, state: str, only_from: str | None = None,
-                    boot: Resolved | None = None, then: Any = None) -> None:
-        """Move the node that booted from ``address`` to ``state``, off the reply path.
-
-        ``boot``: the resolution a pxelinux config was just made from; that fetch is a
-        boot, recorded with the profile and hostname it was given.
-        """
-        registry = self.http.registry
-        uuid, mac = self.http.by_address.get(address, (None, None))
-        if registry is None or uuid is None:
-            if then is not None:  # still log a failed Ignition config
-                self._spawn(then())
-            return
-        node = registry.get(uuid)
-        if only_from and (node is None or node.state != only_from):
-            return
-
-        async def go() -> None:
-            if boot is not None:
-                hostname = self.booter.hostname(boot, mac) if boot.profile else None
-                await self.http.record(registry.observe(
-                    uuid, mac=mac, address=address, source="tftp", boot=True, hostname=hostname,
-                    profile=boot.profile.name if boot.profile else None))
-            await self.http.record(registry.transition(uuid, state, source="tftp",
-                                                       address=address))
-            if then is not None:
-                await then()
-
-        self._spawn(go())
-
-    def _spawn(self, coro: Any) -> None:
-
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.lifecycle.drain()
+        if self.hooks is not None:
+            await self.hooks.close()
+        if self.registry is not None:
+            await self.registry.close()
 
 
-async def open_registry(cfg: ServerConfig, counters: Counters) -> tuple[Registry | None, bytes]:
+def build(store: ConfigStore, address: str, *, registry: Registry | None, secret: bytes,
+          counters: Counters | None = None, admin_token: str | None = None,
+          registry_problem: str | None = None,
+          clock: Callable[[], float] = time.time) -> Services:
+    """Wire booter, lifecycle, HTTP and TFTP for one configuration."""
+    cfg = store.server
+    counters = counters if counters is not None else Counters()
+    artifacts = Artifacts.from_config(cfg, secret, counters)
+    booter = Booter(store, address, cfg.http_port, registry=registry, artifacts=artifacts)
+    sightings = Sightings(grant_ttl=cfg.signed_url_ttl)
+    lifecycle = Lifecycle(registry, sightings, counters, booter=booter, artifacts=artifacts,
+                          stuck_after=cfg.api.stuck_after, clock=clock,
+                          problem=registry_problem)
+    node_metrics = NodeMetrics()
+    lifecycle.subscribe(node_metrics)
+    hooks = None
+    if cfg.api.webhooks:
+        hooks = WebhookDispatcher(list(cfg.api.webhooks), counters=counters)
+        lifecycle.subscribe(hooks.on_event)
+    loaders = LoaderTable(cfg.tftp.roots)
+    http_ctx = HttpContext(booter, lifecycle, counters, node_metrics, cfg.images_dir, loaders,
+                           registry=registry, artifacts=artifacts, admin_token=admin_token)
+    router = TftpRouter(booter, lifecycle, counters, RootResolver([cfg.images_dir]), loaders)
+    return Services(store, counters, booter, lifecycle, artifacts, http_ctx, router,
+                    registry=registry, hooks=hooks)
+
+
+async def open_registry(cfg: ServerConfig) -> tuple[Registry | None, bytes]:
     """The registry and the HMAC secret from data_dir. A full, read-only or broken
     data dir must not stop machines from booting: netboot then serves without a
     registry (nothing is recorded) and with a secret that lasts until restart."""
@@ -193,8 +153,7 @@ async def open_registry(cfg: ServerConfig, counters: Counters) -> tuple[Registry
                   cfg.data_dir, exc)
         secret = (cfg.api.secret or secrets.token_hex(32)).encode()
     try:
-        registry = await Registry.open(cfg.data_dir, secret=secret, counters=counters,
-                                       webhooks=cfg.api.webhooks, stuck_after=cfg.api.stuck_after)
+        registry = await Registry.open(cfg.data_dir, secret=secret)
     except (OSError, sqlite3.Error, RegistryError) as exc:
         log.error("data_dir %s unusable: %s%s; serving boot files without the registry "
                   "(boots are not recorded until it is fixed and netboot restarted)",
@@ -234,19 +193,16 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
     if missing:
         raise SetupError("\n".join(missing) + "\nnot starting: fetch, build or import the "
                          "images above (netboot check lists the same problems)")
-    counters = Counters()
-    registry, secret = await open_registry(cfg, counters)
-    artifacts = Artifacts.from_config(cfg, secret, counters)
+    registry, secret = await open_registry(cfg)
+    services = build(store, addr, registry=registry, secret=secret,
+                     admin_token=cfg.api.admin_token or os.environ.get("NETBOOT_ADMIN_TOKEN"),
+                     registry_problem=None if registry is not None else
+                     f"registry in {cfg.data_dir} could not be opened")
+    counters, artifacts, booter = services.counters, services.artifacts, services.booter
+    loaders = services.http.loaders
     if artifacts.swarm.socket:  # once at startup, so the first boots have facts; then background
         await artifacts.swarm.refresh()
-    booter = Booter(store, addr, cfg.http_port, registry=registry, artifacts=artifacts)
-    loaders = LoaderTable(cfg.tftp.roots)
-    http_ctx = HttpContext(booter, counters, cfg.images_dir, loaders, registry=registry,
-                           artifacts=artifacts, data_dir=cfg.data_dir)
-    if registry is None:
-        http_ctx.registry_problem = f"registry in {cfg.data_dir} could not be opened"
-    admin_token = cfg.api.admin_token or os.environ.get("NETBOOT_ADMIN_TOKEN")
-    app = make_app(http_ctx, admin_token=admin_token)
+    app = services.app()
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     stop = asyncio.Event()
@@ -257,8 +213,7 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
         log.info("HTTP listening on %s:%d (advertised as http://%s:%d)", cfg.http_host,
                  cfg.http_port, addr, cfg.http_port)
         if cfg.tftp.enabled:
-            router = TftpRouter(booter, http_ctx, RootResolver([cfg.images_dir]), loaders)
-            tftp = await start_tftp(router, "0.0.0.0", cfg.tftp.port, interface=iface,
+            tftp = await start_tftp(services.tftp, "0.0.0.0", cfg.tftp.port, interface=iface,
                                     single_port=cfg.tftp.single_port, counters=counters,
                                     max_transfers=cfg.tftp.max_transfers,
                                     max_per_client=cfg.tftp.max_per_client)
@@ -273,7 +228,8 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
                 log.info("no loader for %s in the TFTP roots: such clients are not offered "
                          "a loader (put the file in a tftp.roots directory)", ", ".join(missing))
         if cfg.dhcp.enabled:
-            proxy = ProxyDhcp(booter, addr, counters, dhcp_port=cfg.dhcp.port)
+            proxy = ProxyDhcp(booter, addr, counters, dhcp_port=cfg.dhcp.port,
+                              report=services.lifecycle.offered)
             dhcp = await start_dhcp(proxy, [cfg.dhcp.port, cfg.dhcp.proxy_port], interface=iface)
             closers.append(dhcp.close)
             log.info("ProxyDHCP listening on udp/%d and udp/%d%s, advertising %s",
@@ -285,7 +241,7 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
                  len(snap.profiles), ", ".join(sorted(snap.profiles)),
                  len(snap.machine_files), cfg.default_profile or "none")
         watcher = asyncio.create_task(store.watch())
-        upkeep = asyncio.create_task(artifacts.run(), name="ignition-upkeep")
+        await services.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
@@ -297,12 +253,10 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
         await stop.wait()
         log.info("stopping")
         watcher.cancel()
-        upkeep.cancel()
     finally:
         for close in closers:
             result = close()
             if asyncio.iscoroutine(result):
                 await result
         await runner.cleanup()
-        if registry is not None:
-            await registry.close()
+        await services.close()

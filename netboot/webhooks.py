@@ -24,8 +24,9 @@ import aiohttp
 from .metrics import Counters
 
 if TYPE_CHECKING:
+    from .boot.lifecycle import LifecycleEvent
     from .config import WebhookSettings
-    from .registry import Node
+    from .storage.registry import Node
 
 log = logging.getLogger("netboot.webhooks")
 
@@ -151,6 +152,10 @@ class WebhookDispatcher:
                 self.counters.inc("webhook_deliveries_total", result="dropped")
                 log.warning("webhook queue full: dropped %s for %s", event, node.uuid)
         return queued
+
+    def on_event(self, event: LifecycleEvent) -> None:
+        """A lifecycle listener (wired in netboot.server)."""
+        self.emit(event.kind, event.node, source=event.source, time=event.time)
 
     async def close(self, timeout: float = 5.0) -> None:
         """Give queued deliveries ``timeout`` seconds, then stop."""

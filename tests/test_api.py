@@ -6,53 +6,31 @@ import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from netboot.http.api import ROUTES, setup_api
-from netboot.metrics import Counters
-from netboot.registry import Registry
+from netboot.http.app import all_routes
+from tests.nodes import observe, patch, transition
+from tests.served import SECRET, Served, serving, write_config
 
-SECRET = b"api-test-secret"
 ADMIN = "s3cret-admin"
 U1 = "4c4c4544-0042-3510-8052-b4c04f384d32"
 U2 = "00000000-0000-0000-0000-0000000000b2"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass
-class Served:
-    url: str
-    registry: Registry
-    counters: Counters
-    app: web.Application
-
-
 @asynccontextmanager
 async def serve_registry(data_dir: Path, *, admin_token: str | None = ADMIN,
                          profiles: dict[str, Any] | None = None,
-                         **open_kw: Any) -> AsyncIterator[Served]:
-    """Registry + API on an ephemeral 127.0.0.1 port; shared by the other test files."""
-    counters = Counters()
-    reg = await Registry.open(data_dir, secret=SECRET, counters=counters, **open_kw)
-    app = web.Application()
-    setup_api(app, registry=reg, counters=counters, admin_token=admin_token,
-              profiles=(lambda: profiles) if profiles is not None else None)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield Served(f"http://127.0.0.1:{port}", reg, counters, app)
-    finally:
-        await runner.cleanup()
-        await reg.close()
+                         **kw: Any) -> AsyncIterator[Served]:
+    """A real netboot (registry, API, dashboard) on an ephemeral 127.0.0.1 port, with its
+    data in ``data_dir``; shared by the other test files."""
+    config = write_config(data_dir / "config", data_dir, profiles)
+    async with serving(config, secret=SECRET, admin_token=admin_token, **kw) as served:
+        yield served
 
 
 @pytest.fixture
@@ -70,15 +48,15 @@ async def _call(method: str, url: str, **kw: Any) -> tuple[int, Any]:
 
 async def test_node_reports_for_itself(srv: Served) -> None:
     reg = srv.registry
-    await reg.observe(U1, mac="52:54:00:00:00:01", address="10.0.0.7", source="dhcp",
+    await observe(reg, U1, mac="52:54:00:00:00:01", address="10.0.0.7", source="dhcp",
                       profile="coreos", hostname="db1")
-    await reg.patch(U1, labels={"rack": "r1"})
+    await patch(reg, U1, labels={"rack": "r1"})
     tok = reg.node_token(U1)
     base = f"{srv.url}/api/v1/nodes/{U1}"
 
     st, body = await _call("GET", f"{base}/profile?token={tok}")
-    assert st == 200 and body == {"uuid": U1, "name": "coreos",
-                                  "profile": {"kernel": "fcos/vmlinuz", "boot": "once"}}
+    assert st == 200 and body["uuid"] == U1 and body["name"] == "coreos"
+    assert body["profile"]["kernel"] == "fcos/vmlinuz" and body["profile"]["boot"] == "once"
     st, body = await _call("GET", f"{base}/detail", headers={"X-Node-Token": tok})
     assert st == 200 and body == {"uuid": U1, "address": "10.0.0.7", "hostname": "db1",
                                   "labels": {"rack": "r1"}}
@@ -108,8 +86,8 @@ async def test_node_reports_for_itself(srv: Served) -> None:
 
 async def test_node_token_is_for_that_node_only(srv: Served) -> None:
     reg = srv.registry
-    await reg.observe(U1, mac=None, address=None, source="t")
-    await reg.observe(U2, mac=None, address=None, source="t")
+    await observe(reg, U1, mac=None, address=None, source="t")
+    await observe(reg, U2, mac=None, address=None, source="t")
     tok1 = reg.node_token(U1)
     for method, path in [("GET", "profile"), ("GET", "detail"), ("POST", "register"),
                          ("POST", "installed"), ("POST", "failed")]:
@@ -124,7 +102,7 @@ async def test_node_token_is_for_that_node_only(srv: Served) -> None:
 
 
 async def test_admin_changes_need_the_token(srv: Served) -> None:
-    await srv.registry.observe(U1, mac=None, address=None, source="t")
+    await observe(srv.registry, U1, mac=None, address=None, source="t")
     url = f"{srv.url}/api/v1/nodes/{U1}"
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": ADMIN},
                     {"Authorization": f"Basic {ADMIN}"}):
@@ -155,7 +133,7 @@ async def test_admin_changes_need_the_token(srv: Served) -> None:
 
 async def test_without_admin_token_every_change_is_refused(tmp_path: Path) -> None:
     async with serve_registry(tmp_path, admin_token=None) as srv:
-        await srv.registry.observe(U1, mac=None, address=None, source="t")
+        await observe(srv.registry, U1, mac=None, address=None, source="t")
         url = f"{srv.url}/api/v1/nodes/{U1}"
         for method in ("PATCH", "DELETE"):
             for headers in ({}, {"Authorization": "Bearer "}, {"Authorization": "Bearer None"}):
@@ -166,12 +144,37 @@ async def test_without_admin_token_every_change_is_refused(tmp_path: Path) -> No
         assert st == 200  # reads stay open
 
 
+ADMIN_ROUTES = [r for r in all_routes() if r.auth == "admin"]
+
+
+@pytest.mark.parametrize("route", ADMIN_ROUTES, ids=lambda r: f"{r.method} {r.path}")
+async def test_every_admin_route_refuses_a_missing_token(srv: Served, route: Any) -> None:
+    """Driven by the route table: a route declared 'admin' is refused without the token,
+    whatever its handler does, and changes nothing."""
+    await observe(srv.registry, U1, mac=None, address=None, source="t")
+    before = srv.registry.get(U1)
+    url = srv.url + route.path.replace("{uuid}", U1)
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        st, body = await _call(route.method, url, json={"rearm": True}, headers=headers)
+        assert st == 401 and "admin token" in body["error"], (route.path, st, body)
+    assert srv.registry.get(U1) == before
+
+
+def test_the_route_table_declares_admin_routes() -> None:
+    assert {(r.method, r.path) for r in ADMIN_ROUTES} >= {
+        ("PATCH", "/api/v1/nodes/{uuid}"), ("DELETE", "/api/v1/nodes/{uuid}")}
+    # every changing request is either a node's own report or an admin's
+    for r in all_routes():
+        if r.method not in ("GET", "HEAD"):
+            assert r.auth in ("admin", "node"), (r.method, r.path)
+
+
 async def test_list_filters(srv: Served) -> None:
     reg = srv.registry
-    await reg.observe(U1, mac=None, address=None, source="t", profile="coreos")
-    await reg.observe(U2, mac=None, address=None, source="t", profile="debian")
-    await reg.transition(U2, "deploying", source="t")
-    await reg.patch(U2, labels={"rack": "r2"})
+    await observe(reg, U1, mac=None, address=None, source="t", profile="coreos")
+    await observe(reg, U2, mac=None, address=None, source="t", profile="debian")
+    await transition(reg, U2, "deploying", source="t")
+    await patch(reg, U2, labels={"rack": "r2"})
     async def uuids(q: str) -> list[str]:
         st, body = await _call("GET", f"{srv.url}/api/v1/nodes{q}")
         assert st == 200
@@ -200,14 +203,14 @@ async def test_openapi_is_valid_and_complete(srv: Served) -> None:
         for route in resource:
             if route.method != "HEAD":
                 assert route.method.lower() in doc["paths"][path], (route.method, path)
-    assert len(ROUTES) >= 13
+    assert len(all_routes()) >= 20
     patch = doc["paths"]["/api/v1/nodes/{uuid}"]["patch"]
     assert patch["security"] == [{"adminBearer": []}] and "401" in patch["responses"]
 
 
 async def test_responses_match_the_documented_schemas(srv: Served) -> None:
     jsonschema = pytest.importorskip("jsonschema")
-    await srv.registry.observe(U1, mac="52:54:00:00:00:01", address=None, source="t")
+    await observe(srv.registry, U1, mac="52:54:00:00:00:01", address=None, source="t")
     _, doc = await _call("GET", f"{srv.url}/api/v1/openapi.json")
     schemas = doc["components"]["schemas"]
 
@@ -225,10 +228,13 @@ async def test_responses_match_the_documented_schemas(srv: Served) -> None:
 async def test_metrics(srv: Served) -> None:
     reg = srv.registry
     srv.counters.inc("http_requests_total", route="images")  # someone else's counter
-    await reg.observe(U1, mac=None, address=None, source="t", boot=True)
-    await reg.transition(U1, "installed", source="t")
-    await reg.observe(U2, mac=None, address=None, source="t")
-    await reg.transition(U2, "error", source="t", reason="x")
+    await observe(reg, U1, mac=None, address=None, source="t", boot=True)
+    await observe(reg, U2, mac=None, address=None, source="t")
+    for uuid, outcome in ((U1, "installed"), (U2, "failed")):  # the nodes' own reports
+        st, _ = await _call("POST", f"{srv.url}/api/v1/nodes/{uuid}/{outcome}",
+                            headers={"X-Node-Token": reg.node_token(uuid)}, json={"reason": "x"}
+                            if outcome == "failed" else None)
+        assert st == 200
     st, text = await _call("GET", f"{srv.url}/metrics")
     assert st == 200
     lines = set(text.splitlines())

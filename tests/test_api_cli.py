@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from netboot.cli_nodes import add_parser, table
+from tests.nodes import observe, transition
 from tests.test_api import ADMIN, U1, U2, Served, serve_registry
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -31,11 +32,11 @@ async def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int
 @pytest.fixture
 async def srv(tmp_path: Path) -> Served:
     async with serve_registry(tmp_path) as s:
-        await s.registry.observe(U1, mac="52:54:00:00:00:01", address="10.0.0.7", source="dhcp",
+        await observe(s.registry, U1, mac="52:54:00:00:00:01", address="10.0.0.7", source="dhcp",
                                  serial="SN-LONG-SERIAL-1", vendor="Dell Inc.", hostname="db1")
-        await s.registry.observe(U2, mac=None, address="10.0.0.8", source="dhcp")
-        await s.registry.transition(U1, "installed", source="t")
-        await s.registry.transition(U2, "error", source="t", reason="no disk")
+        await observe(s.registry, U2, mac=None, address="10.0.0.8", source="dhcp")
+        await transition(s.registry, U1, "installed", source="t")
+        await transition(s.registry, U2, "error", source="t", reason="no disk")
         yield s
 
 

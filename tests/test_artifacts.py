@@ -10,13 +10,16 @@ import json
 import logging
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
 
-from netboot.artifacts import Artifacts, SwarmSource, sign
-from netboot.booter import Booter
+from netboot.artifacts import Artifacts, NodeArtifacts, SwarmSource, sign
+from netboot.boot import ipxe, pxelinux
+from netboot.boot.booter import Booter
+from netboot.boot.spec import LocalBoot, Refusal
 from netboot.config import ConfigStore, SwarmConfig
 from netboot.ignition import SwarmFacts
 
@@ -113,6 +116,26 @@ def write_tree(root: Path, *, swarm: str | None = None, http_port: int = 8080) -
     return root / "netboot.yaml"
 
 
+@dataclass
+class Outcome:
+    """What a boot script request came to: the artefacts, or why it was refused."""
+
+    artifacts: NodeArtifacts | None
+    ignition_error: str | None
+
+
+def script_for(booter: Booter, mac: str, uuid: str | None) -> tuple[str, Outcome]:
+    """Decide and render, as the boot-script endpoint does (it records nothing)."""
+    d = booter.decide(mac, uuid, "ipxe")
+    error = d.reason if isinstance(d, Refusal) and d.failed else None
+    oem = None if isinstance(d, LocalBoot) else d.oem
+    return ipxe.render(d, booter.base_url), Outcome(oem, error)
+
+
+def pxelinux_for(booter: Booter, mac: str, uuid: str) -> str | None:
+    return pxelinux.render(booter.decide(mac, uuid, "pxelinux"))
+
+
 def make_booter(config: Path, **kw: object) -> tuple[Booter, Artifacts]:
     store = ConfigStore(config)
     artifacts = Artifacts.from_config(store.server, SECRET.encode(), **kw)  # type: ignore[arg-type]
@@ -139,7 +162,7 @@ def _files(config: bytes) -> dict[str, str]:
 
 def test_ipxe_script_for_flatcar(tree: Path) -> None:
     booter, artifacts = make_booter(tree)
-    script, r = booter.ipxe_script(M1, U1)
+    script, r = script_for(booter, M1, U1)
     assert r.ignition_error is None and r.artifacts is not None and r.artifacts.ok
     lines = script.splitlines()
     assert lines[1] == ("kernel http://127.0.0.1:8080/images/flatcar/vmlinuz "
@@ -153,12 +176,11 @@ def test_ipxe_script_for_flatcar(tree: Path) -> None:
     assert 3500 < int(exp) - time.time() <= 3600
     assert lines[4] == "boot" and len(lines) == 5
     assert "ignition.config.url" not in script  # the OEM archive carries the config
-    assert artifacts.issued(U1) is r.artifacts
 
 
 def test_config_has_node_context_site_override_and_swarm(tree: Path) -> None:
     booter, _ = make_booter(tree)
-    _, r = booter.ipxe_script(M1, U1)
+    _, r = script_for(booter, M1, U1)
     assert r.artifacts is not None and r.artifacts.config is not None
     cfg = json.loads(r.artifacts.config)
     assert cfg["ignition"]["version"] == "3.3.0"
@@ -179,7 +201,7 @@ def test_config_has_node_context_site_override_and_swarm(tree: Path) -> None:
 
 def test_oem_archive_holds_the_config_at_the_flatcar_path(tree: Path, tmp_path: Path) -> None:
     booter, _ = make_booter(tree)
-    _, r = booter.ipxe_script(M1, U1)
+    _, r = script_for(booter, M1, U1)
     assert r.artifacts is not None and r.artifacts.archive is not None
     out = tmp_path / "x"
     out.mkdir()
@@ -190,8 +212,7 @@ def test_oem_archive_holds_the_config_at_the_flatcar_path(tree: Path, tmp_path: 
 
 def test_pxelinux_for_fcos_adds_oem_initrd_and_kernel_args(tree: Path) -> None:
     booter, _ = make_booter(tree)
-    booter._remember(M3, U3)  # what DHCP saw
-    text = booter.pxelinux_config(M3)
+    text = pxelinux_for(booter, M3, U3)  # U3: what DHCP saw
     assert text is not None
     assert f"  INITRD images/fcos/initrd.img,oem/{U3}.cpio.gz" in text.splitlines()
     assert ("  APPEND ignition.firstboot ignition.platform.id=metal console=ttyS0 "
@@ -201,14 +222,14 @@ def test_pxelinux_for_fcos_adds_oem_initrd_and_kernel_args(tree: Path) -> None:
 
 def test_os_other_gets_only_the_oem_initrd(tree: Path) -> None:
     booter, _ = make_booter(tree)
-    script, _ = booter.ipxe_script("52:54:00:10:00:06", U2)
+    script, _ = script_for(booter, "52:54:00:10:00:06", U2)
     kernel = script.splitlines()[1]
     assert kernel.endswith("initrd=initrd.gz initrd=netboot-oem.cpio.gz console=ttyS0"), kernel
 
 
 def test_profiles_without_ignition_are_unchanged(tree: Path) -> None:
     booter, artifacts = make_booter(tree)
-    script, r = booter.ipxe_script("52:54:00:10:00:08", U2)
+    script, r = script_for(booter, "52:54:00:10:00:08", U2)
     assert script == ("#!ipxe\nkernel http://127.0.0.1:8080/images/demo/vmlinuz "
                       "initrd=initrd.cpio.gz console=ttyS0\n"
                       "initrd http://127.0.0.1:8080/images/demo/initrd.cpio.gz\nboot\n")
@@ -217,20 +238,20 @@ def test_profiles_without_ignition_are_unchanged(tree: Path) -> None:
 
 def test_repeat_is_a_cache_hit_and_inputs_invalidate(tree: Path) -> None:
     booter, artifacts = make_booter(tree)
-    _, first = booter.ipxe_script(M1, U1)
-    _, again = booter.ipxe_script(M1, U1)
+    _, first = script_for(booter, M1, U1)
+    _, again = script_for(booter, M1, U1)
     assert again.artifacts is first.artifacts
     c = artifacts.counters
     assert c.get("ignition_cache_hits_total") == 1
     assert c.get("ignition_renders_total", result="ok") == 1
     # new swarm facts (a rotated token) are a new input: re-rendered with the new token
     artifacts.swarm.facts = SwarmFacts("10.9.0.1:2377", "SWMTKN-1-rotated", MANAGER_TOKEN)
-    _, rotated = booter.ipxe_script(M1, U1)
+    _, rotated = script_for(booter, M1, U1)
     assert rotated.artifacts is not None and rotated.artifacts.config is not None
     assert b"SWMTKN-1-rotated" in rotated.artifacts.config
     assert c.get("ignition_renders_total", result="ok") == 2
     # another node of the same profile is its own render
-    booter.ipxe_script(M2, U2)
+    script_for(booter, M2, U2)
     assert c.get("ignition_renders_total", result="ok") == 3
 
 
@@ -246,34 +267,33 @@ def test_template_edit_is_picked_up(tmp_path: Path) -> None:
     (config.parent / "profiles" / "flatcar.yaml").write_text(
         "kernel: k\nos: flatcar\nignition: mine\n")
     booter, artifacts = make_booter(config)
-    _, r1 = booter.ipxe_script(M1, U1)
+    _, r1 = script_for(booter, M1, U1)
     assert r1.artifacts is not None and r1.artifacts.ok
     assert artifacts.refresh_templates() is False
     tpl.write_text(tpl.read_text().replace("/etc/hostname", "/etc/hostname2"))
     assert artifacts.refresh_templates() is True
-    _, r2 = booter.ipxe_script(M1, U1)
+    _, r2 = script_for(booter, M1, U1)
     assert r2.artifacts is not None and r2.artifacts.config is not None
     assert b"/etc/hostname2" in r2.artifacts.config
 
 
 def test_failed_config_is_not_served_and_script_says_why(tree: Path) -> None:
     booter, artifacts = make_booter(tree)
-    script, r = booter.ipxe_script(M4, U4)
+    script, r = script_for(booter, M4, U4)
     assert r.ignition_error is not None and "ntp" in r.ignition_error
     assert script.startswith("#!ipxe\necho netboot: NOT BOOTING this machine")
     assert f"echo netboot: {r.ignition_error}" in script
     assert script.endswith("exit 1\n") and "kernel" not in script and "boot\n" not in script
     assert artifacts.counters.get("ignition_renders_total", result="error") == 1
     # pxelinux: the message, then a failure handed back to the firmware
-    booter._remember("52:54:00:10:00:05", U2)
-    text = booter.pxelinux_config("52:54:00:10:00:05")
+    text = pxelinux_for(booter, "52:54:00:10:00:05", U2)
     assert text is not None and "no-such-template" in text and "LOCALBOOT -1" in text
     assert "KERNEL" not in text
 
 
 def test_no_uuid_means_no_ignition(tree: Path) -> None:
     booter, _ = make_booter(tree)
-    script, r = booter.ipxe_script(M1, None)
+    script, r = script_for(booter, M1, None)
     assert r.ignition_error is not None and "UUID" in r.ignition_error
     assert "NOT BOOTING" in script
 
@@ -289,17 +309,17 @@ def test_swarm_configured_but_unreachable_is_a_render_error(tmp_path: Path) -> N
 
     asyncio.run(refresh())
     assert artifacts.swarm.facts is None and artifacts.swarm.error
-    _, r = booter.ipxe_script(M1, U1)
+    _, r = script_for(booter, M1, U1)
     assert r.ignition_error is not None
     assert "swarm facts unavailable" in r.ignition_error and "none.sock" in r.ignition_error
 
 
 def test_no_swarm_at_all_worker_is_a_plain_host_manager_fails(tmp_path: Path) -> None:
     booter, _ = make_booter(write_tree(tmp_path, swarm=""))
-    _, worker = booter.ipxe_script(M1, U1)
+    _, worker = script_for(booter, M1, U1)
     assert worker.artifacts is not None and worker.artifacts.ok
     assert worker.artifacts.config is not None and b"swarm-join" not in worker.artifacts.config
-    _, manager = booter.ipxe_script("52:54:00:10:00:07", U2)
+    _, manager = script_for(booter, "52:54:00:10:00:07", U2)
     assert manager.ignition_error is not None and "needs swarm facts" in manager.ignition_error
 
 
@@ -312,7 +332,7 @@ def test_tokens_never_logged(tree: Path, tmp_path: Path, caplog: pytest.LogCaptu
     caplog.set_level(logging.DEBUG)
     booter, artifacts = make_booter(tree)
     for mac, uuid in ((M1, U1), (M4, U4), ("52:54:00:10:00:07", U2)):
-        _, r = booter.ipxe_script(mac, uuid)
+        _, r = script_for(booter, mac, uuid)
         if r.artifacts is not None:
             repr(r.artifacts)
             logging.getLogger("test").info("artefacts %r %s", r.artifacts, artifacts.swarm.facts)
@@ -336,7 +356,7 @@ async def test_background_upkeep_notices_template_edits(tmp_path: Path) -> None:
     booter, artifacts = make_booter(config)
     task = asyncio.create_task(artifacts.run())
     try:
-        _, r1 = booter.ipxe_script(M1, U1)
+        _, r1 = script_for(booter, M1, U1)
         assert r1.artifacts is not None and r1.artifacts.config is not None
         assert b'"/etc/a"' in r1.artifacts.config
         before = artifacts.fingerprint
@@ -345,7 +365,7 @@ async def test_background_upkeep_notices_template_edits(tmp_path: Path) -> None:
             if artifacts.fingerprint != before:
                 break
             await asyncio.sleep(0.1)
-        _, r2 = booter.ipxe_script(M1, U1)
+        _, r2 = script_for(booter, M1, U1)
         assert r2.artifacts is not None and r2.artifacts.config is not None
         assert b'"/etc/b"' in r2.artifacts.config
     finally:

@@ -17,21 +17,15 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from netboot.artifacts import Artifacts, sign
-from netboot.booter import Booter
-from netboot.config import ConfigStore
-from netboot.http.app import HttpContext, make_app
-from netboot.loaders import LoaderTable
-from netboot.metrics import Counters
-from netboot.registry import Registry
-from netboot.server import TftpRouter
-from netboot.tftp.provider import RootResolver
-from netboot.tftp.server import TftpServer, start_tftp
+from netboot.artifacts import sign
+from netboot.boot.spec import Client, Offer
+from tests.served import Served as Netboot
+from tests.served import serving
 from tests.test_artifacts import (
     M1,
     M2,
@@ -52,40 +46,22 @@ from tests.test_artifacts import (
 class Served:
     url: str
     config: Path
-    booter: Booter
-    artifacts: Artifacts
-    registry: Registry
-    counters: Counters
-    router: TftpRouter
-    tftp: TftpServer
+    net: Netboot
+
+    def __getattr__(self, name: str) -> Any:  # registry, counters, artifacts, tftp ...
+        return getattr(self.net, name)
 
 
 @pytest.fixture
 async def served(tmp_path: Path) -> AsyncIterator[Served]:
     config = write_tree(tmp_path)
-    store = ConfigStore(config)
-    cfg = store.server
-    counters = Counters()
-    registry = await Registry.open(cfg.data_dir, secret=SECRET.encode(), counters=counters)
-    artifacts = Artifacts.from_config(cfg, SECRET.encode(), counters)
-    booter = Booter(store, "127.0.0.1", cfg.http_port, registry=registry, artifacts=artifacts)
-    loaders = LoaderTable([])
-    ctx = HttpContext(booter, counters, cfg.images_dir, loaders, registry=registry,
-                      artifacts=artifacts)
-    runner = web.AppRunner(make_app(ctx), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    router = TftpRouter(booter, ctx, RootResolver([cfg.images_dir]), loaders)
-    tftp = await start_tftp(router, "127.0.0.1", 0, counters=counters)
-    try:
-        yield Served(f"http://127.0.0.1:{port}", config, booter, artifacts, registry, counters,
-                     router, tftp)
-    finally:
-        await tftp.close()
-        await runner.cleanup()
-        await registry.close()
+    async with serving(config, secret=SECRET.encode(), tftp=True) as net:
+        yield Served(net.url, config, net)
+
+
+def _dhcp_saw(served: Served, mac: str, uuid: str) -> None:
+    """What the DHCP path reports for a PXE client: pxelinux then knows its UUID."""
+    served.lifecycle.offered(Client(mac, uuid), Offer("pxelinux.0"))
 
 
 def _local(url: str, served: Served) -> str:
@@ -198,7 +174,7 @@ def tftp_fetch(server: tuple[str, int], name: str, source: str = "127.0.0.1") ->
 
 async def test_tftp_oem_only_to_the_address_that_booted_as_the_node(served: Served) -> None:
     server = ("127.0.0.1", served.tftp.port)
-    served.booter._remember(M3, U3)  # the DHCP sighting pxelinux depends on
+    _dhcp_saw(served, M3, U3)  # the DHCP sighting pxelinux depends on
 
     async def fetch(name: str, src: str = "127.0.0.1") -> bytes | int:
         return await asyncio.to_thread(tftp_fetch, server, name, src)
@@ -218,7 +194,8 @@ async def test_tftp_oem_only_to_the_address_that_booted_as_the_node(served: Serv
     a3 = served.artifacts.issued(U3)
     assert a3 is not None and a3.archive is not None
     assert await fetch(oem) == a3.archive  # the right client gets it
-    served.artifacts._issued.clear()  # forgotten (LRU, restart): rendered again, same bytes
+    # forgotten (LRU eviction, no public path to force it): rendered again, same bytes
+    served.artifacts._issued.clear()
     assert await fetch(oem) == a3.archive
     # another address asking for node 3's archive: access violation
     assert await fetch(oem, "127.0.0.2") == 2
@@ -244,13 +221,14 @@ async def test_render_failure_moves_node_to_error(served: Served,
     assert "site setting ntp has an empty or spaced entry" in (node.reason or "")
     assert "not booting " + U4 in caplog.text and "site setting ntp" in caplog.text
     events = await served.registry.events(U4)
-    assert [e["state"] for e in events if e["kind"] == "state"][-2:] == ["booting", "error"]
-    assert events[-1]["source"] == "ignition"
+    # one write for the boot step: straight to 'error', from the boot script
+    assert [e["state"] for e in events if e["kind"] == "state"][-1:] == ["error"]
+    assert events[-1]["source"] == "ipxe"
 
     # the pxelinux path: the node asking for its config over TFTP ends in 'error' too
     mac5 = "52:54:00:10:00:05"
     uuid5 = "11111111-0000-4000-8000-000000000005"
-    served.booter._remember(mac5, uuid5)
+    _dhcp_saw(served, mac5, uuid5)
     cfg = await asyncio.to_thread(tftp_fetch, ("127.0.0.1", served.tftp.port),
                                   f"pxelinux.cfg/01-{mac5.replace(':', '-')}")
     assert isinstance(cfg, bytes) and b"LOCALBOOT -1" in cfg and b"no-such-template" in cfg

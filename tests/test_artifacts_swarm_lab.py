@@ -13,7 +13,7 @@ import pytest
 
 from netboot.artifacts import SwarmSource
 from netboot.config import SwarmConfig
-from tests.test_artifacts import M1, U1, make_booter, write_tree
+from tests.test_artifacts import M1, U1, make_booter, script_for, write_tree
 from tests.test_swarm_lab import MANAGER_IP, Lab, env_file, lab  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.lab
@@ -29,13 +29,13 @@ async def test_socket_facts_refresh_and_rotation(lab: Lab, tmp_path: Path,  # no
     booter, artifacts = make_booter(config)
     source = artifacts.swarm
     assert source.facts is None  # nothing read yet: a swarm template must not render
-    _, r = booter.ipxe_script(M1, U1)
+    _, r = script_for(booter, M1, U1)
     assert r.ignition_error is not None and "swarm facts unavailable" in r.ignition_error
 
     await source.refresh()  # what serve does once at startup
     token = m.docker("swarm", "join-token", "-q", "worker").stdout.strip()
     assert source.facts is not None and source.facts.worker_token == token
-    _, r = booter.ipxe_script(M1, U1)
+    _, r = script_for(booter, M1, U1)
     assert r.artifacts is not None and r.artifacts.config is not None
     env = env_file(json.loads(r.artifacts.config), "/etc/netboot/swarm.env")
     assert env == {"SWARM_MANAGER": f"{MANAGER_IP}:2377", "SWARM_TOKEN": token}
@@ -52,7 +52,7 @@ async def test_socket_facts_refresh_and_rotation(lab: Lab, tmp_path: Path,  # no
                 break
             await asyncio.sleep(0.1)
         assert source.facts.worker_token == rotated
-        _, r2 = booter.ipxe_script(M1, U1)
+        _, r2 = script_for(booter, M1, U1)
         assert r2.artifacts is not None and r2.artifacts.config is not None
         assert rotated.encode() in r2.artifacts.config and token.encode() not in r2.artifacts.config
 
@@ -64,7 +64,7 @@ async def test_socket_facts_refresh_and_rotation(lab: Lab, tmp_path: Path,  # no
             await asyncio.sleep(0.1)
         assert source.error and "gone.sock" in source.error
         assert source.facts.worker_token == rotated
-        _, r3 = booter.ipxe_script(M1, U1)
+        _, r3 = script_for(booter, M1, U1)
         assert r3.artifacts is r2.artifacts  # same inputs: a cache hit
     finally:
         task.cancel()

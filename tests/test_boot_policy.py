@@ -9,14 +9,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from aiohttp import web
 
-from netboot.booter import Booter
 from netboot.config import ConfigStore
-from netboot.http.app import HttpContext, make_app
-from netboot.loaders import LoaderTable
-from netboot.metrics import Counters
-from netboot.registry import Registry
+from netboot.storage.registry import Registry
+from tests.nodes import patch, transition
+from tests.served import serving
 
 UUID = "5db34dac-6aee-4034-9d7c-0037a295993e"
 MAC = "52:54:00:00:07:01"
@@ -31,24 +28,9 @@ async def app_url(config_tree: Path) -> AsyncIterator[tuple[str, Registry, Path]
     machines = config_tree.parent / "machines"
     (machines / "once.yaml").write_text(f'mac: "{MAC}"\nprofile: once\n')
     (machines / "broken.yaml").write_text('mac: "52:54:00:00:07:02"\nprofile: broken\n')
-    store = ConfigStore(config_tree)
-    assert store.problems == []  # an undefined variable is only found when rendering
-    counters = Counters()
-    registry = await Registry.open(config_tree.parent / "data", secret=b"s" * 32,
-                                   counters=counters)
-    booter = Booter(store, "127.0.0.1", 8080, registry=registry)
-    ctx = HttpContext(booter, counters, config_tree.parent / "images", LoaderTable([]),
-                      registry=registry)
-    runner = web.AppRunner(make_app(ctx), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}", registry, config_tree
-    finally:
-        await runner.cleanup()
-        await registry.close()
+    assert ConfigStore(config_tree).problems == []  # an undefined variable is found rendering
+    async with serving(config_tree) as served:
+        yield served.url, served.registry, config_tree
 
 
 async def _script(session: aiohttp.ClientSession, url: str, mac: str, uuid: str) -> str:
@@ -62,13 +44,13 @@ async def test_boot_once_stays_on_local_disk_on_every_later_boot(app_url) -> Non
     async with aiohttp.ClientSession() as s:
         first = await _script(s, url, MAC, UUID)
         assert first.splitlines()[1].startswith("kernel ")
-        await registry.transition(UUID, "installed", source="test")
+        await transition(registry, UUID, "installed", source="test")
         for _ in range(3):  # each later power cycle: local disk, and still 'installed'
             again = await _script(s, url, MAC, UUID)
             assert "booting from local disk" in again and "kernel " not in again
             assert registry.get(UUID).state == "installed"
         assert registry.get(UUID).boot_count == 1
-        await registry.patch(UUID, rearm=True)  # an admin re-arms: it installs again
+        await patch(registry, UUID, rearm=True)  # an admin re-arms: it installs again
         assert (await _script(s, url, MAC, UUID)).splitlines()[1].startswith("kernel ")
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from netboot.booter import Booter
+from netboot.boot import ipxe, pxelinux
+from netboot.boot.booter import Booter
+from netboot.boot.spec import BootSpec
 from netboot.config import ConfigError, ConfigStore
 
 
@@ -116,19 +118,20 @@ def test_server_config_error_is_fatal_with_line(tmp_path: Path) -> None:
 
 def test_booter_scripts(store: ConfigStore) -> None:
     booter = Booter(store, "10.0.0.2", 8080)
-    script, r = booter.ipxe_script("52:54:00:99:99:99", "11111111-2222-3333-4444-555555555555")
-    assert r.machine is not None and r.machine.hostname == "n2"
-    lines = script.splitlines()
+    decision = booter.decide("52:54:00:99:99:99", "11111111-2222-3333-4444-555555555555")
+    assert isinstance(decision, BootSpec) and decision.hostname == "n2"
+    lines = ipxe.render(decision, booter.base_url).splitlines()
     assert lines[0] == "#!ipxe"
     assert lines[1] == ("kernel http://10.0.0.2:8080/images/demo/vmlinuz initrd=initrd.cpio.gz "
                         "initrd=oem.cpio.gz console=ttyS0 host=n2 rack=7 "
                         "cb=http://10.0.0.2:8080")
     assert lines[2:] == ["initrd http://10.0.0.2:8080/images/demo/initrd.cpio.gz",
                          "initrd http://10.0.0.2:8080/images/extra/oem.cpio.gz", "boot"]
-    cfg = booter.pxelinux_config("52:54:00:00:00:01")
+    cfg = pxelinux.render(booter.decide("52:54:00:00:00:01", None, "pxelinux"))
     assert cfg is not None and "KERNEL images/demo/vmlinuz" in cfg
     assert "APPEND console=ttyS0 host=n1" in cfg
-    assert booter.pxelinux_config("52:54:00:99:99:99") is None  # ipxe profile: no config
+    # an ipxe profile: no pxelinux config
+    assert pxelinux.render(booter.decide("52:54:00:99:99:99", None, "pxelinux")) is None
 
 
 def _check(config: Path) -> subprocess.CompletedProcess:

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from netboot.http.dashboard import human_duration
+from tests.nodes import Clock, observe, patch, transition
 from tests.test_api import Served, serve_registry
 
 CHROMIUM = "/usr/bin/chromium"
@@ -30,30 +31,22 @@ STUCK = "00000000-0000-0000-0000-00000000d003"
 FRESH_DEPLOYING = "00000000-0000-0000-0000-00000000d006"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
 @pytest.fixture
 async def populated(tmp_path: Path) -> AsyncIterator[Served]:
-    clock = Clock()
+    clock = Clock(1_700_000_000.0)
     async with serve_registry(tmp_path, stuck_after=600, clock=clock) as srv:
         reg = srv.registry
         for i, (uuid, (state, reason)) in enumerate(STATES.items()):
-            await reg.observe(uuid, mac=f"52:54:00:00:d0:{i:02x}", address=f"10.0.0.{10 + i}",
+            await observe(reg, uuid, mac=f"52:54:00:00:d0:{i:02x}", address=f"10.0.0.{10 + i}",
                               source="dhcp", serial=f"SN-{i:04d}", vendor="Dell Inc.",
                               product="PowerEdge R640", profile="coreos", boot=True)
             if state != "discovered":
-                await reg.transition(uuid, state, source="test", reason=reason)
+                await transition(reg, uuid, state, source="test", reason=reason)
         clock.t += 3600  # the deploying one has been there an hour: stuck
-        await reg.observe(FRESH_DEPLOYING, mac=None, address="10.0.0.99", source="dhcp",
+        await observe(reg, FRESH_DEPLOYING, mac=None, address="10.0.0.99", source="dhcp",
                           serial="SN-FRESH", profile="coreos")
-        await reg.transition(FRESH_DEPLOYING, "deploying", source="test")
-        await reg.patch(STUCK, hostname="stuck-01.lab", labels={"rack": "r7"})
+        await transition(reg, FRESH_DEPLOYING, "deploying", source="test")
+        await patch(reg, STUCK, hostname="stuck-01.lab", labels={"rack": "r7"})
         yield srv
 
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from netboot.booter import Booter
+from netboot.boot.booter import Booter
 from netboot.config import ConfigStore
 from netboot.dhcp.proxy import ProxyDhcp
 from netboot.metrics import Counters

@@ -10,7 +10,8 @@ from scapy.layers.dhcp import BOOTP, DHCP
 from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
-from netboot.booter import Booter
+from netboot.boot.booter import Booter
+from netboot.boot.spec import Client
 from netboot.config import ConfigStore
 from netboot.dhcp import packet as P
 from netboot.dhcp.proxy import ProxyDhcp
@@ -153,9 +154,11 @@ def test_no_default_profile_means_unknown_machines_are_ignored(config_tree) -> N
 
 
 def test_uuid_machine_match_uses_dmidecode_form(proxy: ProxyDhcp) -> None:
+    seen: list[Client] = []
+    proxy.report = lambda client, offer: seen.append(client)
     proxy.handle(request(uuid="11111111-2222-3333-4444-555555555555", ipxe=True), 67,
                  ("0.0.0.0", 68))
-    assert proxy.booter.uuid_for_mac(MAC) == "11111111-2222-3333-4444-555555555555"
+    assert [(c.mac, c.uuid) for c in seen] == [(MAC, "11111111-2222-3333-4444-555555555555")]
 
 
 def test_option97_is_swapped_to_smbios_order() -> None:

@@ -235,14 +235,14 @@ def test_garbage_datagrams_on_every_udp_port(srv: NetbootServer) -> None:
 # -- unknown identities at every endpoint --------------------------------------------------
 
 def test_unknown_uuids_and_macs_at_every_api_endpoint(srv: NetbootServer) -> None:
-    from netboot.http.api import ROUTES
+    from netboot.http.app import all_routes
 
     unknown = str(uuidlib.uuid4())
     bad_ids = [unknown, "not-a-uuid", "00000000-0000-0000-0000-000000000000", "%2e%2e%2f",
                "x" * 5000, "%00", "' OR 1=1 --"]
     auth = {"Authorization": "Bearer storm-admin-token"}
     seen_5xx = []
-    for r in ROUTES:
+    for r in all_routes():
         if "{uuid}" not in r.path:
             continue
         for ident in bad_ids:

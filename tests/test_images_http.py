@@ -20,11 +20,9 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from netboot.booter import Booter
 from netboot.config import ConfigStore
-from netboot.http.app import HttpContext, make_app
-from netboot.loaders import LoaderTable
 from netboot.metrics import Counters
+from netboot.server import build
 
 SIZE = 8 << 20
 pytestmark = pytest.mark.timeout(120)  # a stalled transfer fails, not hangs
@@ -63,10 +61,10 @@ def served(request: pytest.FixtureRequest, store: ConfigStore, tmp_path: Path) -
     (tmp_path / "secret").write_text("outside images_dir")
     os.symlink(tmp_path / "secret", images / "escape")  # leaves the root: refused
     counters = Counters()
-    ctx = HttpContext(Booter(store, "127.0.0.1", 8080), counters, images, loaders=LoaderTable([]))
+    app = build(store, "127.0.0.1", registry=None, secret=b"s", counters=counters).app()
     loop = uvloop.new_event_loop() if request.param == "uvloop" else asyncio.new_event_loop()
     ready, box = threading.Event(), {}
-    thread = threading.Thread(target=_serve, args=(make_app(ctx), loop, ready, box), daemon=True)
+    thread = threading.Thread(target=_serve, args=(app, loop, ready, box), daemon=True)
     thread.start()
     assert ready.wait(10)
     port = int(box["port"])  # type: ignore[call-overload]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import aiohttp
 
-from netboot.registry import make_node_token
+from netboot.storage.registry import make_node_token
+from tests.served import write_config
 from tests.test_api import SECRET, serve_registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ async def test_thousand_concurrent_registrations(tmp_path: Path) -> None:
         assert statuses == [200] * n
         assert srv.registry.counts_by_state()["discovered"] == n
         assert len(await srv.registry.list()) == n
-        commits = srv.counters.get("registry_commits_total")
+        commits = srv.registry.stats.commits
         assert commits < n / 2, f"{commits} commits for {n} writes: not group-committed"
     db = sqlite3.connect(tmp_path / "registry.sqlite3")
     try:
@@ -66,14 +67,26 @@ def _free_port() -> int:
 
 
 async def _start(data_dir: Path, port: int, secret: str) -> asyncio.subprocess.Process:
+    """The real ``netboot serve``, HTTP only, on 127.0.0.1:port with its data in data_dir."""
+    config = write_config(data_dir / "config", data_dir, http_host="127.0.0.1", http_port=port,
+                          dhcp={"enabled": False}, tftp={"enabled": False},
+                          api={"secret": secret})
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "netboot.registry", "--serve", "--data-dir", str(data_dir),
-        "--port", str(port), "--secret", secret, cwd=ROOT,
+        sys.executable, "-m", "netboot", "serve", "--config", str(config), cwd=ROOT,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), 30)
-    assert b"serving on" in line, line
+    while True:  # serve logs "dashboard: ..." once every listener is up
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line, "netboot serve exited before it was ready"
+        if b"dashboard:" in line:
+            break
+    asyncio.get_running_loop().create_task(_drain(proc.stdout))
     return proc
+
+
+async def _drain(stream: asyncio.StreamReader) -> None:
+    while await stream.readline():
+        pass
 
 
 async def test_kill_9_keeps_every_acknowledged_registration(tmp_path: Path) -> None:

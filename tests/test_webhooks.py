@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,12 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from netboot.boot.spec import BootSpec, Client, Offer
 from netboot.config import WebhookSettings
 from netboot.metrics import Counters
-from netboot.registry import Node, Registry
+from netboot.storage.registry import Node
 from netboot.webhooks import WebhookDispatcher
+from tests.served import Served, serving, write_config
 
 U1 = "4c4c4544-0042-3510-8052-b4c04f384d32"
 
@@ -145,45 +148,44 @@ async def test_formats_and_event_filter(receiver: Receiver) -> None:
     assert alerts[1]["endsAt"] == firing["startsAt"]
 
 
-async def test_registry_sends_installed_error_and_stuck(tmp_path: Path,
-                                                        receiver: Receiver) -> None:
-    reg = await Registry.open(tmp_path, secret=b"s", stuck_after=0.3,
-                              webhooks=[WebhookSettings(url=receiver.url + "/json")])
-    try:
-        await reg.observe(U1, mac=None, address="10.0.0.7", source="dhcp", serial="SN1")
-        await reg.transition(U1, "deploying", source="http")
+@asynccontextmanager
+async def _netboot(tmp_path: Path, hooks: list[dict[str, Any]],
+                   stuck_after: float | None = None) -> AsyncIterator[Served]:
+    """A real netboot whose netboot.yaml subscribes ``hooks``: lifecycle events reach
+    webhooks through the listener netboot.server wires, as in ``serve``."""
+    config = write_config(tmp_path / "config", tmp_path / "data", api={"webhooks": hooks})
+    async with serving(config, stuck_after=stuck_after) as served:
+        yield served
+
+
+async def test_lifecycle_sends_installed_error_and_stuck(tmp_path: Path,
+                                                         receiver: Receiver) -> None:
+    spec = BootSpec(U1, None, "default", "n1", "k", (), "")
+    async with _netboot(tmp_path, [{"url": receiver.url + "/json"}], stuck_after=0.3) as srv:
+        life = srv.lifecycle
+        life.served(spec, "10.0.0.7", "ipxe")  # booting: not subscribed by default
+        life.fetched("10.0.0.7", "http")  # deploying: not subscribed either
         await receiver.wait_for(1)  # stuck, found by the periodic check
-        await reg.transition(U1, "error", source="api", reason="no disk")
-        await reg.transition(U1, "booting", source="ipxe")  # not subscribed by default
-        await reg.transition(U1, "installed", source="api")
+        await life.reported(U1, "failed", address=None, reason="no disk")
+        life.served(spec, "10.0.0.7", "ipxe")
+        await life.reported(U1, "installed", address=None)
         await receiver.wait_for(3)
-    finally:
-        await reg.close()
+        kinds = [e["kind"] for e in await srv.registry.events(U1)]
     events = [body["event"] for _, body in receiver.got]
     assert events == ["stuck", "error", "installed"]
     assert receiver.got[1][1]["reason"] == "no disk"
-    assert [e["kind"] for e in (await _events(tmp_path))].count("stuck") == 1
+    assert kinds.count("stuck") == 1
 
 
-async def _events(d: Path) -> list[dict[str, Any]]:
-    reg = await Registry.open(d, secret=b"s")
-    try:
-        return await reg.events(U1)
-    finally:
-        await reg.close()
-
-
-async def test_dhcp_note_of_a_new_node_sends_discovered(tmp_path: Path,
-                                                        receiver: Receiver) -> None:
-    reg = await Registry.open(tmp_path, secret=b"s", webhooks=[
-        WebhookSettings(url=receiver.url + "/json", events=["discovered"])])
-    try:
-        reg.note(U1, mac="52:54:00:00:00:01", address="10.0.0.7")
-        reg.note(U1, mac="52:54:00:00:00:01", address="10.0.0.7")  # known by now: no event
+async def test_dhcp_first_contact_sends_discovered(tmp_path: Path,
+                                                   receiver: Receiver) -> None:
+    hooks = [{"url": receiver.url + "/json", "events": ["discovered"]}]
+    async with _netboot(tmp_path, hooks) as srv:
+        client = Client("52:54:00:00:00:01", U1)
+        srv.lifecycle.offered(client, Offer("undionly.kpxe", profile="default"))
         await receiver.wait_for(1)
+        srv.lifecycle.offered(client, Offer("undionly.kpxe", profile="default"))  # known now
         await asyncio.sleep(0.1)
-    finally:
-        await reg.close()
     assert [body["event"] for _, body in receiver.got] == ["discovered"]
     assert receiver.got[0][1]["source"] == "dhcp"
     assert receiver.got[0][1]["node"]["macs"] == ["52:54:00:00:00:01"]

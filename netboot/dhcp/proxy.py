@@ -14,9 +14,11 @@ import logging
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..booter import Booter, Client, Ignore, Offer
+from ..boot.booter import Booter
+from ..boot.spec import Client, Ignore, Offer
 from ..identity import arch_from_code, uuid_from_option97
 from ..metrics import Counters
 from . import packet as P
@@ -52,8 +54,11 @@ class ProxyDhcp:
     """Stateless apart from counters and the log de-duplication memory."""
 
     def __init__(self, booter: Booter, server_ip: str, counters: Counters | None = None,
-                 log_every: float = 60.0, dhcp_port: int = SERVER_PORT):
+                 log_every: float = 60.0, dhcp_port: int = SERVER_PORT,
+                 report: Callable[[Client, Offer], None] | None = None):
         self.booter = booter
+        #: told of every offer (the lifecycle records first contacts); must not block
+        self.report = report
         self.dhcp_port = dhcp_port
         self.server_ip = server_ip
         self._server_ip_bytes = bytes(int(x) for x in server_ip.split("."))
@@ -97,6 +102,8 @@ class ProxyDhcp:
             self._log(client, decision.reason, now)
             return None
         reply = self._reply(pkt, decision, client, P.OFFER if on_dhcp_port else P.ACK)
+        if self.report is not None:
+            self.report(client, decision)
         c.inc("dhcp_offers_total" if on_dhcp_port else "dhcp_acks_total",
               arch=client.arch.value, ipxe="yes" if client.ipxe else "no")
         self._log(client, f"offered {decision.filename} (profile {decision.profile})", now)

@@ -13,7 +13,9 @@ from pathlib import Path
 import jinja2
 from aiohttp import web
 
-from ..registry import STATES, Registry
+from ..storage.registry import STATES
+from .context import HttpContext, ctx_of
+from .routes import Route, path_uuid
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 REFRESH_SECONDS = 10
@@ -39,36 +41,62 @@ def _timestamp(t: float | None) -> str:
 
 
 class Dashboard:
-    def __init__(self, registry: Registry):
-        self.registry = registry
+    def __init__(self) -> None:
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(PACKAGE_DIR / "templates"),
             autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined)
         self.env.filters["duration"] = human_duration
         self.env.filters["timestamp"] = _timestamp
 
-    def add_static(self, app: web.Application) -> None:
-        app.router.add_static("/static/", PACKAGE_DIR / "static")
-
-    def _render(self, name: str, status: int = 200, **ctx: object) -> web.Response:
+    def render(self, name: str, status: int = 200, **ctx: object) -> web.Response:
         html = self.env.get_template(name).render(refresh=REFRESH_SECONDS, states=STATES, **ctx)
         return web.Response(text=html, status=status, content_type="text/html")
 
-    async def index(self, request: web.Request) -> web.Response:
-        q = request.query
-        state = q.get("state") or None
-        nodes = await self.registry.list(state=state if state in STATES else None,
-                                         profile=q.get("profile") or None,
-                                         label=q.get("label") or None)
-        return self._render("index.html", nodes=nodes, counts=self.registry.counts_by_state(),
-                            stuck={n.uuid for n in self.registry.stuck()},
-                            stuck_after=self.registry.stuck_after, now=self.registry.now(),
-                            filter_state=state or "")
 
-    async def node(self, request: web.Request, uuid: str) -> web.Response:
-        node = self.registry.get(uuid)
-        if node is None:
-            return self._render("missing.html", status=404, uuid=uuid)
-        return self._render("node.html", node=node, events=await self.registry.events(uuid),
-                            stuck=self.registry.is_stuck(node), now=self.registry.now(),
-                            stuck_after=self.registry.stuck_after)
+_dashboard = Dashboard()
+
+
+def _unavailable(ctx: HttpContext) -> web.Response:
+    return web.Response(status=503, content_type="text/plain",
+                        text=f"netboot: the registry is not available "
+                             f"({ctx.lifecycle.problem or 'not open'}); see /health\n")
+
+
+async def dashboard_index(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    if ctx.registry is None:
+        return _unavailable(ctx)
+    q = request.query
+    state = q.get("state") or None
+    nodes = await ctx.registry.list(state=state if state in STATES else None,
+                                    profile=q.get("profile") or None,
+                                    label=q.get("label") or None)
+    return _dashboard.render("index.html", nodes=nodes, counts=ctx.registry.counts_by_state(),
+                             stuck={n.uuid for n in ctx.lifecycle.stuck()},
+                             stuck_after=ctx.lifecycle.stuck_after, now=ctx.registry.now(),
+                             filter_state=state or "")
+
+
+async def dashboard_node(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    if ctx.registry is None:
+        return _unavailable(ctx)
+    uuid = path_uuid(request)
+    node = ctx.registry.get(uuid)
+    if node is None:
+        return _dashboard.render("missing.html", status=404, uuid=uuid)
+    return _dashboard.render("node.html", node=node, events=await ctx.registry.events(uuid),
+                             stuck=ctx.lifecycle.is_stuck(node), now=ctx.registry.now(),
+                             stuck_after=ctx.lifecycle.stuck_after)
+
+
+def add_static(app: web.Application) -> None:
+    app.router.add_static("/static/", PACKAGE_DIR / "static")
+
+
+ROUTES = (
+    Route("GET", "/", dashboard_index, "Dashboard: all nodes", content_type="text/html",
+          query=("state", "profile", "label"), tag="dashboard"),
+    Route("GET", "/nodes/{uuid}", dashboard_node, "Dashboard: one node and its events",
+          content_type="text/html", tag="dashboard"),
+)

@@ -1,0 +1,52 @@
+"""iPXE scripts: render a decision, nothing else."""
+
+from __future__ import annotations
+
+from ..artifacts import OEM_INITRD_NAME
+from .spec import BootSpec, Decision, LocalBoot, Refusal
+
+
+def chain_script(base_url: str) -> str:
+    """The first script iPXE fetches: it sends back what iPXE knows of the hardware."""
+    # uuid and mac print URL-safe as they are; a ":uristring" type override
+    # would reinterpret their raw bytes. Free-text SMBIOS strings need escaping.
+    q = "uuid=${uuid}&mac=${netX/mac}&" + "&".join(
+        f"{k}=${{{k}:uristring}}" for k in (
+            "serial", "manufacturer", "product", "asset", "platform", "buildarch"))
+    return f"#!ipxe\nchain --autofree {base_url}/ipxe/node?{q} || goto failed\nexit\n" \
+           ":failed\necho netboot: no boot script for this machine; retrying in 10s\n" \
+           "sleep 10\nreboot\n"
+
+
+def render(decision: Decision, base_url: str) -> str:
+    """The per-node script for ``decision``."""
+    if isinstance(decision, LocalBoot):
+        return "#!ipxe\necho netboot: installed, booting from local disk\nexit\n"
+    if isinstance(decision, Refusal):
+        if not decision.failed:
+            return f"#!ipxe\necho netboot: not booting this machine: {decision.reason}\nexit\n"
+        return f"#!ipxe\n{refusal_lines(decision.reason, 'echo')}exit 1\n"
+    return _boot(decision, f"{base_url}/images")
+
+
+def _boot(spec: BootSpec, images: str) -> str:
+    initrds = [f"{images}/{i}" for i in spec.initrds]
+    names = [f"initrd={n.rsplit('/', 1)[-1]}" for n in spec.initrds]
+    if spec.oem_url is not None:
+        # --name: the signed URL's basename is useless as a name, and UEFI kernels
+        # only see initrds named on the command line.
+        initrds.append(f"--name {OEM_INITRD_NAME} {spec.oem_url}")
+        names.append(f"initrd={OEM_INITRD_NAME}")
+    args = " ".join([*names, *spec.os_args, spec.cmdline])
+    lines = ["#!ipxe", f"kernel {images}/{spec.kernel} {args}".rstrip()]
+    lines += [f"initrd {i}" for i in initrds]
+    lines.append("boot")
+    return "\n".join(lines) + "\n"
+
+
+def refusal_lines(reason: str | None, say: str) -> str:
+    """Two console lines (``say`` is iPXE's echo or pxelinux's SAY) telling why not."""
+    # One printable line: no iPXE ${...} expansion, nothing that ends the command.
+    text = "".join(c if " " <= c < "\x7f" and c != "$" else " " for c in reason or "")[:400]
+    return (f"{say} netboot: NOT BOOTING this machine: its boot configuration failed\n"
+            f"{say} netboot: {text}\n")

@@ -1,0 +1,334 @@
+"""The one module that moves a node between lifecycle states.
+
+Protocols only report what happened; this module decides what it means::
+
+    DHCP offer to a new UUID      offered()   -> discovered   (queued, batched)
+    boot script / pxelinux config served()    -> booting, or error (config broken)
+    kernel, initrd or OEM fetched fetched()   -> deploying    (only from booting)
+    the OS calls back             reported()  -> installed / error, or identity
+    deploying too long            check_stuck() -> a 'stuck' event (state unchanged)
+    an admin                      patch(), forget()
+
+``offered``, ``served`` and ``fetched`` run on reply paths: they change the
+registry's in-memory index at once and queue the commit, never waiting for it,
+and each makes at most one registry write. ``reported``, ``patch`` and
+``forget`` answer API calls whose caller needs to know it is kept: they wait
+for the commit.
+
+Every change is published as a :class:`LifecycleEvent` to the listeners
+(webhooks, metrics, the dashboard), after it is applied in memory.
+
+A data dir that cannot be written must not stop boots: a failed commit is
+counted, logged at most once a minute and reported by :attr:`problem`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..metrics import Counters
+from ..storage.registry import Change, Node, Registry, RegistryError
+from .sightings import Sightings
+from .spec import BootSpec, Client, Decision, LocalBoot, Offer, Refusal
+
+if TYPE_CHECKING:
+    from ..artifacts import Artifacts, NodeArtifacts
+    from .booter import Booter
+
+log = logging.getLogger("netboot.lifecycle")
+
+#: first contacts waiting to be recorded; past this DHCP sightings are dropped (counted)
+NOTE_QUEUE_SIZE = 10_000
+NOTE_BATCH = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class LifecycleEvent:
+    """``kind``: a state entered (discovered, booting, deploying, installed, error) or
+    ``stuck``. ``old`` is the node before the change (None when it was created)."""
+
+    kind: str
+    node: Node
+    old: Node | None
+    source: str
+    time: float
+
+
+Listener = Callable[[LifecycleEvent], None]
+
+
+class Lifecycle:
+    def __init__(self, registry: Registry | None, sightings: Sightings, counters: Counters, *,
+                 booter: Booter | None = None, artifacts: Artifacts | None = None,
+                 stuck_after: float = 1800.0, clock: Callable[[], float] = time.time,
+                 problem: str | None = None):
+        self.registry = registry
+        self.sightings = sightings
+        self.counters = counters
+        self.booter = booter
+        self.artifacts = artifacts
+        self.stuck_after = stuck_after
+        self._clock = clock
+        #: why boots are not recorded (no registry, full or read-only data dir), for /health
+        self.problem = problem
+        self._listeners: list[Listener] = []
+        self._notes: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue(NOTE_QUEUE_SIZE)
+        self._stuck: set[str] = set()
+        self._error_logged = float("-inf")
+        for name, text in (
+            ("node_boots_total", "Boots counted by the registry (loader fetched)"),
+            ("node_failures_total", "Nodes that went to 'error'"),
+            ("node_stuck_total", "Nodes found stuck in 'deploying'"),
+            ("registry_notes_dropped_total", "DHCP first contacts dropped: queue full"),
+            ("registry_write_errors_total", "Registry commits that failed"),
+        ):
+            counters.describe(name, text)
+
+    def subscribe(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    # -- reports from the reply paths (never wait) ---------------------------------
+    def offered(self, client: Client, offer: Offer) -> None:
+        """A DHCP offer went out. A new UUID is recorded as 'discovered', queued."""
+        if client.uuid is None:
+            return
+        self.sightings.dhcp(client.mac, client.uuid)
+        if self.registry is not None and self.registry.get(client.uuid) is None:
+            try:
+                self._notes.put_nowait((client.uuid, client.mac, offer.profile))
+            except asyncio.QueueFull:
+                self.counters.inc("registry_notes_dropped_total")
+
+    def served(self, decision: Decision, address: str, source: str,
+               identity: dict[str, str | None] | None = None) -> None:
+        """A boot script (``ipxe``) or pxelinux config (``tftp``) was handed to ``address``.
+
+        A boot: the node is 'booting' (or 'error' when its config is broken), counted
+        once, with what the loader told of the hardware (``identity``). Going to the
+        local disk is not a boot and records nothing.
+        """
+        uuid, mac = decision.uuid, decision.mac
+        self.sightings.booted(address, uuid, mac)
+        if isinstance(decision, LocalBoot):
+            return
+        oem = decision.oem
+        if oem is not None and self.artifacts is not None:
+            self.artifacts.issue(oem)  # a fetch serves exactly what this boot was promised
+        if isinstance(decision, BootSpec) and oem is not None:
+            self.sightings.grant(address, oem.uuid)
+        if isinstance(decision, Refusal):
+            if not decision.failed:
+                return
+            log.error("not booting %s (%s via %s, profile %s): %s", uuid or "-", address,
+                      source, decision.profile or "-", decision.reason)
+        if self.registry is None or not uuid:
+            return
+        reg = self.registry
+        reg.observe(uuid, mac=mac, address=address, source=source, boot=True,
+                    hostname=decision.hostname, profile=decision.profile, **(identity or {}))
+        self.counters.inc("node_boots_total")
+        if isinstance(decision, Refusal):
+            change = reg.set_state(uuid, "error", source=source, address=address,
+                                   reason=decision.reason)
+        else:
+            change = reg.set_state(uuid, "booting", source=source, address=address)
+        self._queue_commit()
+        self._publish(change, source)
+
+    def fetched(self, address: str, source: str) -> None:
+        """A kernel, initrd or OEM archive went to ``address``: a booting node is deploying."""
+        if self.registry is None:
+            return
+        uuid, _ = self.sightings.at(address)
+        if uuid is None:
+            return
+        node = self.registry.get(uuid)
+        if node is None or node.state != "booting":
+            return
+        change = self.registry.set_state(uuid, "deploying", source=source, address=address)
+        self._queue_commit()
+        self._publish(change, source)
+
+    # -- what a node was handed ---------------------------------------------------
+    def handed_out(self, uuid: str, address: str) -> NodeArtifacts | None:
+        """The artefacts this node's boot was promised; rendered again (for the MAC it
+        booted with) only when that was forgotten (LRU, restart)."""
+        if self.artifacts is None:
+            return None
+        a = self.artifacts.issued(uuid)
+        if a is None and self.booter is not None:
+            booted_as, mac = self.sightings.at(address)
+            if booted_as != uuid:
+                node = self.registry.get(uuid) if self.registry is not None else None
+                mac = node.macs[0] if node is not None and node.macs else None
+            a, _ = self.booter.artifacts_for(mac, uuid)
+        return a
+
+    # -- API calls (acknowledged: they wait for the commit) -----------------------------
+    async def reported(self, uuid: str, outcome: str, *, address: str | None,
+                       reason: str | None = None,
+                       identity: dict[str, Any] | None = None) -> Node:
+        """The booted OS reports: ``installed``, ``failed`` (with reason) or ``register``
+        (identity: serial, vendor, product, asset, hostname, mac)."""
+        reg = self._registry()
+        if outcome == "register":
+            ident = dict(identity or {})
+            change = reg.observe(uuid, mac=ident.pop("mac", None), address=address,
+                                 source="api", **ident)
+        elif outcome == "installed":
+            change = reg.set_state(uuid, "installed", source="api", address=address)
+        elif outcome == "failed":
+            change = reg.set_state(uuid, "error", source="api", address=address, reason=reason)
+        else:
+            raise ValueError(f"unknown outcome {outcome!r}")
+        self._publish(change, "api")
+        await self._commit_now()
+        return reg.get(change.node.uuid) or change.node
+
+    async def patch(self, uuid: str, *, actor: str, **changes: Any) -> Node:
+        """Re-arm, relabel, set profile or hostname (KeyError for an unknown node)."""
+        reg = self._registry()
+        change = reg.patch(uuid, source=actor, **changes)
+        await self._commit_now()
+        return reg.get(change.node.uuid) or change.node
+
+    async def forget(self, uuid: str) -> bool:
+        reg = self._registry()
+        node = reg.forget(uuid)
+        if node is None:
+            return False
+        self._stuck.discard(node.uuid)
+        await self._commit_now()
+        return True
+
+    # -- stuck --------------------------------------------------------------------
+    def stuck(self) -> list[Node]:
+        """Nodes in 'deploying' for longer than stuck_after (cost: deploying nodes only)."""
+        if self.registry is None:
+            return []
+        limit = self._clock() - self.stuck_after
+        return [n for n in self.registry.in_state("deploying") if n.state_since < limit]
+
+    def is_stuck(self, node: Node) -> bool:
+        return node.state == "deploying" and node.state_since < self._clock() - self.stuck_after
+
+    def check_stuck(self) -> list[Node]:
+        """Newly stuck nodes get an event and are published once; returns them."""
+        fresh = [n for n in self.stuck() if n.uuid not in self._stuck]
+        if not fresh or self.registry is None:
+            return []
+        now = self._clock()
+        for n in fresh:
+            self._stuck.add(n.uuid)
+            self.counters.inc("node_stuck_total")
+            self.registry.add_event(n.uuid, "stuck", f"in deploying for {now - n.state_since:.0f}s",
+                                    source="netboot")
+            self._emit(LifecycleEvent("stuck", n, n, "netboot", now))
+        self._queue_commit()
+        return fresh
+
+    # -- background -------------------------------------------------------------------
+    async def run(self) -> None:
+        """Record DHCP first contacts in batches, and look for stuck nodes."""
+        await asyncio.gather(self._note_consumer(), self._stuck_loop())
+
+    async def drain(self) -> None:
+        """Record every queued first contact now, and commit (shutdown, tests)."""
+        self._apply_notes(None)
+        if self.registry is not None:
+            with contextlib.suppress(RegistryError):
+                await self.registry.commit()
+
+    async def _note_consumer(self) -> None:
+        while True:
+            first = await self._notes.get()
+            self._apply_notes(NOTE_BATCH, first)
+            if self.registry is not None:
+                try:
+                    await self.registry.commit()
+                except RegistryError as exc:
+                    self._write_failed(exc)
+
+    def _apply_notes(self, limit: int | None, first: tuple[str, str, str] | None = None) -> None:
+        n = 0
+        while limit is None or n < limit:
+            if first is not None:
+                item, first = first, None
+            else:
+                try:
+                    item = self._notes.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+            n += 1
+            uuid, mac, profile = item
+            if self.registry is None or self.registry.get(uuid) is not None:
+                continue
+            change = self.registry.observe(uuid, mac=mac, address=None, source="dhcp",
+                                           profile=profile)
+            self._publish(change, "dhcp")
+
+    async def _stuck_loop(self) -> None:
+        interval = max(0.2, min(30.0, self.stuck_after / 10))
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.check_stuck()
+            except Exception:
+                log.exception("stuck check failed")
+
+    # -- internals --------------------------------------------------------------------
+    def _registry(self) -> Registry:
+        if self.registry is None:
+            raise RegistryError(self.problem or "the registry is not open")
+        return self.registry
+
+    def _publish(self, change: Change, source: str) -> None:
+        if not change.moved:
+            return
+        node = change.node
+        if node.state == "error":
+            self.counters.inc("node_failures_total")
+        if node.state != "deploying":
+            self._stuck.discard(node.uuid)
+        self._emit(LifecycleEvent(node.state, node, change.old, source, node.state_since))
+
+    def _emit(self, event: LifecycleEvent) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("lifecycle listener failed on %s", event.kind)
+
+    def _queue_commit(self) -> None:
+        assert self.registry is not None
+        self.registry.commit().add_done_callback(self._committed)
+
+    def _committed(self, fut: asyncio.Future[None]) -> None:
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            self._write_failed(exc)
+
+    async def _commit_now(self) -> None:
+        assert self.registry is not None
+        try:
+            await self.registry.commit()
+        except RegistryError as exc:
+            self._write_failed(exc)
+            raise
+
+    def _write_failed(self, exc: BaseException) -> None:
+        self.counters.inc("registry_write_errors_total")
+        self.problem = f"registry: {exc}"
+        now = time.monotonic()
+        if now - self._error_logged >= 60:
+            self._error_logged = now
+            log.error("cannot record boots: %s (still serving boot files and scripts; "
+                      "free space or fix permissions in the data dir)", exc)

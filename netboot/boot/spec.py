@@ -1,0 +1,87 @@
+"""What the Booter decides: plain values, rendered by :mod:`.ipxe` or :mod:`.pxelinux`
+and recorded by :mod:`.lifecycle`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from ..identity import Arch
+
+if TYPE_CHECKING:
+    from ..artifacts import NodeArtifacts
+
+Loader = Literal["ipxe", "pxelinux"]
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """A booting machine as DHCP sees it."""
+
+    mac: str
+    uuid: str | None = None
+    arch: Arch = Arch.BIOS
+    http_boot: bool = False  # UEFI HTTP Boot (option 60 HTTPClient)
+    ipxe: bool = False  # the request comes from iPXE, not from the ROM
+
+
+@dataclass(frozen=True, slots=True)
+class Offer:
+    """A DHCP boot answer: ``filename`` is a TFTP path, or a URL when ``http``."""
+
+    filename: str
+    http: bool = False
+    profile: str = ""
+    machine: str = ""  # hostname or file that matched, for the log
+
+
+@dataclass(frozen=True, slots=True)
+class Ignore:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class BootSpec:
+    """Boot this kernel with these initrds and arguments."""
+
+    uuid: str | None
+    mac: str | None
+    profile: str
+    hostname: str
+    kernel: str  # path under images/
+    initrds: tuple[str, ...]  # paths under images/
+    #: the profile's rendered cmdline, then what the OS needs for its OEM config
+    cmdline: str
+    os_args: tuple[str, ...] = ()
+    #: the node's Ignition artefacts, when the profile has ``ignition:``
+    oem: NodeArtifacts | None = None
+    #: the OEM archive's signed HTTP URL (iPXE); pxelinux fetches it over TFTP instead
+    oem_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LocalBoot:
+    """``boot: once`` and installed: go to the local disk (not a boot)."""
+
+    uuid: str | None
+    mac: str | None
+    profile: str
+    hostname: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Not booting this machine. ``failed``: its configuration is broken (the node goes
+    to 'error' with ``reason``); otherwise netboot is just not serving it."""
+
+    uuid: str | None
+    mac: str | None
+    reason: str
+    failed: bool = False
+    profile: str | None = None
+    hostname: str | None = None
+    #: a failed Ignition render (remembered as issued, so a fetch says the same)
+    oem: NodeArtifacts | None = None
+
+
+Decision = BootSpec | LocalBoot | Refusal

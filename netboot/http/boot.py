@@ -1,0 +1,58 @@
+"""Boot scripts: ``/boot.ipxe`` (chain with the hardware's identity) and the per-node
+``/ipxe/node`` script. Decide, render, record: three calls."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from ..boot import ipxe
+from ..identity import IdentityError, normalise_mac, normalise_uuid
+from .context import ctx_of
+from .routes import Route
+
+log = logging.getLogger("netboot.http")
+
+#: what iPXE's chain script sends back, as the registry names it
+_IDENTITY = {"serial": "serial", "manufacturer": "vendor", "product": "product",
+             "asset": "asset"}
+
+
+def _param(request: web.Request, name: str) -> str | None:
+    v = request.query.get(name, "").strip()
+    return v or None
+
+
+async def boot_ipxe(request: web.Request) -> web.Response:
+    ctx = ctx_of(request)
+    ctx.counters.inc("http_requests_total", route="boot.ipxe")
+    return web.Response(text=ipxe.chain_script(ctx.booter.base_url), content_type="text/plain")
+
+
+async def node_ipxe(request: web.Request) -> web.Response:
+    """The per-machine script; the query carries what iPXE knows of the hardware."""
+    ctx = ctx_of(request)
+    ctx.counters.inc("http_requests_total", route="ipxe-node")
+    try:
+        uuid = normalise_uuid(u) if (u := _param(request, "uuid")) else None
+        mac = normalise_mac(m) if (m := _param(request, "mac")) else None
+    except IdentityError as exc:
+        raise web.HTTPBadRequest(text=f"#!ipxe\necho netboot: {exc}\n") from None
+    address = request.remote or ""
+    decision = ctx.booter.decide(mac, uuid, "ipxe")
+    script = ipxe.render(decision, ctx.booter.base_url)
+    ctx.lifecycle.served(decision, address, "ipxe",
+                         {ours: _param(request, q) for q, ours in _IDENTITY.items()})
+    log.info("boot script: mac=%s uuid=%s from %s -> %s %s", mac or "-", uuid or "-", address,
+             type(decision).__name__, getattr(decision, "profile", None) or "-")
+    return web.Response(text=script, content_type="text/plain")
+
+
+ROUTES = (
+    Route("GET", "/boot.ipxe", boot_ipxe, "First iPXE script: chains with the hardware's "
+          "identity", content_type="text/plain"),
+    Route("GET", "/ipxe/node", node_ipxe, "The per-node iPXE script",
+          content_type="text/plain", query=("uuid", "mac", "serial", "manufacturer",
+                                             "product", "asset")),
+)

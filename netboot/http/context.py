@@ -1,0 +1,40 @@
+"""What every HTTP handler may use, built once by :func:`netboot.server.build`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from ..artifacts import Artifacts
+    from ..boot.booter import Booter
+    from ..boot.lifecycle import Lifecycle
+    from ..loaders import LoaderTable
+    from ..metrics import Counters, NodeMetrics
+    from ..storage.registry import Registry
+
+
+@dataclass
+class HttpContext:
+    booter: Booter
+    lifecycle: Lifecycle
+    counters: Counters
+    node_metrics: NodeMetrics
+    images_dir: Path
+    loaders: LoaderTable
+    #: None when the data dir could not be opened: boots are served, not recorded
+    registry: Registry | None = None
+    artifacts: Artifacts | None = None
+    admin_token: str | None = field(default=None, repr=False)
+    started: float = field(default_factory=time.time)
+
+
+CTX = web.AppKey("netboot", HttpContext)
+
+
+def ctx_of(request: web.Request) -> HttpContext:
+    return request.app[CTX]

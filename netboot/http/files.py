@@ -1,0 +1,57 @@
+"""Boot files over HTTP: kernels and initrds under ``images/``, and first-stage
+loaders for UEFI HTTP Boot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+
+from ..images import ImageResponse
+from .context import ctx_of
+from .routes import Route
+
+
+def image_path(root: Path, relative: str) -> Path | None:
+    """``root/relative`` if it stays inside ``root`` after resolving symlinks, else None."""
+    if "\0" in relative or "\\" in relative:
+        return None
+    try:
+        root = root.resolve()
+        target = (root / relative.lstrip("/")).resolve()
+    except (OSError, ValueError):
+        return None
+    if target != root and root not in target.parents:
+        return None
+    return target if target.is_file() else None
+
+
+async def image(request: web.Request) -> web.StreamResponse:
+    ctx = ctx_of(request)
+    path = image_path(ctx.images_dir, request.match_info["path"])
+    if path is None:
+        ctx.counters.inc("http_not_found_total", route="images")
+        raise web.HTTPNotFound(text="no such image\n")
+    ctx.counters.inc("http_requests_total", route="images")
+    if request.method == "GET":
+        ctx.lifecycle.fetched(request.remote or "", "http")
+    return ImageResponse(path, chunk_size=1 << 20)
+
+
+async def loader(request: web.Request) -> web.StreamResponse:
+    """First-stage loaders over HTTP, for UEFI HTTP Boot clients."""
+    ctx = ctx_of(request)
+    path = ctx.loaders.path(request.match_info["name"])
+    if path is not None:
+        ctx.counters.inc("http_requests_total", route="loader")
+        return web.FileResponse(path)
+    ctx.counters.inc("http_not_found_total", route="loader")
+    raise web.HTTPNotFound(text="no such loader\n")
+
+
+ROUTES = (
+    Route("GET", "/images/{path:.+}", image, "A kernel or initrd under images_dir",
+          content_type="application/octet-stream"),
+    Route("GET", "/loader/{name}", loader, "A first-stage loader (UEFI HTTP Boot)",
+          content_type="application/octet-stream"),
+)

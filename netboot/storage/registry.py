@@ -1,0 +1,494 @@
+"""Node registry: every machine netboot has seen, its lifecycle state and history.
+
+Storage only: which changes to make is decided by :mod:`netboot.boot.lifecycle`
+(the one caller of the write methods below); this module keeps them.
+
+Reads (``get``, ``by_mac``, ``counts_by_state``) come from an in-memory index
+loaded at open, so the DHCP/TFTP/HTTP hot paths never touch the disk. Writes
+change the index synchronously and return at once (one event loop: no locks, no
+lost updates); ``commit()`` returns a future that a single writer task resolves
+once everything pending is in one SQLite transaction. A thousand writes cost a
+handful of commits, and a caller decides whether to wait for durability (an
+acknowledged callback does) or not (a boot reply never does).
+
+Durability: WAL with ``synchronous=NORMAL``. A committed change is in the WAL
+file (the OS page cache) and survives ``kill -9`` of the process; only a power
+loss or kernel crash may lose the last commits (the database stays consistent).
+Pass ``synchronous="FULL"`` to ``open`` to fsync every commit.
+
+A failed commit reloads the index from disk, so memory never claims what the
+file does not hold; the futures of everything since fail with RegistryError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import aiosqlite
+
+from ..identity import IdentityError, normalise_mac, normalise_uuid
+from .schema import (
+    EVENT_COLS,
+    INSERT_EVENT,
+    MIGRATIONS,
+    NODE_COLS,
+    UPSERT_MAC,
+    UPSERT_NODE,
+    EventRow,
+    RegistryError,
+    migrate,
+    row_to_fields,
+)
+
+__all__ = ["DB_NAME", "MIGRATIONS", "STATES", "Change", "Node", "Registry", "RegistryError",
+           "make_node_token"]
+
+log = logging.getLogger("netboot.registry")
+
+#: Lifecycle states; what moves a node between them is in netboot/boot/lifecycle.py.
+STATES: tuple[str, ...] = ("discovered", "booting", "deploying", "installed", "error")
+DB_NAME = "registry.sqlite3"
+
+
+@dataclass
+class Node:
+    """One machine, keyed by SMBIOS UUID. Instances are snapshots: writes replace them."""
+
+    uuid: str
+    serial: str | None = None
+    vendor: str | None = None
+    product: str | None = None
+    asset: str | None = None
+    macs: list[str] = field(default_factory=list)
+    address: str | None = None
+    hostname: str | None = None
+    profile: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    boot_count: int = 0
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    state: str = "discovered"
+    state_since: float = 0.0
+    reason: str | None = None
+    armed: bool = True
+    # When the current boot cycle began (first contact or last boot), for the
+    # boot-duration histogram; None once the cycle ended in 'installed'.
+    cycle_start: float | None = None
+
+    def to_json(self, now: float | None = None) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("cycle_start")
+        d["time_in_state"] = round((time.time() if now is None else now) - self.state_since, 3)
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """What a write did: the node after it, the node before (None if created)."""
+
+    node: Node
+    old: Node | None
+
+    @property
+    def created(self) -> bool:
+        return self.old is None
+
+    @property
+    def moved(self) -> bool:
+        """The state changed (a new node counts as moved into 'discovered')."""
+        return self.old is None or self.old.state != self.node.state
+
+
+@dataclass
+class RegistryStats:
+    """Plain numbers for whoever exports metrics (storage knows no exposition format)."""
+
+    commits: int = 0
+    commit_failures: int = 0
+
+
+def make_node_token(secret: bytes, uuid: str) -> str:
+    """HMAC-SHA256(secret, uuid), 32 hex chars: proves a caller speaks for that node only."""
+    return hmac.new(secret, uuid.encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _node_row(n: Node) -> tuple[Any, ...]:
+    return (n.uuid, n.serial, n.vendor, n.product, n.asset, n.address, n.hostname, n.profile,
+            json.dumps(n.labels, sort_keys=True), n.boot_count, n.first_seen, n.last_seen,
+            n.state, n.state_since, n.reason, int(n.armed), n.cycle_start)
+
+
+@dataclass
+class _Batch:
+    nodes: list[tuple[Any, ...]]
+    macs_set: list[tuple[str, str, float]]
+    macs_del: list[tuple[str]]
+    events: list[EventRow]
+    deleted: list[tuple[str]]
+
+    def __bool__(self) -> bool:
+        return bool(self.nodes or self.macs_set or self.macs_del or self.events or self.deleted)
+
+
+class Registry:
+    """The node inventory. Open with ``await Registry.open(...)``; close when done."""
+
+    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection, *, secret: bytes,
+                 clock: Callable[[], float]):
+        self._db = db
+        self._reader = reader
+        self._secret = secret
+        self._clock = clock
+        self.stats = RegistryStats()
+        self._nodes: dict[str, Node] = {}
+        self._mac_index: dict[str, str] = {}
+        self._by_state: dict[str, set[str]] = {s: set() for s in STATES}
+        # pending writes, taken whole by the writer
+        self._dirty: set[str] = set()
+        self._dirty_macs: dict[str, tuple[str, float] | None] = {}
+        self._events: list[EventRow] = []
+        self._deleted: set[str] = set()
+        self._waiters: list[asyncio.Future[None]] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._writer_task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:  # never the secret
+        return f"Registry({len(self._nodes)} nodes)"
+
+    # -- open and close -------------------------------------------------------
+    @classmethod
+    async def open(cls, data_dir: Path, *, secret: bytes, clock: Callable[[], float] = time.time,
+                   synchronous: Literal["NORMAL", "FULL"] = "NORMAL") -> Registry:
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path = data_dir / DB_NAME
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute(f"PRAGMA synchronous={synchronous}")
+            await db.execute("PRAGMA busy_timeout=5000")
+            await migrate(db)
+            reader = await aiosqlite.connect(path, isolation_level=None)
+        except BaseException:
+            await db.close()
+            raise
+        await reader.execute("PRAGMA busy_timeout=5000")
+        self = cls(db, reader, secret=secret, clock=clock)
+        await self._load()
+        self._writer_task = asyncio.create_task(self._writer(), name="registry-writer")
+        return self
+
+    async def close(self) -> None:
+        """Commit what is pending, stop the writer and close the database."""
+        if self._closing:
+            return
+        with contextlib.suppress(RegistryError):
+            await self.commit()
+        self._closing = True
+        self._wake.set()
+        if self._writer_task is not None:
+            await asyncio.gather(self._writer_task, return_exceptions=True)
+        await self._reader.close()
+        await self._db.close()
+
+    async def _load(self) -> None:
+        """Build the index from disk, then swap it in whole: readers never see it half-built."""
+        nodes: dict[str, Node] = {}
+        mac_index: dict[str, str] = {}
+        by_state: dict[str, set[str]] = {s: set() for s in STATES}
+        async with self._db.execute(f"SELECT {', '.join(NODE_COLS)} FROM nodes") as cur:
+            async for r in cur:
+                node = Node(**row_to_fields(r))
+                nodes[node.uuid] = node
+                by_state.setdefault(node.state, set()).add(node.uuid)
+        async with self._db.execute("SELECT mac, uuid FROM macs ORDER BY rowid") as cur:
+            async for mac, uuid in cur:
+                node = nodes.get(uuid)
+                if node is not None:
+                    node.macs.append(mac)
+                    mac_index[mac] = uuid
+        self._nodes, self._mac_index, self._by_state = nodes, mac_index, by_state
+
+    # -- hot path reads -------------------------------------------------------
+    def get(self, uuid: str) -> Node | None:
+        node = self._nodes.get(uuid)
+        if node is None:
+            try:
+                node = self._nodes.get(normalise_uuid(uuid))
+            except IdentityError:
+                return None
+        return node
+
+    def by_mac(self, mac: str) -> Node | None:
+        uuid = self._mac_index.get(mac)
+        if uuid is None:
+            try:
+                uuid = self._mac_index.get(normalise_mac(mac))
+            except IdentityError:
+                return None
+        return self._nodes.get(uuid) if uuid else None
+
+    def node_token(self, uuid: str) -> str:
+        return make_node_token(self._secret, normalise_uuid(uuid))
+
+    def check_node_token(self, uuid: str, token: str) -> bool:
+        try:
+            expected = self.node_token(uuid)
+        except IdentityError:
+            return False
+        return hmac.compare_digest(expected.encode(), token.encode())
+
+    def counts_by_state(self) -> dict[str, int]:
+        return {s: len(self._by_state.get(s, ())) for s in STATES}
+
+    def in_state(self, state: str) -> list[Node]:
+        """The nodes in one state (cost: those nodes only)."""
+        return [self._nodes[u] for u in self._by_state.get(state, ())]
+
+    def now(self) -> float:
+        return self._clock()
+
+    # -- writes: synchronous on the index; commit() makes them durable ----------
+    def observe(self, uuid: str, *, mac: str | None, address: str | None, source: str,
+                boot: bool = False, **identity: str | None) -> Change:
+        """A sighting: create in 'discovered' if new, update the given fields, count a boot.
+
+        ``identity``: serial, vendor, product, asset, hostname, profile (None: unchanged).
+        """
+        uuid = normalise_uuid(uuid)
+        mac = normalise_mac(mac) if mac else None
+        now = self._clock()
+        old = self._nodes.get(uuid)
+        if old is None:
+            node = Node(uuid=uuid, first_seen=now, last_seen=now, state_since=now,
+                        cycle_start=now, address=address,
+                        **{k: v for k, v in identity.items() if v is not None})
+            self._events.append((uuid, now, "discovered", "discovered", None, source, address,
+                                 None))
+        else:
+            changes = {k: v for k, v in identity.items()
+                       if v is not None and getattr(old, k) != v}
+            node = replace(old, last_seen=now, address=address or old.address, **changes)
+        if mac and mac not in node.macs:
+            node.macs = [*node.macs, mac]
+            owner = self._mac_index.get(mac)
+            if owner is not None and owner != uuid and owner in self._nodes:
+                prev = self._nodes[owner]
+                self._put(replace(prev, macs=[m for m in prev.macs if m != mac]))
+            self._mac_index[mac] = uuid
+            self._dirty_macs[mac] = (uuid, now)
+        if boot:
+            node.boot_count += 1
+            node.cycle_start = now
+            self._events.append((uuid, now, "boot", node.state, None, source, address, None))
+        self._put(node, old)
+        return Change(node, old)
+
+    def set_state(self, uuid: str, state: str, *, source: str, address: str | None = None,
+                  reason: str | None = None) -> Change:
+        """Put a node in ``state`` with an event; the same state again only keeps the address.
+
+        An unknown node is created first (in 'discovered', then moved).
+        """
+        if state not in STATES:
+            raise ValueError(f"unknown state {state!r}; states: {', '.join(STATES)}")
+        uuid = normalise_uuid(uuid)
+        now = self._clock()
+        old = self._nodes.get(uuid)
+        if old is None:
+            old = self.observe(uuid, mac=None, address=address, source=source).node
+        if old.state == state and (state != "error" or reason == old.reason):
+            node = old
+            if address and address != old.address:
+                node = replace(old, address=address, last_seen=now)
+                self._put(node, old)
+            return Change(node, node)
+        node = replace(old, state=state, state_since=now, last_seen=now,
+                       reason=reason if state == "error" else None,
+                       address=address or old.address)
+        if state == "installed":
+            node.armed = False
+            node.cycle_start = None
+        self._put(node, old)
+        self._events.append((uuid, now, "state", state, old.state, source, address,
+                             reason if state == "error" else None))
+        return Change(node, old)
+
+    def patch(self, uuid: str, *, rearm: bool = False,
+              labels: dict[str, str | None] | None = None, profile: str | None = None,
+              hostname: str | None = None, source: str = "admin") -> Change:
+        """Admin changes. ``labels`` merges (a None value removes the key). KeyError if unknown."""
+        uuid = normalise_uuid(uuid)
+        old = self._nodes.get(uuid)
+        if old is None:
+            raise KeyError(uuid)
+        now = self._clock()
+        node = replace(old, labels=dict(old.labels))
+        changed: list[str] = []
+        if rearm:
+            node.armed = True
+            changed.append("rearm")
+        if labels:
+            for k, v in labels.items():
+                if v is None:
+                    node.labels.pop(k, None)
+                else:
+                    node.labels[k] = str(v)
+            changed.append("labels " + json.dumps(labels, sort_keys=True))
+        if profile is not None and profile != old.profile:
+            node.profile = profile or None
+            changed.append(f"profile {profile or '-'}")
+        if hostname is not None and hostname != old.hostname:
+            node.hostname = hostname or None
+            changed.append(f"hostname {hostname or '-'}")
+        if not changed:
+            return Change(old, old)
+        self._put(node, old)
+        kind = "rearm" if changed == ["rearm"] else "patch"
+        self._events.append((uuid, now, kind, node.state, None, source, None, "; ".join(changed)))
+        return Change(node, old)
+
+    def add_event(self, uuid: str, kind: str, detail: str, *, source: str) -> None:
+        """An event that changes no field (e.g. 'stuck')."""
+        node = self._nodes.get(uuid)
+        if node is not None:
+            self._events.append((uuid, self._clock(), kind, node.state, None, source, None,
+                                 detail))
+
+    def forget(self, uuid: str) -> Node | None:
+        """Delete a node, its MACs and its history; the node as it was, or None."""
+        uuid = normalise_uuid(uuid)
+        node = self._nodes.pop(uuid, None)
+        if node is None:
+            return None
+        self._by_state.get(node.state, set()).discard(uuid)
+        for mac in node.macs:
+            if self._mac_index.get(mac) == uuid:
+                del self._mac_index[mac]
+                self._dirty_macs[mac] = None
+        self._dirty.discard(uuid)
+        self._events = [e for e in self._events if e[0] != uuid]
+        self._deleted.add(uuid)
+        return node
+
+    def commit(self) -> asyncio.Future[None]:
+        """A future resolved once everything written so far is committed.
+
+        Fails with RegistryError when the commit fails (the index is then reloaded).
+        """
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closing:
+            fut.set_exception(RegistryError("registry is closed"))
+            return fut
+        self._waiters.append(fut)
+        self._wake.set()
+        return fut
+
+    # -- queries --------------------------------------------------------------
+    async def list(self, *, state: str | None = None, profile: str | None = None,
+                   label: str | None = None) -> list[Node]:
+        """Nodes by first sighting; ``label`` is ``"key=value"`` (or ``"key"``: has the key)."""
+        if state is not None:
+            nodes: Iterable[Node] = (self._nodes[u] for u in self._by_state.get(state, ()))
+        else:
+            nodes = self._nodes.values()
+        if profile is not None:
+            nodes = (n for n in nodes if n.profile == profile)
+        if label is not None:
+            key, sep, value = label.partition("=")
+            nodes = (n for n in nodes if key in n.labels and (not sep or n.labels[key] == value))
+        return sorted(nodes, key=lambda n: (n.first_seen, n.uuid))
+
+    async def events(self, uuid: str) -> list[dict[str, Any]]:
+        """A node's history, oldest first (committed first, so nothing pending is missed)."""
+        uuid = normalise_uuid(uuid)
+        with contextlib.suppress(RegistryError):
+            await self.commit()
+        async with self._reader.execute(
+                "SELECT id, time, kind, state, prev, source, address, detail FROM events "
+                "WHERE uuid = ? ORDER BY id", (uuid,)) as cur:
+            rows = await cur.fetchall()
+        return [dict(zip(EVENT_COLS, r)) for r in rows]
+
+    # -- internals ------------------------------------------------------------
+    def _put(self, node: Node, old: Node | None = None) -> None:
+        if old is not None and old.state != node.state:
+            self._by_state[old.state].discard(node.uuid)
+        self._by_state.setdefault(node.state, set()).add(node.uuid)
+        self._nodes[node.uuid] = node
+        self._dirty.add(node.uuid)
+
+    def _take(self) -> _Batch:
+        batch = _Batch(
+            nodes=[_node_row(self._nodes[u]) for u in self._dirty if u in self._nodes],
+            macs_set=[(m, v[0], v[1]) for m, v in self._dirty_macs.items() if v is not None],
+            macs_del=[(m,) for m, v in self._dirty_macs.items() if v is None],
+            events=self._events, deleted=[(u,) for u in self._deleted])
+        self._dirty, self._dirty_macs, self._events, self._deleted = set(), {}, [], set()
+        return batch
+
+    async def _write(self, b: _Batch) -> None:
+        db = self._db
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            if b.deleted:
+                await db.executemany("DELETE FROM events WHERE uuid = ?", b.deleted)
+                await db.executemany("DELETE FROM macs WHERE uuid = ?", b.deleted)
+                await db.executemany("DELETE FROM nodes WHERE uuid = ?", b.deleted)
+            if b.macs_del:
+                await db.executemany("DELETE FROM macs WHERE mac = ?", b.macs_del)
+            if b.nodes:
+                await db.executemany(UPSERT_NODE, b.nodes)
+            if b.macs_set:
+                await db.executemany(UPSERT_MAC, b.macs_set)
+            if b.events:
+                await db.executemany(INSERT_EVENT, b.events)
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):  # keep the first error, not this one
+                await db.execute("ROLLBACK")
+            raise
+        self.stats.commits += 1
+
+    async def _writer(self) -> None:
+        """The one task that writes: takes everything pending, commits it, wakes the callers."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            waiters, self._waiters = self._waiters, []
+            batch = self._take()
+            try:
+                if batch:
+                    await self._write(batch)
+            except Exception as exc:
+                self.stats.commit_failures += 1
+                log.debug("registry commit failed: %s; reloading the index from disk", exc)
+                try:
+                    await self._load()
+                except Exception:
+                    log.exception("registry reload failed")
+                # everything changed in memory since is undone by the reload: fail it too
+                waiters += self._waiters
+                self._waiters = []
+                self._take()
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(RegistryError(f"registry write failed: {exc}"))
+                continue
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+            if self._closing and not self._waiters:
+                return

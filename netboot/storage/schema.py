@@ -1,0 +1,89 @@
+"""The registry's schema: tables, columns and migrations (append only)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiosqlite
+
+log = logging.getLogger("netboot.registry")
+
+
+class RegistryError(RuntimeError):
+    """A write could not be committed, or the file cannot be used."""
+
+
+async def _script(db: aiosqlite.Connection, script: str) -> None:
+    """Statement by statement: executescript() would COMMIT the migration's transaction."""
+    for stmt in script.split(";"):
+        if stmt.strip():
+            await db.execute(stmt)
+
+
+async def _m1_initial(db: aiosqlite.Connection) -> None:
+    await _script(db, """
+        CREATE TABLE nodes (
+            uuid TEXT PRIMARY KEY, serial TEXT, vendor TEXT, product TEXT, asset TEXT,
+            address TEXT, hostname TEXT, profile TEXT, labels TEXT NOT NULL DEFAULT '{}',
+            boot_count INTEGER NOT NULL DEFAULT 0, first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL, state TEXT NOT NULL, state_since REAL NOT NULL,
+            reason TEXT, armed INTEGER NOT NULL DEFAULT 1, cycle_start REAL
+        );
+        CREATE TABLE macs (
+            mac TEXT PRIMARY KEY, uuid TEXT NOT NULL, first_seen REAL NOT NULL
+        );
+        CREATE INDEX macs_uuid ON macs(uuid);
+        CREATE TABLE events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, uuid TEXT NOT NULL, time REAL NOT NULL,
+            kind TEXT NOT NULL, state TEXT, prev TEXT, source TEXT, address TEXT, detail TEXT
+        );
+        CREATE INDEX events_uuid ON events(uuid, id);
+    """)
+
+
+# Ordered; migration i+1 brings the schema from user_version i to i+1. Append only.
+MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_m1_initial]
+
+NODE_COLS = ("uuid", "serial", "vendor", "product", "asset", "address", "hostname", "profile",
+             "labels", "boot_count", "first_seen", "last_seen", "state", "state_since",
+             "reason", "armed", "cycle_start")
+UPSERT_NODE = (f"INSERT OR REPLACE INTO nodes ({', '.join(NODE_COLS)}) "
+               f"VALUES ({', '.join('?' * len(NODE_COLS))})")
+UPSERT_MAC = ("INSERT INTO macs (mac, uuid, first_seen) VALUES (?, ?, ?) "
+              "ON CONFLICT(mac) DO UPDATE SET uuid = excluded.uuid")
+INSERT_EVENT = ("INSERT INTO events (uuid, time, kind, state, prev, source, address, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+EVENT_COLS = ("id", "time", "kind", "state", "from", "source", "address", "detail")
+
+EventRow = tuple[str, float, str, str | None, str | None, str | None, str | None, str | None]
+
+
+async def migrate(db: aiosqlite.Connection) -> int:
+    """Run the migrations the file has not seen yet, each in its own transaction."""
+    async with db.execute("PRAGMA user_version") as cur:
+        row = await cur.fetchone()
+    version = int(row[0]) if row else 0
+    if version > len(MIGRATIONS):
+        raise RegistryError(f"registry schema v{version} is newer than this netboot "
+                            f"(knows v{len(MIGRATIONS)}); refusing to open")
+    for i in range(version, len(MIGRATIONS)):
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            await MIGRATIONS[i](db)
+            await db.execute(f"PRAGMA user_version = {i + 1}")
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+        log.info("registry schema migrated to v%d", i + 1)
+    return len(MIGRATIONS)
+
+
+def row_to_fields(row: tuple[Any, ...]) -> dict[str, Any]:
+    d = dict(zip(NODE_COLS, row))
+    d["labels"] = json.loads(d["labels"])
+    d["armed"] = bool(d["armed"])
+    return d

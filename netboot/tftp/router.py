@@ -1,0 +1,79 @@
+"""What a TFTP path serves: generated pxelinux configs, OEM archives, images, loaders.
+
+Decide, render, record, as on the HTTP side: the Booter decides, :mod:`netboot.boot.pxelinux`
+renders, the lifecycle records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..boot import pxelinux
+from ..boot.booter import Booter
+from ..boot.lifecycle import Lifecycle
+from ..identity import IdentityError, normalise_mac, normalise_uuid
+from ..loaders import LoaderTable
+from ..metrics import Counters
+from .packet import ERR_ACCESS, ERR_NOT_FOUND
+from .provider import BytesProvider, Provider, RootResolver, TftpError, normalise_path
+
+
+@dataclass
+class TftpRouter:
+    booter: Booter
+    lifecycle: Lifecycle
+    counters: Counters
+    images: RootResolver
+    loaders: LoaderTable
+
+    def __call__(self, path: str, client: tuple[str, int]) -> Provider:
+        path = normalise_path(path)
+        if path.startswith("pxelinux.cfg/"):
+            return self._pxelinux(path[len("pxelinux.cfg/"):], client[0])
+        if path.startswith("oem/"):
+            return self._oem(path[len("oem/"):], client[0])
+        if path.startswith("images/"):
+            provider = self.images(path[len("images/"):], client)
+            self.lifecycle.fetched(client[0], "tftp")
+            return provider
+        return self.loaders(path, client)
+
+    def _pxelinux(self, name: str, address: str) -> Provider:
+        # pxelinux asks for 01-<mac> first, then UUID, hex IP forms and "default".
+        if not name.startswith("01-"):
+            raise TftpError(ERR_NOT_FOUND, "file not found")
+        try:
+            mac = normalise_mac(name[3:])
+        except IdentityError:
+            raise TftpError(ERR_NOT_FOUND, "file not found") from None
+        decision = self.booter.decide(mac, self.lifecycle.sightings.uuid_for_mac(mac),
+                                      "pxelinux")
+        text = pxelinux.render(decision)
+        if text is None:
+            raise TftpError(ERR_NOT_FOUND, "file not found")
+        self.lifecycle.served(decision, address, "tftp")
+        return BytesProvider(text.encode())
+
+    def _oem(self, name: str, address: str) -> Provider:
+        """``oem/<uuid>.cpio.gz``: only to the address that just booted as that node.
+
+        TFTP has no secrets to sign with, so the client's address is the credential:
+        it must be the one netboot handed this node's pxelinux config or iPXE script.
+        """
+        artifacts = self.lifecycle.artifacts
+        try:
+            uuid = normalise_uuid(name.removesuffix(".cpio.gz")) if name.endswith(
+                ".cpio.gz") else None
+        except IdentityError:
+            uuid = None
+        if artifacts is None or uuid is None:
+            raise TftpError(ERR_NOT_FOUND, "file not found")
+        if not self.lifecycle.sightings.granted(address, uuid):
+            artifacts.refused("address", "oem", uuid, address, "tftp")
+            raise TftpError(ERR_ACCESS, "access violation")
+        a = self.lifecycle.handed_out(uuid, address)
+        if a is None or not a.ok or a.archive is None:
+            raise TftpError(ERR_NOT_FOUND, "file not found")
+        self.counters.inc("ignition_served_total", kind="oem", transport="tftp")
+        self.lifecycle.fetched(address, "tftp")
+        return BytesProvider(a.archive)
