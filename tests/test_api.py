@@ -260,3 +260,25 @@ def test_alert_rules_pass_promtool() -> None:
     for metric in ("netboot_nodes_stuck", "netboot_node_failures_total",
                    "netboot_boot_duration_seconds_bucket"):
         assert metric in text
+
+
+async def test_without_a_registry_health_and_metrics_still_answer(tmp_path: Path) -> None:
+    """An unusable data dir: boots are served unrecorded, and the operator's screens say so
+    (they used to vanish with the registry, counters and all)."""
+    config = write_config(tmp_path / "config", tmp_path / "data")
+    async with serving(config, registry=False) as srv:
+        srv.counters.inc("dhcp_offers_total", arch="bios", ipxe="no")
+        st, text = await _call("GET", f"{srv.url}/metrics")
+        assert st == 200
+        lines = set(text.splitlines())
+        assert 'netboot_dhcp_offers_total{arch="bios",ipxe="no"} 1' in lines
+        assert "netboot_registry_up 0" in lines
+        st, health = await _call("GET", f"{srv.url}/health")
+        assert st == 200 and health["status"] == "degraded"
+        assert health["registry"].startswith("absent: ")
+        st, body = await _call("GET", f"{srv.url}/api/v1/nodes")
+        assert st == 503 and "registry is not available" in body["error"]
+        st, body = await _call("GET", f"{srv.url}/")
+        assert st == 503 and "/health" in body
+        st, body = await _call("GET", f"{srv.url}/boot.ipxe")
+        assert st == 200 and body.startswith("#!ipxe")

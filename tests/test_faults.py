@@ -189,6 +189,13 @@ def check_served_and_explained(server: NetbootServer, data: Path, result: dict, 
     assert any(r in new_log for r in reasons), show(server, result)
     health = server.json("/health")
     assert health["status"] != "ok" and str(data) in json.dumps(health), health
+    # the counters of what was served stay visible, and say boots are not recorded
+    status, body = server.http("GET", "/metrics")
+    text = body.decode()
+    assert status == 200, text[:500]
+    assert metric(text, "netboot_dhcp_offers_total") >= n, text[:2000]
+    assert metric(text, "netboot_tftp_transfers_completed") >= n, text[:2000]
+    assert metric(text, "netboot_registry_up") == 0, text[:2000]
 
 
 def test_data_dir_fills_up_while_serving(lab: StormLab, tmp_path: Path) -> None:

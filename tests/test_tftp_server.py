@@ -102,9 +102,10 @@ async def test_loopback_mtu_allows_big_blocks(server: TftpServer) -> None:
         c.close()
 
 
-async def test_uefi_size_probe_sequence(server: TftpServer) -> None:
+async def test_uefi_size_probe_sequence(root: Path) -> None:
     seen: list[tuple[str, bool]] = []
-    server._on_transfer = lambda path, client, ok: seen.append((path, ok))
+    server = await start_tftp(RootResolver([root]), "127.0.0.1", 0,
+                              on_transfer=lambda path, client, ok: seen.append((path, ok)))
     c = RawClient()
     try:
         await c.send(pk.encode_request(pk.RRQ, "medium", "octet", {"tsize": "0",
@@ -123,6 +124,7 @@ async def test_uefi_size_probe_sequence(server: TftpServer) -> None:
     assert ctr.get("tftp_size_probes") == 1
     assert ctr.total("tftp_transfers_failed") == 0
     assert seen == [("medium", True)]
+    await server.close()
 
 
 async def test_wrong_tid_gets_error5_and_transfer_continues(server: TftpServer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,23 @@ class LabEnv:
         self.machines = config.parent / "machines"
 
     def add_machine(self, name: str, **fields: Any) -> None:
+        """Write a machine file and wait until the server has loaded it (its /health)."""
+        before = self.api("/health")["machines"]
         body = "".join(f"{k}: {json.dumps(v)}\n" for k, v in fields.items())
         (self.machines / f"{name}.yaml").write_text(body)
+        self.wait_loaded(set(), before + 1)
+
+    def wait_loaded(self, profiles: set[str], machines: int, timeout: float = 30) -> None:
+        """Until the server's config watcher has loaded ``profiles`` and at least
+        ``machines`` machine files, as its /health reports (slow on a busy machine)."""
+        deadline = time.monotonic() + timeout
+        health: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            health = self.api("/health")
+            if profiles <= set(health["profiles"]) and health["machines"] >= machines:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"netboot did not load the new profiles and machines: {health}")
 
     def api(self, path: str) -> Any:
         """GET from netboot's HTTP API inside the boot namespace."""

@@ -76,7 +76,6 @@ def test_bios_pxelinux_tftp_path(lab_env: LabEnv) -> None:
     """A machine file picks the pxelinux profile: pxelinux.0, 01-<mac>, kernel all over TFTP."""
     mac = "52:54:00:aa:01:01"
     lab_env.add_machine("rack1-node1", mac=mac, profile="demo-pxelinux", hostname="rack1-node1")
-    time.sleep(1)  # the watcher picks the new file up
     uuid, console = _boot(lab_env, "bios", profile="demo-pxelinux", mac=mac,
                           serial="SN-BIOS-PXELINUX")
     assert "netboot.host=rack1-node1" in _cmdline(console)
@@ -97,7 +96,6 @@ def test_uefi_edk2_pxe_fetches_ipxe_efi_over_tftp(lab_env: LabEnv) -> None:
 def test_boot_once_exits_to_local_disk_after_install(lab_env: LabEnv) -> None:
     mac = "52:54:00:aa:02:02"
     lab_env.add_machine("once-node", mac=mac, profile="once", hostname="once-node")
-    time.sleep(1)
     uuid = str(uuidlib.uuid4())
     first = lab_env.lab.boot_guest("uefi", uuid=uuid, mac=mac, serial="SN-ONCE")
     console = lab_env.lab.wait_guest(first, timeout=300)

@@ -10,7 +10,6 @@ Two guests at once: OVMF through iPXE (signed HTTP URL, ``initrd --name`` plus
 from __future__ import annotations
 
 import hashlib
-import time
 import uuid as uuidlib
 
 import pytest
@@ -46,18 +45,6 @@ def _ignition_lines(console: str) -> dict[str, str]:
     return out
 
 
-def _wait_loaded(env: LabEnv, profiles: set[str], machines: int) -> None:
-    """Until the server's watcher has loaded the new files (slow on a busy machine)."""
-    deadline = time.monotonic() + 30
-    health: dict = {}
-    while time.monotonic() < deadline:
-        health = env.api("/health")
-        if profiles <= set(health["profiles"]) and health["machines"] >= machines:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"netboot did not load the new profiles and machines: {health}")
-
-
 def _render(env: LabEnv, uuid: str) -> bytes:
     """`netboot render ignition UUID` as the admin would run it beside the server."""
     out = env.lab.ns(env.lab.ns_boot, str(VENV_BIN / "netboot"), "render", "ignition", uuid,
@@ -75,7 +62,7 @@ def test_flatcar_guest_finds_its_own_config(lab_env: LabEnv) -> None:
     for firmware, (mac, profile) in plan.items():
         lab_env.add_machine(f"ign-{firmware}", mac=mac, profile=profile,
                             hostname=f"ign-{firmware}")
-    _wait_loaded(lab_env, {"ign-flatcar", "ign-flatcar-pxe"}, machines_before + len(plan))
+    lab_env.wait_loaded({"ign-flatcar", "ign-flatcar-pxe"}, machines_before + len(plan))
     guests = {fw: lab_env.lab.boot_guest(fw, uuid=str(uuidlib.uuid4()), mac=mac,
                                          serial=f"SN-IGN-{fw.upper()}")
               for fw, (mac, _) in plan.items()}
