@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .images import (
+from ..images import (
     FCOS_STREAMS,
     FLATCAR_CHANNELS,
     ImageError,
@@ -94,8 +94,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _images_dir(args: argparse.Namespace) -> Path:
     if args.images_dir is not None:
         return args.images_dir.resolve()
-    from .config import load_server_config
-    from .yamlsrc import SourceError
+    from ..config import load_server_config
+    from ..yamlsrc import SourceError
 
     try:
         return load_server_config(args.config).images_dir
@@ -113,7 +113,7 @@ def _keyring(args: argparse.Namespace, os_name: str | None) -> Path | None:
     if os_name is None or args.images_dir is not None:
         return None
     try:
-        from .config import load_server_config
+        from ..config import load_server_config
 
         configured = getattr(load_server_config(args.config), "image_keyrings", None) or {}
     except Exception:  # noqa: BLE001 - no readable config means no configured keyring
