@@ -11,7 +11,10 @@ from netboot.tftp.provider import (
     TftpError,
     normalise_path,
 )
-from netboot.tftp.server import TftpServer, start_tftp
 
+# The asyncio layer is not imported with the package: import TftpServer and
+# start_tftp from netboot.tftp.server. Importing it here would make the old
+# entry point `python -m netboot.tftp.server` warn (runpy finds the module in
+# sys.modules before it runs it as __main__).
 __all__ = ["BytesProvider", "FileProvider", "Provider", "Resolver", "RootResolver", "TftpError",
-           "TftpServer", "normalise_path", "start_tftp"]
+           "normalise_path"]

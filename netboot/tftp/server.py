@@ -520,3 +520,9 @@ async def start_tftp(resolver: Resolver, host: str = "0.0.0.0", port: int = 69, 
     except BaseException:
         sock.close()
         raise
+
+
+if __name__ == "__main__":  # the old entry point; the CLI is netboot/tftp/__main__.py
+    from netboot.tftp.__main__ import main
+
+    main()
