@@ -22,7 +22,7 @@ from .dhcp.proxy import ProxyDhcp
 from .dhcp.server import start_dhcp
 from .http.app import HttpContext, boot_outcome, make_app
 from .identity import IdentityError, normalise_mac, normalise_uuid
-from .images import check_profile_images
+from .images.verify import check_profile_images
 from .loaders import LoaderTable
 from .metrics import Counters
 from .netutil import choose_interface, interface_ipv4, interfaces

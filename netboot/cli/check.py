@@ -23,7 +23,7 @@ def add_parser(sub: Any) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate everything offline, with the same messages the server logs."""
     from ..config import ConfigError, ConfigStore
-    from ..images import check_profile_images
+    from ..images.verify import check_profile_images
 
     logging.disable(logging.CRITICAL)
     try:

@@ -13,18 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..images import (
-    FCOS_STREAMS,
-    FLATCAR_CHANNELS,
-    ImageError,
-    ImageRecord,
-    Manifest,
-    Progress,
-    export_images,
-    fetch,
-    import_images,
-    verify_record,
-)
+from ..images.archive import export_images, import_images
+from ..images.fetch import fetch
+from ..images.manifest import FCOS_STREAMS, FLATCAR_CHANNELS, ImageError, ImageRecord, Manifest
+from ..images.progress import Progress
+from ..images.verify import verify_record
 
 DEFAULT_CONFIG = Path("configs/netboot.yaml")
 

@@ -18,10 +18,10 @@ from aiohttp import web
 
 from ..booter import Booter
 from ..identity import IdentityError, normalise_mac, normalise_uuid
-from ..images import ImageResponse
 from ..loaders import LoaderTable
 from ..metrics import Counters
 from ..registry import RegistryError
+from .sendfile import ImageResponse
 
 if TYPE_CHECKING:
     from ..artifacts import Artifacts, Kind, NodeArtifacts
