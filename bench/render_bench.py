@@ -18,9 +18,9 @@ import time
 import uuid as uuidlib
 from pathlib import Path
 
-from netboot.artifacts import Artifacts
 from netboot.booter import Booter
 from netboot.config import ConfigStore
+from netboot.ignition.artifacts import Artifacts
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,12 +15,12 @@ from urllib.parse import quote
 
 import jinja2
 
-from .artifacts import OEM_INITRD_NAME, os_kernel_args
 from .config import ConfigStore, Machine, Profile
 from .identity import Arch
+from .ignition.artifacts import OEM_INITRD_NAME, os_kernel_args
 
 if TYPE_CHECKING:
-    from .artifacts import Artifacts, NodeArtifacts
+    from .ignition.artifacts import Artifacts, NodeArtifacts
     from .registry import Node
 
 log = logging.getLogger("netboot.booter")

@@ -15,13 +15,13 @@ from typing import Any
 
 from aiohttp import web
 
-from .artifacts import Artifacts
 from .booter import Booter, Resolved
 from .config import ConfigStore, ServerConfig
 from .dhcp.proxy import ProxyDhcp
 from .dhcp.server import start_dhcp
 from .http.app import HttpContext, boot_outcome, make_app
 from .identity import IdentityError, normalise_mac, normalise_uuid
+from .ignition.artifacts import Artifacts
 from .images.verify import check_profile_images
 from .loaders import LoaderTable
 from .metrics import Counters

@@ -15,10 +15,10 @@ from urllib.parse import unquote
 
 import pytest
 
-from netboot.artifacts import Artifacts, SwarmSource, sign
 from netboot.booter import Booter
 from netboot.config import ConfigStore, SwarmConfig
-from netboot.ignition import SwarmFacts
+from netboot.ignition.artifacts import Artifacts, SwarmSource, sign
+from netboot.ignition.render import SwarmFacts
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "artifacts-test-secret"

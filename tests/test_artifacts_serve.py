@@ -22,10 +22,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from netboot.artifacts import Artifacts, sign
 from netboot.booter import Booter
 from netboot.config import ConfigStore
 from netboot.http.app import HttpContext, make_app
+from netboot.ignition.artifacts import Artifacts, sign
 from netboot.loaders import LoaderTable
 from netboot.metrics import Counters
 from netboot.registry import Registry

@@ -48,10 +48,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 async def node_artifacts(args: argparse.Namespace) -> Any:
     """The node's NodeArtifacts, built exactly as ``serve`` builds them."""
-    from ..artifacts import Artifacts
     from ..booter import Booter
     from ..config import ConfigError, ConfigStore
     from ..identity import IdentityError, normalise_mac, normalise_uuid
+    from ..ignition.artifacts import Artifacts
     from ..registry import Registry
     from ..server import SetupError, load_secret, pick_address
 

@@ -24,7 +24,7 @@ from ..registry import RegistryError
 from .sendfile import ImageResponse
 
 if TYPE_CHECKING:
-    from ..artifacts import Artifacts, Kind, NodeArtifacts
+    from ..ignition.artifacts import Artifacts, Kind, NodeArtifacts
     from ..registry import Registry
 
 log = logging.getLogger("netboot.http")
