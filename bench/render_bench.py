@@ -18,11 +18,11 @@ import time
 import uuid as uuidlib
 from pathlib import Path
 
-from netboot.artifacts import Artifacts, NodeArtifacts
 from netboot.boot import ipxe
 from netboot.boot.booter import Booter
 from netboot.boot.spec import BootSpec
 from netboot.config import ConfigStore
+from netboot.ignition.artifacts import Artifacts, NodeArtifacts
 
 REPO = Path(__file__).resolve().parents[1]
 

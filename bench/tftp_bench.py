@@ -42,7 +42,7 @@ class Server:
 
 def netboot_argv(root: Path, port: int, *extra: str) -> list[str]:
     """The standalone netboot TFTP server on 127.0.0.1:port, limits out of the way."""
-    return [sys.executable, "-m", "netboot.tftp.server", "--root", str(root), "--host",
+    return [sys.executable, "-m", "netboot.tftp", "--root", str(root), "--host",
             "127.0.0.1", "--port", str(port), "--max-per-client", "10000",
             "--max-transfers", "10000", *extra]
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from aiohttp import web
 
-from .artifacts import Artifacts
 from .boot.booter import Booter
 from .boot.lifecycle import Lifecycle
 from .boot.sightings import Sightings
@@ -26,7 +25,8 @@ from .dhcp.proxy import ProxyDhcp
 from .dhcp.server import start_dhcp
 from .http.app import make_app
 from .http.context import HttpContext
-from .images import check_profile_images
+from .ignition.artifacts import Artifacts
+from .images.verify import check_profile_images
 from .loaders import LoaderTable
 from .metrics import Counters, NodeMetrics
 from .netutil import choose_interface, interface_ipv4, interfaces

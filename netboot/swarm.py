@@ -17,7 +17,7 @@ from typing import Any
 
 import aiohttp
 
-from netboot.ignition import SwarmFacts
+from netboot.ignition.render import SwarmFacts
 
 __all__ = ["SWARM_PORT", "SwarmError", "read_swarm_facts", "sweep_down_nodes"]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from netboot.cli_nodes import add_parser, table
+from netboot.cli.nodes import add_parser, table
 from tests.nodes import observe, transition
 from tests.test_api import ADMIN, U1, U2, Served, serve_registry
 

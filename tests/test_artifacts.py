@@ -16,12 +16,12 @@ from urllib.parse import unquote
 
 import pytest
 
-from netboot.artifacts import Artifacts, NodeArtifacts, SwarmSource, sign
 from netboot.boot import ipxe, pxelinux
 from netboot.boot.booter import Booter
 from netboot.boot.spec import LocalBoot, Refusal
 from netboot.config import ConfigStore, SwarmConfig
-from netboot.ignition import SwarmFacts
+from netboot.ignition.artifacts import Artifacts, NodeArtifacts, SwarmSource, sign
+from netboot.ignition.render import SwarmFacts
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "artifacts-test-secret"

@@ -22,8 +22,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from netboot.artifacts import sign
 from netboot.boot.spec import Client, Offer
+from netboot.ignition.artifacts import sign
 from tests.served import Served as Netboot
 from tests.served import serving
 from tests.test_artifacts import (

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from netboot.artifacts import SwarmSource
 from netboot.config import SwarmConfig
+from netboot.ignition.artifacts import SwarmSource
 from tests.test_artifacts import M1, U1, make_booter, script_for, write_tree
 from tests.test_swarm_lab import MANAGER_IP, Lab, env_file, lab  # noqa: F401  (fixture)
 

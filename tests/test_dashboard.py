@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from netboot.http.dashboard import human_duration
+from netboot.util.text import human_duration
 from tests.nodes import Clock, observe, patch, transition
 from tests.test_api import Served, serve_registry
 

@@ -12,16 +12,15 @@ from urllib.parse import unquote_to_bytes
 
 import pytest
 
-from netboot.ignition import (
-    SCHEMA_PATH,
+from netboot.ignition.render import (
     IgnitionError,
     IgnitionRenderer,
     SiteSettings,
     SwarmFacts,
     bundled_template_dir,
     data_url,
-    validate_ignition,
 )
+from netboot.ignition.validate import SCHEMA_PATH, validate_ignition
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_SCHEMA = Path(__file__).resolve().parents[2] / "shared" / "ignition-schema" / (

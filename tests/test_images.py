@@ -16,18 +16,11 @@ from pathlib import Path
 import pytest
 
 from netboot.config import Profile
-from netboot.images import (
-    ImageError,
-    Manifest,
-    Progress,
-    check_profile_images,
-    export_images,
-    fetch,
-    import_images,
-    parse_digests,
-    staging_dir,
-    verify_record,
-)
+from netboot.images.archive import export_images, import_images
+from netboot.images.fetch import fetch
+from netboot.images.manifest import ImageError, Manifest, staging_dir
+from netboot.images.progress import Progress
+from netboot.images.verify import check_profile_images, parse_digests, verify_record
 
 from .test_images_helpers import (
     FCOS_RELEASE,

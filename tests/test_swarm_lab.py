@@ -24,7 +24,7 @@ from urllib.parse import unquote_to_bytes
 
 import pytest
 
-from netboot.ignition import IgnitionRenderer, SiteSettings, bundled_template_dir
+from netboot.ignition.render import IgnitionRenderer, SiteSettings, bundled_template_dir
 from netboot.swarm import SwarmError, read_swarm_facts, sweep_down_nodes
 
 pytestmark = pytest.mark.lab

@@ -80,7 +80,7 @@ def served(lab: tuple[str, str], tmp_path: Path) -> Iterator[tuple[str, Path, li
     (root / "f400k").write_bytes(os.urandom(400 * 1024 + 123))
     (root / "f512x").write_bytes(os.urandom(512 * 300))  # ends in a zero-length block
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", srv_ns, sys.executable, "-m", "netboot.tftp.server", "--root",
+        ["ip", "netns", "exec", srv_ns, sys.executable, "-m", "netboot.tftp", "--root",
          str(root), "--host", SERVER_IP, "--port", str(PORT), "--timeout", "0.2", "--stats"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     stats: list[str] = []
@@ -158,7 +158,7 @@ def test_counters_after_lossy_run(lab: tuple[str, str], tmp_path: Path) -> None:
     root.mkdir()
     (root / "f").write_bytes(os.urandom(300 * 1024))
     proc = subprocess.Popen(
-        ["ip", "netns", "exec", srv_ns, sys.executable, "-m", "netboot.tftp.server", "--root",
+        ["ip", "netns", "exec", srv_ns, sys.executable, "-m", "netboot.tftp", "--root",
          str(root), "--host", SERVER_IP, "--port", str(PORT), "--timeout", "0.2", "--stats"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:

@@ -22,13 +22,13 @@ from urllib.parse import quote
 
 import jinja2
 
-from ..artifacts import os_kernel_args
 from ..config import ConfigStore, Machine, Profile
 from ..identity import Arch
+from ..ignition.artifacts import os_kernel_args
 from .spec import BootSpec, Client, Decision, Ignore, Loader, LocalBoot, Offer, Refusal
 
 if TYPE_CHECKING:
-    from ..artifacts import Artifacts, NodeArtifacts
+    from ..ignition.artifacts import Artifacts, NodeArtifacts
     from ..storage.registry import Node
 
 log = logging.getLogger("netboot.booter")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..artifacts import OEM_INITRD_NAME
+from ..ignition.artifacts import OEM_INITRD_NAME
 from .spec import BootSpec, Decision, LocalBoot, Refusal
 
 

@@ -38,7 +38,7 @@ from .sightings import Sightings
 from .spec import BootSpec, Client, Decision, LocalBoot, Offer, Refusal
 
 if TYPE_CHECKING:
-    from ..artifacts import Artifacts, NodeArtifacts
+    from ..ignition.artifacts import Artifacts, NodeArtifacts
     from .booter import Booter
 
 log = logging.getLogger("netboot.lifecycle")

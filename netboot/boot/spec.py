@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Literal
 from ..identity import Arch
 
 if TYPE_CHECKING:
-    from ..artifacts import NodeArtifacts
+    from ..ignition.artifacts import NodeArtifacts
 
 Loader = Literal["ipxe", "pxelinux"]
 

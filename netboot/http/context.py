@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
-    from ..artifacts import Artifacts
     from ..boot.booter import Booter
     from ..boot.lifecycle import Lifecycle
+    from ..ignition.artifacts import Artifacts
     from ..loaders import LoaderTable
     from ..metrics import Counters, NodeMetrics
     from ..storage.registry import Registry

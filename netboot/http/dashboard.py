@@ -14,26 +14,12 @@ import jinja2
 from aiohttp import web
 
 from ..storage.registry import STATES
+from ..util.text import human_duration
 from .context import HttpContext, ctx_of
 from .routes import Route, path_uuid
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 REFRESH_SECONDS = 10
-
-
-def human_duration(seconds: float) -> str:
-    """3725 -> '1h 2m': short enough for a table cell."""
-    s = max(0, int(seconds))
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
-    minutes, s = divmod(s, 60)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    if minutes:
-        return f"{minutes}m {s}s"
-    return f"{s}s"
 
 
 def _timestamp(t: float | None) -> str:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..images import ImageResponse
 from .context import ctx_of
 from .routes import Route
+from .sendfile import ImageResponse
 
 
 def image_path(root: Path, relative: str) -> Path | None:

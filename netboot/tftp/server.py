@@ -11,13 +11,10 @@ one call_at per transfer re-arms itself only when it fires early.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import ipaddress
 import logging
-import signal
 import socket
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +25,6 @@ from netboot.tftp.provider import (
     NetasciiProvider,
     Provider,
     Resolver,
-    RootResolver,
     TftpError,
     normalise_path,
 )
@@ -526,44 +522,7 @@ async def start_tftp(resolver: Resolver, host: str = "0.0.0.0", port: int = 69, 
         raise
 
 
-async def _serve(args: argparse.Namespace) -> None:
-    server = await start_tftp(RootResolver([Path(r) for r in args.root]), args.host, args.port,
-                              interface=args.interface, single_port=args.single_port,
-                              max_transfers=args.max_transfers,
-                              max_per_client=args.max_per_client, timeout=args.timeout)
-    print(f"listening {server.host} {server.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.close()
-    if args.stats:
-        sys.stdout.write(server.counters.render())
-        sys.stdout.flush()
+if __name__ == "__main__":  # the old entry point; the CLI is netboot/tftp/__main__.py
+    from netboot.tftp.__main__ import main
 
-
-def main(argv: list[str] | None = None) -> None:
-    """Standalone server for tests, benchmarks and labs: serve --root directories until SIGTERM."""
-    ap = argparse.ArgumentParser(prog="python -m netboot.tftp.server")
-    ap.add_argument("--root", action="append", required=True, help="directory to serve (repeat)")
-    ap.add_argument("--host", default="0.0.0.0")
-    ap.add_argument("--port", type=int, default=69, help="0 picks a free port (printed)")
-    ap.add_argument("--interface")
-    ap.add_argument("--single-port", action="store_true")
-    ap.add_argument("--max-transfers", type=int, default=1000)
-    ap.add_argument("--max-per-client", type=int, default=16)
-    ap.add_argument("--timeout", type=float, default=1.0)
-    ap.add_argument("--uvloop", action="store_true", help="run on uvloop instead of asyncio")
-    ap.add_argument("--stats", action="store_true", help="print counters on exit")
-    args = ap.parse_args(argv)
-    if args.uvloop:
-        import uvloop
-
-        uvloop.run(_serve(args))
-    else:
-        asyncio.run(_serve(args))
-
-
-if __name__ == "__main__":
     main()

@@ -13,18 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .images import (
-    FCOS_STREAMS,
-    FLATCAR_CHANNELS,
-    ImageError,
-    ImageRecord,
-    Manifest,
-    Progress,
-    export_images,
-    fetch,
-    import_images,
-    verify_record,
-)
+from ..images.archive import export_images, import_images
+from ..images.fetch import fetch
+from ..images.manifest import FCOS_STREAMS, FLATCAR_CHANNELS, ImageError, ImageRecord, Manifest
+from ..images.progress import Progress
+from ..images.verify import verify_record
 
 DEFAULT_CONFIG = Path("configs/netboot.yaml")
 
@@ -94,8 +87,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _images_dir(args: argparse.Namespace) -> Path:
     if args.images_dir is not None:
         return args.images_dir.resolve()
-    from .config import load_server_config
-    from .yamlsrc import SourceError
+    from ..config import load_server_config
+    from ..yamlsrc import SourceError
 
     try:
         return load_server_config(args.config).images_dir
@@ -113,7 +106,7 @@ def _keyring(args: argparse.Namespace, os_name: str | None) -> Path | None:
     if os_name is None or args.images_dir is not None:
         return None
     try:
-        from .config import load_server_config
+        from ..config import load_server_config
 
         configured = getattr(load_server_config(args.config), "image_keyrings", None) or {}
     except Exception:  # noqa: BLE001 - no readable config means no configured keyring

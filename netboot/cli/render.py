@@ -48,12 +48,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 async def node_artifacts(args: argparse.Namespace) -> Any:
     """The node's NodeArtifacts, built exactly as ``serve`` builds them."""
-    from .artifacts import Artifacts
-    from .boot.booter import Booter
-    from .config import ConfigError, ConfigStore
-    from .identity import IdentityError, normalise_mac, normalise_uuid
-    from .server import SetupError, load_secret, pick_address
-    from .storage.registry import Registry
+    from ..boot.booter import Booter
+    from ..config import ConfigError, ConfigStore
+    from ..identity import IdentityError, normalise_mac, normalise_uuid
+    from ..ignition.artifacts import Artifacts
+    from ..server import SetupError, load_secret, pick_address
+    from ..storage.registry import Registry
 
     try:
         store = ConfigStore(args.config, interface=args.interface, address=args.address,

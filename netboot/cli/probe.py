@@ -108,7 +108,7 @@ def _interface_mac(interface: str) -> str:
 
 
 def _interface_ipv4(interface: str) -> str | None:
-    from .netutil import interface_ipv4
+    from ..netutil import interface_ipv4
 
     return interface_ipv4(interface)
 

@@ -32,12 +32,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import jinja2
 import jinja2.meta
 
-from .cpio import OemCache
-from .ignition import TEMPLATE_SUFFIX, IgnitionError, IgnitionRenderer, SiteSettings, SwarmFacts
-from .metrics import Counters
+from ..cpio import OemCache
+from ..metrics import Counters
+from .render import TEMPLATE_SUFFIX, IgnitionError, IgnitionRenderer, SiteSettings, SwarmFacts
 
 if TYPE_CHECKING:
-    from .config import Profile, ServerConfig, SiteConfig, SwarmConfig
+    from ..config import Profile, ServerConfig, SiteConfig, SwarmConfig
 
 __all__ = [
     "OEM_INITRD_NAME",
@@ -128,7 +128,7 @@ class SwarmSource:
         """Read facts from the socket once; keep the last good ones if that fails."""
         if not self.socket:
             return
-        from .swarm import SwarmError, read_swarm_facts
+        from ..swarm import SwarmError, read_swarm_facts
 
         try:
             facts = await read_swarm_facts(self.socket)
@@ -143,7 +143,7 @@ class SwarmSource:
         """Refresh every ``interval`` seconds and, if enabled, sweep stale nodes."""
         if not self.socket:
             return
-        from .swarm import SwarmError, sweep_down_nodes
+        from ..swarm import SwarmError, sweep_down_nodes
 
         while True:  # serve already read once at startup
             await asyncio.sleep(self.interval)

@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from .http.dashboard import human_duration
+from ..util.text import human_duration
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 STATE_COLOURS = {"discovered": "90", "booting": "34", "deploying": "33", "installed": "32",
@@ -218,7 +218,7 @@ def cmd_forget(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (``python -m netboot.cli_nodes nodes list``), for before cli.py wires it."""
+    """Standalone entry (``python -m netboot.cli.nodes nodes list``), for before cli.py wires it."""
     ap = argparse.ArgumentParser(prog="netboot")
     add_parser(ap.add_subparsers(dest="command", required=True))
     args = ap.parse_args(argv)
