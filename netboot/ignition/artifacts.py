@@ -239,6 +239,7 @@ class Artifacts:
         if fp == self.fingerprint:
             return False
         self.fingerprint = fp
+        self.renderer.load()
         self._uses_swarm.clear()
         log.info("Ignition templates changed in %s", self.renderer.template_dir)
         return True

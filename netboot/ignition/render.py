@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import shlex
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ import jinja2
 import yaml
 
 from .validate import IGNITION_VERSION, _items, validate_ignition
+
+log = logging.getLogger("netboot.ignition")
 
 __all__ = [
     "IgnitionError",
@@ -156,13 +160,22 @@ def _template_line(exc: BaseException, filename: str | None) -> str:
     return filename or "?"
 
 
+def _always_current() -> bool:
+    return True  # a loaded template changes only by load(): jinja must not stat it
+
+
 class IgnitionRenderer:
-    """Render ``<name>.yaml.j2`` templates in ``template_dir`` to config bytes."""
+    """Render ``<name>.yaml.j2`` templates in ``template_dir`` to config bytes.
+
+    The templates are read into memory by :meth:`load` (at start, and by the
+    background upkeep when the directory changes), so rendering never touches the
+    disk, not even to stat a template on the boot path.
+    """
 
     def __init__(self, template_dir: Path) -> None:
         self.template_dir = Path(template_dir)
         self.env = jinja2.Environment(
-            loader=jinja2.FileSystemLoader(str(self.template_dir)),
+            loader=jinja2.DictLoader({}),
             undefined=jinja2.StrictUndefined,
             autoescape=False,
             keep_trailing_newline=True,
@@ -175,6 +188,25 @@ class IgnitionRenderer:
         self.env.filters["systemd_escape"] = _systemd_escape
         self.env.filters["data_url"] = data_url
         self.env.globals["fail"] = self._fail
+        self.load()
+
+    def load(self) -> None:
+        """Read every template file into memory; on a read error keep what was loaded."""
+        sources: dict[str, tuple[str, str, Callable[[], bool]]] = {}
+        try:
+            for path in sorted(self.template_dir.glob("*.j2")):
+                if path.is_file():  # the file name, so errors and tracebacks name it
+                    sources[path.name] = (path.read_text(encoding="utf-8"), str(path),
+                                          _always_current)
+        except FileNotFoundError:
+            sources = {}
+        except (OSError, UnicodeDecodeError) as exc:
+            log.warning("cannot read Ignition templates in %s: %s; keeping the last ones",
+                        self.template_dir, exc)
+            return
+        self.env.loader = jinja2.FunctionLoader(sources.get)
+        if self.env.cache is not None:
+            self.env.cache.clear()
 
     @staticmethod
     def _fail(message: str) -> None:
