@@ -46,6 +46,7 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 
 from .config import Profile
+from .util.confine import ConfineError, confine
 
 MANIFEST = "manifest.json"
 FLATCAR_BASE = "https://{channel}.release.flatcar-linux.net"
@@ -820,10 +821,12 @@ def check_profile_images(profiles: dict[str, Profile], images_dir: Path) -> list
     for name, prof in sorted(profiles.items()):
         missing: list[str] = []
         for item in [prof.kernel, *prof.initrds]:
-            path = (root / item).resolve()
-            if (path != root and root not in path.parents) or not path.is_file():
+            try:
+                path = confine(root, item)  # the rules HTTP and TFTP serve by
+            except ConfineError:
                 missing.append(item)
-            elif manifest is not None and (size := _recorded_size(manifest, root, path)) \
+                continue
+            if manifest is not None and (size := _recorded_size(manifest, root, path)) \
                     is not None and size != path.stat().st_size:
                 missing.append(f"{item} (size differs from the manifest: run netboot images "
                                "verify)")

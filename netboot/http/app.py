@@ -22,6 +22,7 @@ from ..images import ImageResponse
 from ..loaders import LoaderTable
 from ..metrics import Counters
 from ..registry import RegistryError
+from ..util.confine import ConfineError, confine
 
 if TYPE_CHECKING:
     from ..artifacts import Artifacts, Kind, NodeArtifacts
@@ -31,17 +32,11 @@ log = logging.getLogger("netboot.http")
 
 
 def safe_path(root: Path, relative: str) -> Path | None:
-    """``root/relative`` if it stays inside ``root`` after resolving symlinks, else None."""
-    if "\0" in relative or "\\" in relative:
-        return None
+    """The regular file ``relative`` names inside ``root`` (util/confine rules), else None."""
     try:
-        root = root.resolve()
-        target = (root / relative.lstrip("/")).resolve()
-    except (OSError, ValueError):
+        return confine(root, relative)
+    except ConfineError:
         return None
-    if target != root and root not in target.parents:
-        return None
-    return target if target.is_file() else None
 
 
 @dataclass
