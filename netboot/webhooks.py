@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from .metrics import Counters
+from .util.ratelimit import RateLimitedLog
 
 if TYPE_CHECKING:
     from .boot.lifecycle import LifecycleEvent
@@ -131,6 +132,10 @@ class WebhookDispatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        #: a full queue (a hook down during a boot storm) is one line a minute, not one a drop
+        self.dropped = RateLimitedLog(
+            log, "webhook queue full: dropped %d deliveries since the last report (%s); "
+            "latest: %s for %s")
         self.counters.describe("webhook_deliveries_total",
                                "Webhook posts by result: ok, retry, failed, dropped")
 
@@ -150,7 +155,7 @@ class WebhookDispatcher:
                 queued += 1
             except asyncio.QueueFull:
                 self.counters.inc("webhook_deliveries_total", result="dropped")
-                log.warning("webhook queue full: dropped %s for %s", event, node.uuid)
+                self.dropped.record(event, event, node.uuid)
         return queued
 
     def on_event(self, event: LifecycleEvent) -> None:
@@ -159,6 +164,7 @@ class WebhookDispatcher:
 
     async def close(self, timeout: float = 5.0) -> None:
         """Give queued deliveries ``timeout`` seconds, then stop."""
+        self.dropped.flush()
         if self._task is None:
             return
         try:

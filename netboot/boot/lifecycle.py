@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..metrics import Counters
 from ..storage.registry import Change, Node, Registry, RegistryError
+from ..util.ratelimit import RateLimitedLog
 from .sightings import Sightings
 from .spec import BootSpec, Client, Decision, LocalBoot, Offer, Refusal
 
@@ -80,7 +81,10 @@ class Lifecycle:
         self._listeners: list[Listener] = []
         self._notes: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue(NOTE_QUEUE_SIZE)
         self._stuck: set[str] = set()
-        self._error_logged = float("-inf")
+        self._write_errors = RateLimitedLog(
+            log, "cannot record boots: %d failed registry commit(s) (%s), latest: %s; still "
+            "serving boot files and scripts: free space or fix permissions in the data dir",
+            level=logging.ERROR)
         for name, text in (
             ("node_boots_total", "Boots counted by the registry (loader fetched)"),
             ("node_failures_total", "Nodes that went to 'error'"),
@@ -327,8 +331,4 @@ class Lifecycle:
     def _write_failed(self, exc: BaseException) -> None:
         self.counters.inc("registry_write_errors_total")
         self.problem = f"registry: {exc}"
-        now = time.monotonic()
-        if now - self._error_logged >= 60:
-            self._error_logged = now
-            log.error("cannot record boots: %s (still serving boot files and scripts; "
-                      "free space or fix permissions in the data dir)", exc)
+        self._write_errors.record(type(exc).__name__, exc)

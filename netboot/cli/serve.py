@@ -6,8 +6,12 @@ import argparse
 import asyncio
 import errno
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from ..util.ratelimit import RateLimitedLog
 
 DEFAULT_CONFIG = Path("configs/netboot.yaml")
 
@@ -28,15 +32,17 @@ def add_parser(sub: Any) -> None:
     serve.set_defaults(func=cmd_serve)
 
 
-class _MalformedHttpSummary(logging.Filter):
+class MalformedHttpSummary(logging.Filter):
     """aiohttp logs a full traceback for every malformed request; a flood of them
-    would flood the log. Keep one line a minute saying how many there were."""
+    would flood the log. Drop those records and keep one line a minute saying how
+    many there were."""
 
-    def __init__(self, every: float = 60.0):
+    def __init__(self, every: float = 60.0, clock: Callable[[], float] = time.monotonic):
         super().__init__()
-        self.every = every
-        self.suppressed = 0
-        self.last = 0.0
+        self.log = RateLimitedLog(
+            logging.getLogger("aiohttp.server"),
+            "%d malformed HTTP request(s) dropped since the last report (%s); latest: %s",
+            every=every, clock=clock)
 
     def filter(self, record: logging.LogRecord) -> bool:
         from aiohttp.http_exceptions import HttpProcessingError
@@ -44,16 +50,9 @@ class _MalformedHttpSummary(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if not isinstance(exc, HttpProcessingError):
             return True
-        self.suppressed += 1
-        if record.created - self.last < self.every:
-            return False
-        record.msg = "%d malformed HTTP request(s) dropped since the last report; latest: %s"
-        record.args = (self.suppressed, str(exc).splitlines()[0] if str(exc) else type(exc))
-        record.exc_info = None
-        record.levelno, record.levelname = logging.WARNING, "WARNING"
-        self.suppressed = 0
-        self.last = record.created
-        return True
+        text = (exc.message or str(exc)).strip()  # str() starts "400, message:\n"
+        self.log.record(type(exc).__name__, text.splitlines()[0][:200] if text else "-")
+        return False
 
 
 def _setup_logging(level: str) -> None:
@@ -61,7 +60,7 @@ def _setup_logging(level: str) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     for noisy in ("aiosqlite", "asyncio", "watchfiles"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.root.level))
-    logging.getLogger("aiohttp.server").addFilter(_MalformedHttpSummary())
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttpSummary())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

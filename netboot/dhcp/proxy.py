@@ -21,6 +21,7 @@ from ..boot.booter import Booter
 from ..boot.spec import Client, Ignore, Offer
 from ..identity import arch_from_code, uuid_from_option97
 from ..metrics import Counters
+from ..util.ratelimit import RateLimitedLog
 from . import packet as P
 
 log = logging.getLogger("netboot.dhcp")
@@ -55,7 +56,8 @@ class ProxyDhcp:
 
     def __init__(self, booter: Booter, server_ip: str, counters: Counters | None = None,
                  log_every: float = 60.0, dhcp_port: int = SERVER_PORT,
-                 report: Callable[[Client, Offer], None] | None = None):
+                 report: Callable[[Client, Offer], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         self.booter = booter
         #: told of every offer (the lifecycle records first contacts); must not block
         self.report = report
@@ -63,16 +65,19 @@ class ProxyDhcp:
         self.server_ip = server_ip
         self._server_ip_bytes = bytes(int(x) for x in server_ip.split("."))
         self.counters = counters or Counters()
-        self._last_logged: dict[tuple[str, str], float] = {}
-        self._log_every = log_every
         self._templates: dict[tuple[str, int, bool, bool], tuple[bytes, bytes, bytes]] = {}
-        # decision log budget: LOG_BURST lines, refilled at LOG_RATE a second
-        self._log_tokens = float(LOG_BURST)
-        self._log_refilled = time.monotonic()
-        self._log_suppressed = 0
+        #: the decision log: LOG_BURST lines, refilled at LOG_RATE a second; one line per
+        #: client and decision every ``log_every`` seconds
+        self.decisions = RateLimitedLog(
+            log, f"%d boot decision(s) were not logged (%s: more than {LOG_RATE:g} new clients "
+            "a second; counted in dhcp_log_suppressed_total); latest: mac=%s",
+            every=LOG_BURST / LOG_RATE, burst=LOG_BURST, clock=clock, level=logging.INFO,
+            quiet=log_every, on_held=self._held)
 
-    def handle(self, data: bytes, port: int, source: tuple[str, int],
-               now: float | None = None) -> Reply | None:
+    def _held(self, reason: str) -> None:
+        self.counters.inc("dhcp_log_suppressed_total")
+
+    def handle(self, data: bytes, port: int, source: tuple[str, int]) -> Reply | None:
         """Decide on one datagram received on ``port`` (the DHCP port, or the PXE
         boot-server port 4011) from ``source``."""
         c = self.counters
@@ -99,14 +104,14 @@ class ProxyDhcp:
         decision = self.booter.dhcp(client)
         if isinstance(decision, Ignore):
             c.inc("dhcp_ignored_total", reason="policy")
-            self._log(client, decision.reason, now)
+            self._log(client, decision.reason)
             return None
         reply = self._reply(pkt, decision, client, P.OFFER if on_dhcp_port else P.ACK)
         if self.report is not None:
             self.report(client, decision)
         c.inc("dhcp_offers_total" if on_dhcp_port else "dhcp_acks_total",
               arch=client.arch.value, ipxe="yes" if client.ipxe else "no")
-        self._log(client, f"offered {decision.filename} (profile {decision.profile})", now)
+        self._log(client, f"offered {decision.filename} (profile {decision.profile})")
         if pkt.giaddr != b"\0\0\0\0":
             return Reply(reply, _ip(pkt.giaddr), SERVER_PORT)
         if on_dhcp_port:
@@ -187,40 +192,13 @@ class ProxyDhcp:
         tpl = self._templates[(filename, mtype, http_boot, ipxe)] = (head, b"".join(fixed), tail)
         return tpl
 
-    def _log(self, client: Client, what: str, now: float | None) -> None:
+    def _log(self, client: Client, what: str) -> None:
         """Log each distinct decision per client once a minute, not per packet."""
-        if not log.isEnabledFor(logging.INFO):
-            return
-        now = time.monotonic() if now is None else now
-        key = (client.mac, what + str(client.ipxe))
-        last = self._last_logged.get(key)
-        if last is not None and now - last < self._log_every:
-            return
-        if len(self._last_logged) > 50_000:
-            self._last_logged.clear()
-        self._last_logged[key] = now
-        if not self._log_budget():
-            return
-        log.info("boot decision: mac=%s uuid=%s arch=%s%s%s: %s", client.mac,
-                 client.uuid or "-", client.arch.value, " ipxe" if client.ipxe else "",
-                 " http-boot" if client.http_boot else "", what)
-
-    def _log_budget(self) -> bool:
-        """Token bucket over decision lines (real time, whatever ``now`` tests pass)."""
-        t = time.monotonic()
-        self._log_tokens = min(LOG_BURST, self._log_tokens + (t - self._log_refilled) * LOG_RATE)
-        self._log_refilled = t
-        if self._log_tokens >= 1:
-            self._log_tokens -= 1
-            if self._log_suppressed and self._log_tokens >= LOG_BURST / 2:
-                log.info("%d boot decision(s) were not logged (more than %g new clients "
-                         "a second); counted in dhcp_log_suppressed_total",
-                         self._log_suppressed, LOG_RATE)
-                self._log_suppressed = 0
-            return True
-        self._log_suppressed += 1
-        self.counters.inc("dhcp_log_suppressed_total")
-        return False
+        if log.isEnabledFor(logging.INFO) and self.decisions.allow(
+                (client.mac, what, client.ipxe), "over_rate", client.mac):
+            log.info("boot decision: mac=%s uuid=%s arch=%s%s%s: %s", client.mac,
+                     client.uuid or "-", client.arch.value, " ipxe" if client.ipxe else "",
+                     " http-boot" if client.http_boot else "", what)
 
 
 def _ip(b: bytes) -> str:

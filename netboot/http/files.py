@@ -7,23 +7,19 @@ from pathlib import Path
 
 from aiohttp import web
 
+from ..util.confine import ConfineError, confine
 from .context import ctx_of
 from .routes import Route
 from .sendfile import ImageResponse
 
 
 def image_path(root: Path, relative: str) -> Path | None:
-    """``root/relative`` if it stays inside ``root`` after resolving symlinks, else None."""
-    if "\0" in relative or "\\" in relative:
-        return None
+    """The regular file ``relative`` names inside ``root`` (util/confine's rules, the
+    same as TFTP's), else None."""
     try:
-        root = root.resolve()
-        target = (root / relative.lstrip("/")).resolve()
-    except (OSError, ValueError):
+        return confine(root, relative)
+    except ConfineError:
         return None
-    if target != root and root not in target.parents:
-        return None
-    return target if target.is_file() else None
 
 
 async def image(request: web.Request) -> web.StreamResponse:

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,8 @@ import jinja2.meta
 
 from ..cpio import OemCache
 from ..metrics import Counters
+from ..util.lru import Lru
+from ..util.ratelimit import RateLimitedLog
 from .render import TEMPLATE_SUFFIX, IgnitionError, IgnitionRenderer, SiteSettings, SwarmFacts
 
 if TYPE_CHECKING:
@@ -178,24 +179,6 @@ def _fingerprint(directory: Path) -> tuple[tuple[str, int, int], ...]:
     return tuple(sorted(out))
 
 
-class _Lru(OrderedDict[Any, Any]):
-    def __init__(self, limit: int):
-        super().__init__()
-        self.limit = limit
-
-    def get_fresh(self, key: Any) -> Any:
-        value = self.get(key)
-        if value is not None:
-            self.move_to_end(key)
-        return value
-
-    def put(self, key: Any, value: Any) -> None:
-        self[key] = value
-        self.move_to_end(key)
-        while len(self) > self.limit:
-            self.popitem(last=False)
-
-
 @dataclass
 class Artifacts:
     """Renders and remembers each node's artefacts; signs and checks their URLs."""
@@ -207,13 +190,21 @@ class Artifacts:
     ttl: float = 3600.0
     counters: Counters = field(default_factory=Counters)
     clock: Callable[[], float] = time.time
+    #: the clock of the refusal log's interval (tests drive it)
+    log_clock: Callable[[], float] = time.monotonic
     max_entries: int = 10_000
     oem: OemCache = field(default_factory=lambda: OemCache(max_entries=1024))
 
     def __post_init__(self) -> None:
-        self._rendered: _Lru = _Lru(self.max_entries)  # input hash -> NodeArtifacts
-        self._issued: _Lru = _Lru(self.max_entries)  # uuid -> NodeArtifacts last handed out
-        self._grants: _Lru = _Lru(self.max_entries)  # address -> (uuid, monotonic time)
+        # input hash -> NodeArtifacts; uuid -> the last handed out (the TFTP address
+        # grants are boot/sightings.py's)
+        self._rendered: Lru[bytes, NodeArtifacts] = Lru(self.max_entries)
+        self._issued: Lru[str, NodeArtifacts] = Lru(self.max_entries)
+        #: refusals (forged or stale signed URLs, OEM archives asked by another address):
+        #: every one counted, one summary line a minute; never a signature or token
+        self.refusals = RateLimitedLog(
+            log, "refused %d Ignition/OEM request(s) since the last report (%s); latest: "
+            "refused %s for %s to %s over %s: %s", every=60.0, clock=self.log_clock)
         self._uses_swarm: dict[tuple[str, Any], bool] = {}
         self.fingerprint = _fingerprint(self.renderer.template_dir)
         for name, text in (
@@ -267,7 +258,7 @@ class Artifacts:
                    [swarm.manager_addr, swarm.worker_token, swarm.manager_token] if swarm else
                    None, self.swarm.configured]
         key = hashlib.sha256(json.dumps(key_src, sort_keys=True, default=str).encode()).digest()
-        hit: NodeArtifacts | None = self._rendered.get_fresh(key)
+        hit: NodeArtifacts | None = self._rendered.touch(key)
         if hit is not None and hit.uuid == uuid:
             self.counters.inc("ignition_cache_hits_total")
             return hit
@@ -344,16 +335,7 @@ class Artifacts:
                 self.swarm.rebooted.pop()
 
     def issued(self, uuid: str) -> NodeArtifacts | None:
-        return self._issued.get_fresh(uuid)
-
-    def grant(self, address: str, uuid: str) -> None:
-        """``address`` just booted as ``uuid``: it may fetch that node's OEM archive over TFTP."""
-        self._grants.put(address, (uuid, time.monotonic()))
-
-    def granted(self, address: str, uuid: str) -> bool:
-        entry = self._grants.get(address)
-        return (entry is not None and entry[0] == uuid
-                and time.monotonic() - entry[1] <= self.ttl)
+        return self._issued.touch(uuid)
 
     def signed_url(self, base_url: str, kind: Kind, uuid: str) -> str:
         """URL of the node's config or archive, valid for ``ttl`` seconds."""
@@ -377,10 +359,10 @@ class Artifacts:
         return None
 
     def refused(self, reason: str, kind: str, uuid: str, address: str, transport: str) -> None:
-        """Count and log a refusal; the signature and token never reach the log."""
+        """Count a refusal, logged in a summary at most once a minute; the signature and
+        token never reach the log."""
         self.counters.inc("ignition_refused_total", reason=reason)
-        log.warning("refused %s for %s to %s over %s: %s", kind, uuid, address or "?",
-                    transport, reason)
+        self.refusals.record(reason, kind, uuid, address or "?", transport, reason)
 
 
 def _site_dict(site: SiteConfig) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from ..config import Profile
+from ..util.confine import ConfineError, confine
 from .manifest import FCOS_STREAMS, FLATCAR_CHANNELS, ImageError, ImageRecord, Manifest, hash_file
 
 # -- GPG ----------------------------------------------------------------------------------
@@ -120,10 +121,12 @@ def check_profile_images(profiles: dict[str, Profile], images_dir: Path) -> list
     for name, prof in sorted(profiles.items()):
         missing: list[str] = []
         for item in [prof.kernel, *prof.initrds]:
-            path = (root / item).resolve()
-            if (path != root and root not in path.parents) or not path.is_file():
+            try:
+                path = confine(root, item)  # the rules HTTP and TFTP serve by
+            except ConfineError:
                 missing.append(item)
-            elif manifest is not None and (size := _recorded_size(manifest, root, path)) \
+                continue
+            if manifest is not None and (size := _recorded_size(manifest, root, path)) \
                     is not None and size != path.stat().st_size:
                 missing.append(f"{item} (size differs from the manifest: run netboot images "
                                "verify)")

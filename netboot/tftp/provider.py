@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Protocol
 
 from netboot.tftp.packet import ERR_ACCESS, ERR_NOT_FOUND
+from netboot.util import confine as cf
+from netboot.util.confine import ConfineError
 
 
 class TftpError(Exception):
@@ -121,51 +123,40 @@ class FileProvider:
             self._chunk = b""
 
 
-def normalise_path(raw: str) -> str:
-    """The one path normalisation every resolver shares.
+def _tftp_error(exc: ConfineError) -> TftpError:
+    """ERROR 1 (not found) for a name that is merely absent, ERROR 2 (access violation)
+    for an escape, a NUL or a file the server may not read."""
+    absent = exc.reason in (cf.EMPTY, cf.NOT_FOUND, cf.NOT_FILE)
+    return TftpError(ERR_NOT_FOUND if absent else ERR_ACCESS, _MESSAGES[exc.reason])
 
-    Backslashes become '/', leading '/' and empty or '.' components are dropped;
-    '..' anywhere and NUL bytes are refused with ERROR 2, an empty path with ERROR 1.
-    """
-    if "\0" in raw:
-        raise TftpError(ERR_ACCESS, "NUL in file name")
-    parts = [p for p in raw.replace("\\", "/").split("/") if p and p != "."]
-    if ".." in parts:
-        raise TftpError(ERR_ACCESS, "path escapes root")
-    if not parts:
-        raise TftpError(ERR_NOT_FOUND, "empty file name")
-    return "/".join(parts)
+
+_MESSAGES = {cf.ESCAPE: "path escapes root", cf.NUL: "NUL in file name",
+             cf.EMPTY: "empty file name", cf.NOT_FOUND: "file not found",
+             cf.NOT_FILE: "not a regular file", cf.DENIED: "access denied"}
+
+
+def normalise_path(raw: str) -> str:
+    """:func:`netboot.util.confine.normalise` with its refusals as TFTP errors."""
+    try:
+        return cf.normalise(raw)
+    except ConfineError as exc:
+        raise _tftp_error(exc) from None
 
 
 class RootResolver:
-    """Serve regular files under any of the roots; the first root holding the path wins.
-
-    Symlinks are followed only while they stay inside the root they were found in.
-    """
+    """Serve regular files under any of the roots (:func:`~netboot.util.confine.open_confined`
+    rules); the first root holding a regular file at the path wins."""
 
     def __init__(self, roots: Iterable[Path | str]):
         self.roots = [os.path.realpath(r) for r in roots]
 
     def __call__(self, path: str, client: tuple[str, int]) -> Provider:
-        rel = normalise_path(path)
         for root in self.roots:
-            candidate = os.path.join(root, rel)
-            if not os.path.lexists(candidate):
-                continue
-            real = os.path.realpath(candidate)
-            if real != root and not real.startswith(root.rstrip("/") + "/"):
-                raise TftpError(ERR_ACCESS, "path escapes root")
             try:
-                # O_NOFOLLOW: the resolved path must not have become a symlink since.
-                fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise TftpError(ERR_ACCESS, "access denied") from exc
-            try:
-                return FileProvider(real, fd=fd)
-            except TftpError:
-                continue  # a directory or device: not servable, maybe a later root has a file
+                return FileProvider(path, fd=cf.open_confined(root, path))
+            except ConfineError as exc:
+                if exc.reason not in (cf.NOT_FOUND, cf.NOT_FILE):  # absent here: try the next root
+                    raise _tftp_error(exc) from None
         raise TftpError(ERR_NOT_FOUND, "file not found")
 
 

@@ -29,6 +29,7 @@ from netboot.tftp.provider import (
     normalise_path,
 )
 from netboot.tftp.session import MAX_BLKSIZE, Outcome, ReadSession
+from netboot.util.ratelimit import RateLimitedLog
 
 log = logging.getLogger("netboot.tftp")
 
@@ -198,10 +199,10 @@ class TftpServer:
         self._on_transfer = on_transfer
         self._timeout = timeout
         self._retries = retries
-        self._refusals: dict[str, int] = {}
-        self._refusal_logged = float("-inf")
-        self._refusal_flush: asyncio.TimerHandle | None = None
-        self._refusal_latest: tuple[str, str, str] = ("", "", "")
+        #: refusals logged as one summary line per REFUSAL_LOG_EVERY seconds
+        self.refusals = RateLimitedLog(
+            log, "TFTP refused %d request(s) since the last report (%s); latest: %r from %s (%s)",
+            every=REFUSAL_LOG_EVERY)
         self._max_windowsize = max_windowsize
         self._by_peer: dict[tuple[str, int], _Transfer] = {}
         self._per_ip: dict[str, int] = {}
@@ -230,8 +231,7 @@ class TftpServer:
         if self._closed:
             return
         self._closed = True
-        if self._refusal_flush is not None:
-            self._refusal_flush.cancel()
+        self.refusals.flush()
         self._loop.remove_reader(self._sock.fileno())
         for t in list(self._by_peer.values()):
             t.session.abort("shutdown")
@@ -326,25 +326,7 @@ class TftpServer:
     def _refused(self, reason: str, filename: str, addr: tuple[str, int]) -> None:
         """Count a refusal; log a summary at most every REFUSAL_LOG_EVERY seconds."""
         self.counters.inc("tftp_refused", reason=reason)
-        self._refusals[reason] = self._refusals.get(reason, 0) + 1
-        self._refusal_latest = (filename, addr[0], reason)
-        wait = self._refusal_logged + REFUSAL_LOG_EVERY - time.monotonic()
-        if wait <= 0:
-            self._flush_refusals()
-        elif self._refusal_flush is None:  # report the rest even if the flood stops
-            self._refusal_flush = self._loop.call_later(wait, self._flush_refusals)
-
-    def _flush_refusals(self) -> None:
-        self._refusal_flush = None
-        if not self._refusals:
-            return
-        filename, client, reason = self._refusal_latest
-        counts = ", ".join(f"{k}={v}" for k, v in sorted(self._refusals.items()))
-        log.warning("TFTP refused %d request(s) since the last report (%s); latest: %r "
-                    "from %s (%s)", sum(self._refusals.values()), counts, filename[:80],
-                    client, reason)
-        self._refusals.clear()
-        self._refusal_logged = time.monotonic()
+        self.refusals.record(reason, filename[:80], addr[0], reason)
 
     def _start(self, provider: Provider, req: pk.Request, path: str, addr: tuple[str, int],
                local: str | None) -> None:
@@ -520,9 +502,3 @@ async def start_tftp(resolver: Resolver, host: str = "0.0.0.0", port: int = 69, 
     except BaseException:
         sock.close()
         raise
-
-
-if __name__ == "__main__":  # the old entry point; the CLI is netboot/tftp/__main__.py
-    from netboot.tftp.__main__ import main
-
-    main()
