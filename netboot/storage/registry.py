@@ -123,6 +123,17 @@ def make_node_token(secret: bytes, uuid: str) -> str:
     return hmac.new(secret, uuid.encode(), hashlib.sha256).hexdigest()[:32]
 
 
+def _lookup(index: dict[str, Any], key: str, normalise: Callable[[str], str]) -> Any:
+    """``index[key]``, else under the key's normal form (callers mostly pass that form)."""
+    hit = index.get(key)
+    if hit is None:
+        try:
+            hit = index.get(normalise(key))
+        except IdentityError:
+            return None
+    return hit
+
+
 def _node_row(n: Node) -> tuple[Any, ...]:
     return (n.uuid, n.serial, n.vendor, n.product, n.asset, n.address, n.hostname, n.profile,
             json.dumps(n.labels, sort_keys=True), n.boot_count, n.first_seen, n.last_seen,
@@ -223,21 +234,10 @@ class Registry:
 
     # -- hot path reads -------------------------------------------------------
     def get(self, uuid: str) -> Node | None:
-        node = self._nodes.get(uuid)
-        if node is None:
-            try:
-                node = self._nodes.get(normalise_uuid(uuid))
-            except IdentityError:
-                return None
-        return node
+        return _lookup(self._nodes, uuid, normalise_uuid)
 
     def by_mac(self, mac: str) -> Node | None:
-        uuid = self._mac_index.get(mac)
-        if uuid is None:
-            try:
-                uuid = self._mac_index.get(normalise_mac(mac))
-            except IdentityError:
-                return None
+        uuid = _lookup(self._mac_index, mac, normalise_mac)
         return self._nodes.get(uuid) if uuid else None
 
     def node_token(self, uuid: str) -> str:
