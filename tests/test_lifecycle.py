@@ -162,5 +162,6 @@ async def test_a_failing_commit_never_reaches_the_reply_path(world: World) -> No
             break
         await asyncio.sleep(0.01)
     assert life.problem and "write failed" in life.problem
+    assert str(reg.path.parent) in life.problem  # where to free space
     assert world.counters.get("registry_write_errors_total") >= 1
     await reg._db.execute("PRAGMA query_only = 0")

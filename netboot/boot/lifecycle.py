@@ -83,7 +83,7 @@ class Lifecycle:
         self._stuck: set[str] = set()
         self._write_errors = RateLimitedLog(
             log, "cannot record boots: %d failed registry commit(s) (%s), latest: %s; still "
-            "serving boot files and scripts: free space or fix permissions in the data dir",
+            "serving boot files and scripts: free space or fix permissions in %s",
             level=logging.ERROR)
         for name, text in (
             ("node_boots_total", "Boots counted by the registry (loader fetched)"),
@@ -330,5 +330,6 @@ class Lifecycle:
 
     def _write_failed(self, exc: BaseException) -> None:
         self.counters.inc("registry_write_errors_total")
-        self.problem = f"registry: {exc}"
-        self._write_errors.record(type(exc).__name__, exc)
+        where = self.registry.path.parent if self.registry is not None else "the data dir"
+        self.problem = f"registry in {where}: {exc}"
+        self._write_errors.record(type(exc).__name__, exc, where)

@@ -156,7 +156,9 @@ class Registry:
     """The node inventory. Open with ``await Registry.open(...)``; close when done."""
 
     def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection, *, secret: bytes,
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], path: Path):
+        #: the database file (its directory is the data dir)
+        self.path = path
         self._db = db
         self._reader = reader
         self._secret = secret
@@ -196,7 +198,7 @@ class Registry:
             await db.close()
             raise
         await reader.execute("PRAGMA busy_timeout=5000")
-        self = cls(db, reader, secret=secret, clock=clock)
+        self = cls(db, reader, secret=secret, clock=clock, path=path)
         await self._load()
         self._writer_task = asyncio.create_task(self._writer(), name="registry-writer")
         return self
