@@ -282,3 +282,17 @@ async def test_without_a_registry_health_and_metrics_still_answer(tmp_path: Path
         assert st == 503 and "/health" in body
         st, body = await _call("GET", f"{srv.url}/boot.ipxe")
         assert st == 200 and body.startswith("#!ipxe")
+
+
+async def test_a_registry_that_cannot_write_answers_503_with_the_reason(srv: Served) -> None:
+    await observe(srv.registry, U1, mac=None, address=None, source="t")
+    # Fault injection: no public path makes SQLite refuse writes (see test_registry).
+    await srv.registry._db.execute("PRAGMA query_only = 1")
+    try:
+        st, body = await _call("POST", f"{srv.url}/api/v1/nodes/{U1}/installed",
+                               headers={"X-Node-Token": srv.registry.node_token(U1)})
+    finally:
+        await srv.registry._db.execute("PRAGMA query_only = 0")
+    assert st == 503 and "cannot record" in body["error"] and "/health" in body["error"]
+    st, health = await _call("GET", f"{srv.url}/health")
+    assert health["status"] == "degraded" and "write failed" in health["registry"]

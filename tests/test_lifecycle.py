@@ -71,7 +71,8 @@ async def test_a_boot_is_recorded_without_waiting_one_write_a_step(world: World)
     life.fetched("10.0.0.5", "http")  # only from booting: no second move
     await reg.commit()
     assert reg.stats.commits - commits <= 2
-    assert [e.kind for e in world.events] == ["booting", "deploying"]
+    # first contact through iPXE (no DHCP sighting): discovered, then the boot
+    assert [e.kind for e in world.events] == ["discovered", "booting", "deploying"]
     kinds = [(e["kind"], e["state"]) for e in await reg.events(U1)]
     assert kinds == [("discovered", "discovered"), ("boot", "discovered"),
                      ("state", "booting"), ("state", "deploying")]
@@ -113,7 +114,7 @@ async def test_reports_wait_for_the_commit_and_end_the_boot_cycle(world: World) 
     node = await life.reported(U1, "register", address=None,
                                identity={"serial": "SN9", "mac": "52:54:00:00:00:02"})
     assert node.serial == "SN9" and node.macs == [M1, "52:54:00:00:00:02"]
-    assert [e.kind for e in world.events] == ["booting", "installed", "error"]
+    assert [e.kind for e in world.events] == ["discovered", "booting", "installed", "error"]
 
 
 async def test_dhcp_first_contacts_are_batched_and_bounded(world: World) -> None:

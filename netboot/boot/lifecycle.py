@@ -134,8 +134,11 @@ class Lifecycle:
         if self.registry is None or not uuid:
             return
         reg = self.registry
-        reg.observe(uuid, mac=mac, address=address, source=source, boot=True,
-                    hostname=decision.hostname, profile=decision.profile, **(identity or {}))
+        seen = reg.observe(uuid, mac=mac, address=address, source=source, boot=True,
+                           hostname=decision.hostname, profile=decision.profile,
+                           **(identity or {}))
+        if seen.created:  # first contact through a loader (no DHCP sighting recorded)
+            self._publish(seen, source)
         self.counters.inc("node_boots_total")
         if isinstance(decision, Refusal):
             change = reg.set_state(uuid, "error", source=source, address=address,

@@ -22,6 +22,7 @@ from aiohttp import web
 from pydantic import BaseModel
 
 from ..identity import IdentityError, normalise_uuid
+from ..storage.registry import RegistryError
 from .context import ctx_of
 
 Auth = Literal["none", "node", "admin"]
@@ -103,7 +104,11 @@ def guard(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]
             _admin(request)
         elif route.auth == "node":
             _node(request)
-        result = await handler(request)
+        try:
+            result = await handler(request)
+        except RegistryError as exc:  # a full or read-only data dir: say so, not a 500
+            raise error(web.HTTPServiceUnavailable, f"the registry cannot record this: {exc}; "
+                        "see /health") from None
         if isinstance(result, web.StreamResponse):
             return result
         if model is not None:
