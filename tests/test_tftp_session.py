@@ -368,7 +368,9 @@ def test_backoff_leaves_silences_longer_than_a_client_timer() -> None:
         sent.append(now)
     assert sent == [1.0, 2.0, 4.0, 8.0] and s.deadline == 16.0
     assert blocks(s.receive(pk.encode_ack(8), 13.0)) == [9, 10, 11, 12]  # its timer, at 8 + 5
-    assert s.deadline == 14.0 and s._tries_at != s._acked  # next timeout counts from one again
+    assert s.deadline == 14.0
+    # progress gave a fresh budget: the next timeout backs off 1 s again, not 8
+    assert blocks(s.on_timer(14.0)) == [9, 10, 11, 12] and s.deadline == 15.0
 
 
 def run_atftp(content: bytes, ws: int, seed: int, *, timeout: float, retries: int,
@@ -436,7 +438,7 @@ def test_atftp_receiver_stalls_when_resends_never_leave_it_silence() -> None:
         content = random.Random(seed).randbytes(512 * 300 + 7)
         s, c = run_atftp(content, 4, seed, timeout=0.1, retries=10, client_timeout=5.0)
         if not c.done:
-            assert s.reason == "timeout" and c.extra_ack and c.last == s._sent_hi
+            assert s.reason == "timeout" and c.extra_ack and c.last == s.sent_hi
             stalled += 1
         else:
             assert bytes(c.data) == content

@@ -169,6 +169,11 @@ class ReadSession:
         return self.outcome is not _RUNNING
 
     @property
+    def sent_hi(self) -> int:
+        """The highest block sent so far (what a stalled receiver last saw)."""
+        return self._sent_hi
+
+    @property
     def bytes_sent(self) -> int:
         """Payload bytes sent, retransmissions included (derived: the fast path counts nothing)."""
         hi, last = self._sent_hi, self._last
