@@ -60,11 +60,40 @@ class WebhookSettings(_Strict):
     format: Literal["json", "slack", "alertmanager"] = "json"
 
 
-class ApiSettings(_Strict):
-    """Registry and API settings (issue 6)."""
+class ApiToken(_Strict):
+    """A bearer token for people and scripts: ``viewer`` reads, ``operator`` also powers,
+    deploys and re-arms, ``admin`` does everything."""
 
-    admin_token: str | None = Field(None, description="bearer token for changing requests; "
-                                    "falls back to $NETBOOT_ADMIN_TOKEN")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    role: Literal["viewer", "operator", "admin"]
+    token: str | None = Field(None, min_length=16, repr=False)
+    token_file: Path | None = Field(None, description="a file holding the token (0600)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ApiToken:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError("give exactly one of token and token_file")
+        return self
+
+    def value(self) -> str:
+        """The token itself (read from token_file when given)."""
+        if self.token is not None:
+            return self.token
+        assert self.token_file is not None
+        text = self.token_file.read_text().strip()
+        if len(text) < 16:
+            raise ValueError(f"{self.token_file}: a token needs at least 16 characters")
+        return text
+
+
+class ApiSettings(_Strict):
+    """Registry and API settings."""
+
+    admin_token: str | None = Field(None, description="bearer token of role admin (named "
+                                    "'admin'); falls back to $NETBOOT_ADMIN_TOKEN", repr=False)
+    tokens: list[ApiToken] = Field(default_factory=list)
+    open_reads: bool = Field(True, description="reads (nodes, dashboard) need no token; "
+                             "false: a viewer token or above")
     secret: str | None = Field(None, description="HMAC key for node tokens and signed URLs; "
                                "generated into data_dir/secret when unset")
     stuck_after: float = Field(1800, gt=0, description="seconds in 'deploying' before 'stuck'")
@@ -140,10 +169,13 @@ class ServerConfig(_Strict):
             return p if p.is_absolute() else (base / p).resolve()
 
         tftp = self.tftp.model_copy(update={"roots": [r(p) for p in self.tftp.roots]})
+        api = self.api.model_copy(update={"tokens": [
+            t.model_copy(update={"token_file": r(t.token_file)}) if t.token_file else t
+            for t in self.api.tokens]})
         return self.model_copy(update={
             "data_dir": r(self.data_dir), "profiles_dir": r(self.profiles_dir),
             "machines_dir": r(self.machines_dir), "images_dir": r(self.images_dir),
-            "ignition_dir": r(self.ignition_dir), "tftp": tftp,
+            "ignition_dir": r(self.ignition_dir), "tftp": tftp, "api": api,
         })
 
 

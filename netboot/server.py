@@ -24,6 +24,7 @@ from .config import ConfigStore, ServerConfig
 from .dhcp.proxy import ProxyDhcp
 from .dhcp.server import start_dhcp
 from .http.app import make_app
+from .http.auth import Role, TokenTable
 from .http.context import HttpContext
 from .ignition.artifacts import Artifacts
 from .images.verify import check_profile_images
@@ -114,8 +115,22 @@ class Services:
             await self.registry.close()
 
 
+def token_table(cfg: ServerConfig) -> TokenTable:
+    """The API's bearer tokens: api.admin_token (or $NETBOOT_ADMIN_TOKEN) and api.tokens."""
+    tokens: dict[str, tuple[str, Role]] = {}
+    admin = cfg.api.admin_token or os.environ.get("NETBOOT_ADMIN_TOKEN")
+    if admin:
+        tokens[admin] = ("admin", "admin")
+    for t in cfg.api.tokens:
+        try:
+            tokens[t.value()] = (t.name, t.role)
+        except (OSError, ValueError) as exc:
+            raise SetupError(f"api.tokens: {t.name}: {exc}") from None
+    return TokenTable(tokens, open_reads=cfg.api.open_reads)
+
+
 def build(store: ConfigStore, address: str, *, registry: Registry | None, secret: bytes,
-          counters: Counters | None = None, admin_token: str | None = None,
+          counters: Counters | None = None, tokens: TokenTable | None = None,
           registry_problem: str | None = None,
           clock: Callable[[], float] = time.time) -> Services:
     """Wire booter, lifecycle, HTTP and TFTP for one configuration."""
@@ -135,7 +150,8 @@ def build(store: ConfigStore, address: str, *, registry: Registry | None, secret
         lifecycle.subscribe(hooks.on_event)
     loaders = LoaderTable(cfg.tftp.roots)
     http_ctx = HttpContext(booter, lifecycle, counters, node_metrics, cfg.images_dir, loaders,
-                           registry=registry, artifacts=artifacts, admin_token=admin_token)
+                           registry=registry, artifacts=artifacts,
+                           tokens=tokens if tokens is not None else TokenTable())
     router = TftpRouter(booter, lifecycle, counters, RootResolver([cfg.images_dir]), loaders)
     return Services(store, counters, booter, lifecycle, artifacts, http_ctx, router,
                     registry=registry, hooks=hooks)
@@ -195,7 +211,7 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
                          "images above (netboot check lists the same problems)")
     registry, secret = await open_registry(cfg)
     services = build(store, addr, registry=registry, secret=secret,
-                     admin_token=cfg.api.admin_token or os.environ.get("NETBOOT_ADMIN_TOKEN"),
+                     tokens=token_table(cfg),
                      registry_problem=None if registry is not None else
                      f"registry in {cfg.data_dir} could not be opened")
     counters, artifacts, booter = services.counters, services.artifacts, services.booter

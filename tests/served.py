@@ -14,6 +14,7 @@ import yaml
 from aiohttp import web
 
 from netboot.config import ConfigStore
+from netboot.http.auth import Role, TokenTable
 from netboot.server import Services, build
 from netboot.storage.registry import Registry
 from netboot.tftp.server import TftpServer, start_tftp
@@ -59,12 +60,18 @@ class Served:
 async def serving(config: Path, *, secret: bytes = SECRET, admin_token: str | None = None,
                   registry: bool = True, tftp: bool = False,
                   clock: Callable[[], float] = time.time,
-                  stuck_after: float | None = None) -> AsyncIterator[Served]:
+                  stuck_after: float | None = None,
+                  tokens: dict[str, tuple[str, Role]] | None = None,
+                  open_reads: bool = True) -> AsyncIterator[Served]:
     """netboot for ``config`` (a netboot.yaml): HTTP, and TFTP when asked."""
     store = ConfigStore(config)
     cfg = store.server
     reg = await Registry.open(cfg.data_dir, secret=secret, clock=clock) if registry else None
-    services = build(store, "127.0.0.1", registry=reg, secret=secret, admin_token=admin_token,
+    table = dict(tokens or {})
+    if admin_token:
+        table[admin_token] = ("admin", "admin")
+    services = build(store, "127.0.0.1", registry=reg, secret=secret,
+                     tokens=TokenTable(table, open_reads=open_reads),
                      clock=clock, registry_problem=None if reg else "registry not opened (test)")
     if stuck_after is not None:
         services.lifecycle.stuck_after = stuck_after

@@ -17,6 +17,8 @@ from tests.nodes import observe, patch, transition
 from tests.served import SECRET, Served, serving, write_config
 
 ADMIN = "s3cret-admin"
+VIEWER = "viewer-token-0123456789"
+OPERATOR = "operator-token-0123456789"
 U1 = "4c4c4544-0042-3510-8052-b4c04f384d32"
 U2 = "00000000-0000-0000-0000-0000000000b2"
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,6 +31,7 @@ async def serve_registry(data_dir: Path, *, admin_token: str | None = ADMIN,
     """A real netboot (registry, API, dashboard) on an ephemeral 127.0.0.1 port, with its
     data in ``data_dir``; shared by the other test files."""
     config = write_config(data_dir / "config", data_dir, profiles)
+    kw.setdefault("tokens", {VIEWER: ("watcher", "viewer"), OPERATOR: ("ops", "operator")})
     async with serving(config, secret=SECRET, admin_token=admin_token, **kw) as served:
         yield served
 
@@ -132,7 +135,7 @@ async def test_admin_changes_need_the_token(srv: Served) -> None:
 
 
 async def test_without_admin_token_every_change_is_refused(tmp_path: Path) -> None:
-    async with serve_registry(tmp_path, admin_token=None) as srv:
+    async with serve_registry(tmp_path, admin_token=None, tokens={}) as srv:
         await observe(srv.registry, U1, mac=None, address=None, source="t")
         url = f"{srv.url}/api/v1/nodes/{U1}"
         for method in ("PATCH", "DELETE"):
@@ -144,29 +147,48 @@ async def test_without_admin_token_every_change_is_refused(tmp_path: Path) -> No
         assert st == 200  # reads stay open
 
 
-ADMIN_ROUTES = [r for r in all_routes() if r.auth == "admin"]
+TOKEN_ROUTES = [r for r in all_routes() if r.auth in ("operator", "admin")]
 
 
-@pytest.mark.parametrize("route", ADMIN_ROUTES, ids=lambda r: f"{r.method} {r.path}")
-async def test_every_admin_route_refuses_a_missing_token(srv: Served, route: Any) -> None:
-    """Driven by the route table: a route declared 'admin' is refused without the token,
-    whatever its handler does, and changes nothing."""
+@pytest.mark.parametrize("route", TOKEN_ROUTES, ids=lambda r: f"{r.method} {r.path}")
+async def test_every_token_route_refuses_a_missing_or_weaker_token(srv: Served,
+                                                                    route: Any) -> None:
+    """Driven by the route table: a route declared 'operator' or 'admin' is refused without
+    a token (401), with an unknown one (401) and with one of a lower role (403), whatever
+    its handler does, and changes nothing."""
     await observe(srv.registry, U1, mac=None, address=None, source="t")
     before = srv.registry.get(U1)
     url = srv.url + route.path.replace("{uuid}", U1)
-    for headers in ({}, {"Authorization": "Bearer wrong"}):
+    weaker = VIEWER if route.auth == "operator" else OPERATOR
+    for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 401),
+                            ({"Authorization": f"Bearer {weaker}"}, 403)):
         st, body = await _call(route.method, url, json={"rearm": True}, headers=headers)
-        assert st == 401 and "admin token" in body["error"], (route.path, st, body)
+        assert st == status and "token" in body["error"], (route.path, st, body)
     assert srv.registry.get(U1) == before
 
 
-def test_the_route_table_declares_admin_routes() -> None:
-    assert {(r.method, r.path) for r in ADMIN_ROUTES} >= {
-        ("PATCH", "/api/v1/nodes/{uuid}"), ("DELETE", "/api/v1/nodes/{uuid}")}
-    # every changing request is either a node's own report or an admin's
+def test_the_route_table_declares_who_may_change_what() -> None:
+    declared = {(r.method, r.path): r.auth for r in all_routes()}
+    assert declared[("PATCH", "/api/v1/nodes/{uuid}")] == "operator"
+    assert declared[("DELETE", "/api/v1/nodes/{uuid}")] == "admin"
+    # every changing request is a node's own report, or needs a token with a role
     for r in all_routes():
         if r.method not in ("GET", "HEAD"):
-            assert r.auth in ("admin", "node"), (r.method, r.path)
+            assert r.auth in ("operator", "admin", "node"), (r.method, r.path)
+
+
+async def test_changes_are_audited_with_their_actor(srv: Served) -> None:
+    await observe(srv.registry, U1, mac=None, address=None, source="t")
+    url = f"{srv.url}/api/v1/nodes/{U1}"
+    st, _ = await _call("PATCH", url, json={"rearm": True},
+                        headers={"Authorization": f"Bearer {OPERATOR}"})
+    assert st == 200
+    st, _ = await _call("DELETE", url, headers={"Authorization": f"Bearer {OPERATOR}"})
+    assert st == 403
+    rows = await srv.registry.audit(target=U1)
+    assert [(r["actor"], r["role"], r["action"], r["result"]) for r in rows] == [
+        ("ops", "operator", "delete_node", "403"), ("ops", "operator", "patch_node", "ok")]
+    assert OPERATOR not in str(rows)
 
 
 async def test_list_filters(srv: Served) -> None:
@@ -205,7 +227,8 @@ async def test_openapi_is_valid_and_complete(srv: Served) -> None:
                 assert route.method.lower() in doc["paths"][path], (route.method, path)
     assert len(all_routes()) >= 20
     patch = doc["paths"]["/api/v1/nodes/{uuid}"]["patch"]
-    assert patch["security"] == [{"adminBearer": []}] and "401" in patch["responses"]
+    assert patch["security"] == [{"bearer": []}] and "401" in patch["responses"]
+    assert "403" in patch["responses"]
 
 
 async def test_responses_match_the_documented_schemas(srv: Served) -> None:

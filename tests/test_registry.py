@@ -181,3 +181,34 @@ async def test_failed_commit_raises_and_reloads(tmp_path: Path) -> None:
         assert reg.get(U2) is not None
     finally:
         await reg.close()
+
+
+async def test_bmc_inventory_and_audit_persist_and_forget(tmp_path: Path) -> None:
+    from netboot.storage.registry import BmcRecord
+
+    reg = await _open(tmp_path)
+    try:
+        await observe(reg, U1)
+        with pytest.raises(KeyError):
+            reg.set_bmc(U2, BmcRecord("ipmi", "10.0.1.9"))  # unknown node
+        reg.set_bmc(U1, BmcRecord("ipmi", "10.0.1.7", 623, "admin", b"sealed", source="file"))
+        reg.set_inventory(U1, {"memory_bytes": 512 << 20, "nics": [{"mac": "52:54:00:00:00:01"}]})
+        reg.add_audit(actor="ops", role="operator", action="power", target=U1, result="ok",
+                      detail="on")
+        await reg.commit()
+        assert "sealed" not in repr(reg.bmc(U1))
+    finally:
+        await reg.close()
+    reg = await _open(tmp_path)
+    try:
+        bmc = reg.bmc(U1)
+        assert bmc is not None and bmc.address == "10.0.1.7" and bmc.secret == b"sealed"
+        assert list(reg.bmcs()) == [U1]
+        when, inv = await reg.inventory(U1)
+        assert inv["memory_bytes"] == 512 << 20 and when > 0
+        assert [r["action"] for r in await reg.audit(target=U1)] == ["power"]
+        assert await forget(reg, U1)
+        assert reg.bmc(U1) is None and await reg.inventory(U1) is None
+        assert len(await reg.audit(target=U1)) == 1  # who did what outlives the node
+    finally:
+        await reg.close()

@@ -145,7 +145,7 @@ class Lifecycle:
                                    reason=decision.reason)
         else:
             change = reg.set_state(uuid, "booting", source=source, address=address)
-        self._queue_commit()
+        self.queue_commit()
         self._publish(change, source)
 
     def fetched(self, address: str, source: str) -> None:
@@ -159,7 +159,7 @@ class Lifecycle:
         if node is None or node.state != "booting":
             return
         change = self.registry.set_state(uuid, "deploying", source=source, address=address)
-        self._queue_commit()
+        self.queue_commit()
         self._publish(change, source)
 
     # -- what a node was handed ---------------------------------------------------
@@ -237,7 +237,7 @@ class Lifecycle:
             self.registry.add_event(n.uuid, "stuck", f"in deploying for {now - n.state_since:.0f}s",
                                     source="netboot")
             self._emit(LifecycleEvent("stuck", n, n, "netboot", now))
-        self._queue_commit()
+        self.queue_commit()
         return fresh
 
     # -- background -------------------------------------------------------------------
@@ -312,7 +312,8 @@ class Lifecycle:
             except Exception:
                 log.exception("lifecycle listener failed on %s", event.kind)
 
-    def _queue_commit(self) -> None:
+    def queue_commit(self) -> None:
+        """Commit what is pending without waiting; a failure is counted and reported."""
         assert self.registry is not None
         self.registry.commit().add_done_callback(self._committed)
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from .auth import TokenTable
+
 if TYPE_CHECKING:
     from ..boot.booter import Booter
     from ..boot.lifecycle import Lifecycle
@@ -29,7 +31,7 @@ class HttpContext:
     #: None when the data dir could not be opened: boots are served, not recorded
     registry: Registry | None = None
     artifacts: Artifacts | None = None
-    admin_token: str | None = field(default=None, repr=False)
+    tokens: TokenTable = field(default_factory=TokenTable)
     started: float = field(default_factory=time.time)
 
 

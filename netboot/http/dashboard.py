@@ -81,8 +81,8 @@ def add_static(app: web.Application) -> None:
 
 
 ROUTES = (
-    Route("GET", "/", dashboard_index, "Dashboard: all nodes", content_type="text/html",
-          query=("state", "profile", "label"), tag="dashboard"),
+    Route("GET", "/", dashboard_index, "Dashboard: all nodes", "viewer",
+          content_type="text/html", query=("state", "profile", "label"), tag="dashboard"),
     Route("GET", "/nodes/{uuid}", dashboard_node, "Dashboard: one node and its events",
-          content_type="text/html", tag="dashboard"),
+          "viewer", content_type="text/html", tag="dashboard"),
 )

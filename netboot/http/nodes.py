@@ -68,7 +68,7 @@ class NodeOut(BaseModel):
     boot_count: int
     first_seen: float
     last_seen: float
-    state: Literal["discovered", "booting", "deploying", "installed", "error"]
+    state: Literal[STATES]  # type: ignore[valid-type]
     state_since: float
     time_in_state: float
     reason: str | None
@@ -246,11 +246,11 @@ async def node_failed(request: web.Request) -> dict[str, Any]:
 _N = "/api/v1/nodes/{uuid}"
 _LIST_QUERY = ("state", "profile", "label")
 ROUTES = (
-    Route("GET", "/api/v1/nodes", list_nodes, "List nodes, optionally filtered",
+    Route("GET", "/api/v1/nodes", list_nodes, "List nodes, optionally filtered", "viewer",
           response=NodeList, query=_LIST_QUERY, tag="admin", registry=True),
-    Route("GET", _N, show_node, "One node with its event history", response=NodeWithEvents,
-          tag="admin", registry=True),
-    Route("PATCH", _N, patch_node, "Re-arm, relabel, set profile or hostname", "admin",
+    Route("GET", _N, show_node, "One node with its event history", "viewer",
+          response=NodeWithEvents, tag="admin", registry=True),
+    Route("PATCH", _N, patch_node, "Re-arm, relabel, set profile or hostname", "operator",
           PatchBody, NodeOut, tag="admin", registry=True),
     Route("DELETE", _N, delete_node, "Forget a node and its history", "admin",
           response=Deleted, tag="admin", registry=True),

@@ -94,9 +94,13 @@ def openapi_document() -> dict[str, Any]:
             op["responses"]["404"] = {"description": "no such node", **err}
         if r.registry:
             op["responses"]["503"] = {"description": "the registry is not available", **err}
-        if r.auth == "admin":
-            op["security"] = [{"adminBearer": []}]
-            op["responses"]["401"] = {"description": "missing or wrong admin token", **err}
+        if r.auth in ("viewer", "operator", "admin"):
+            op["security"] = [{"bearer": []}]
+            op["description"] = f"Needs a bearer token of role {r.auth} or above" + (
+                " (unless api.open_reads)." if r.auth == "viewer" else ".")
+            op["responses"]["401"] = {"description": "missing or unknown token", **err}
+            op["responses"]["403"] = {"description": f"the token's role is below {r.auth}",
+                                      **err}
         elif r.auth == "node":
             op["security"] = [{"nodeTokenHeader": []}, {"nodeTokenQuery": []}]
             op["responses"]["401"] = {"description": "no node token", **err}
@@ -115,7 +119,7 @@ def openapi_document() -> dict[str, Any]:
                                 "token; changing admin requests a bearer token."},
         "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": {
-            "adminBearer": {"type": "http", "scheme": "bearer"},
+            "bearer": {"type": "http", "scheme": "bearer"},
             "nodeTokenHeader": {"type": "apiKey", "in": "header", "name": "X-Node-Token"},
             "nodeTokenQuery": {"type": "apiKey", "in": "query", "name": "token"},
         }},

@@ -39,10 +39,15 @@ import aiosqlite
 
 from ..identity import IdentityError, normalise_mac, normalise_uuid
 from .schema import (
+    AUDIT_COLS,
+    BMC_COLS,
     EVENT_COLS,
+    INSERT_AUDIT,
     INSERT_EVENT,
     MIGRATIONS,
     NODE_COLS,
+    UPSERT_BMC,
+    UPSERT_INVENTORY,
     UPSERT_MAC,
     UPSERT_NODE,
     EventRow,
@@ -51,13 +56,14 @@ from .schema import (
     row_to_fields,
 )
 
-__all__ = ["DB_NAME", "MIGRATIONS", "STATES", "Change", "Node", "Registry", "RegistryError",
-           "make_node_token"]
+__all__ = ["DB_NAME", "MIGRATIONS", "STATES", "BmcRecord", "Change", "Node", "Registry",
+           "RegistryError", "make_node_token"]
 
 log = logging.getLogger("netboot.registry")
 
 #: Lifecycle states; what moves a node between them is in netboot/boot/lifecycle.py.
-STATES: tuple[str, ...] = ("discovered", "booting", "deploying", "installed", "error")
+STATES: tuple[str, ...] = ("discovered", "commissioning", "ready", "booting", "deploying",
+                           "installed", "error")
 DB_NAME = "registry.sqlite3"
 
 
@@ -91,6 +97,21 @@ class Node:
         d.pop("cycle_start")
         d["time_in_state"] = round((time.time() if now is None else now) - self.state_since, 3)
         return d
+
+
+@dataclass(frozen=True, slots=True)
+class BmcRecord:
+    """How to reach a node's BMC. ``secret`` is the password sealed by the caller
+    (netboot.util.secretbox): storage never holds it in clear."""
+
+    driver: str
+    address: str
+    port: int | None = None
+    username: str = ""
+    secret: bytes | None = field(default=None, repr=False)
+    system: str | None = None
+    source: str = "file"  # file (a machine file), commissioning, api
+    updated: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +155,13 @@ def _lookup(index: dict[str, Any], key: str, normalise: Callable[[str], str]) ->
     return hit
 
 
+def _bmc_row(uuid: str, b: BmcRecord | None) -> tuple[Any, ...]:
+    if b is None:
+        return (uuid, None)
+    return (uuid, b.driver, b.address, b.port, b.username, b.secret, b.system, b.source,
+            b.updated)
+
+
 def _node_row(n: Node) -> tuple[Any, ...]:
     return (n.uuid, n.serial, n.vendor, n.product, n.asset, n.address, n.hostname, n.profile,
             json.dumps(n.labels, sort_keys=True), n.boot_count, n.first_seen, n.last_seen,
@@ -148,8 +176,13 @@ class _Batch:
     events: list[EventRow]
     deleted: list[tuple[str]]
 
+    bmcs: list[tuple[Any, ...]] = field(default_factory=list)
+    inventory: list[tuple[str, float, str]] = field(default_factory=list)
+    audit: list[tuple[Any, ...]] = field(default_factory=list)
+
     def __bool__(self) -> bool:
-        return bool(self.nodes or self.macs_set or self.macs_del or self.events or self.deleted)
+        return bool(self.nodes or self.macs_set or self.macs_del or self.events or self.deleted
+                    or self.bmcs or self.inventory or self.audit)
 
 
 class Registry:
@@ -172,6 +205,10 @@ class Registry:
         self._dirty_macs: dict[str, tuple[str, float] | None] = {}
         self._events: list[EventRow] = []
         self._deleted: set[str] = set()
+        self._bmcs: dict[str, BmcRecord] = {}
+        self._dirty_bmcs: set[str] = set()
+        self._inventory: list[tuple[str, float, str]] = []
+        self._audit: list[tuple[Any, ...]] = []
         self._waiters: list[asyncio.Future[None]] = []
         self._wake = asyncio.Event()
         self._closing = False
@@ -232,7 +269,15 @@ class Registry:
                 if node is not None:
                     node.macs.append(mac)
                     mac_index[mac] = uuid
+        bmcs: dict[str, BmcRecord] = {}
+        async with self._db.execute(f"SELECT {', '.join(BMC_COLS)} FROM bmcs") as cur:
+            async for r in cur:
+                d = dict(zip(BMC_COLS, r))
+                uuid = d.pop("uuid")
+                if uuid in nodes:
+                    bmcs[uuid] = BmcRecord(**d)
         self._nodes, self._mac_index, self._by_state = nodes, mac_index, by_state
+        self._bmcs = bmcs
 
     # -- hot path reads -------------------------------------------------------
     def get(self, uuid: str) -> Node | None:
@@ -381,9 +426,40 @@ class Registry:
                 del self._mac_index[mac]
                 self._dirty_macs[mac] = None
         self._dirty.discard(uuid)
+        self._bmcs.pop(uuid, None)
+        self._dirty_bmcs.discard(uuid)
+        self._inventory = [i for i in self._inventory if i[0] != uuid]
         self._events = [e for e in self._events if e[0] != uuid]
         self._deleted.add(uuid)
         return node
+
+    def set_bmc(self, uuid: str, bmc: BmcRecord | None) -> None:
+        """A node's BMC (None: forget it). The node must exist."""
+        uuid = normalise_uuid(uuid)
+        if uuid not in self._nodes:
+            raise KeyError(uuid)
+        if bmc is None:
+            self._bmcs.pop(uuid, None)
+        else:
+            self._bmcs[uuid] = replace(bmc, updated=bmc.updated or self._clock())
+        self._dirty_bmcs.add(uuid)
+
+    def bmc(self, uuid: str) -> BmcRecord | None:
+        return _lookup(self._bmcs, uuid, normalise_uuid)
+
+    def bmcs(self) -> dict[str, BmcRecord]:
+        """Every node with a BMC (cost: those nodes only), uuid -> record."""
+        return dict(self._bmcs)
+
+    def set_inventory(self, uuid: str, data: dict[str, Any]) -> None:
+        """What a commissioning OS reported (kept on disk only; read with inventory())."""
+        uuid = normalise_uuid(uuid)
+        self._inventory.append((uuid, self._clock(), json.dumps(data, sort_keys=True)))
+
+    def add_audit(self, *, actor: str, role: str | None, action: str, target: str | None,
+                  result: str, detail: str | None = None) -> None:
+        """Who did what to which node, and how it ended (kept when a node is forgotten)."""
+        self._audit.append((self._clock(), actor, role, action, target, result, detail))
 
     def commit(self) -> asyncio.Future[None]:
         """A future resolved once everything written so far is committed.
@@ -424,6 +500,27 @@ class Registry:
             rows = await cur.fetchall()
         return [dict(zip(EVENT_COLS, r)) for r in rows]
 
+    async def inventory(self, uuid: str) -> tuple[float, dict[str, Any]] | None:
+        """(when, inventory) last reported for the node, or None."""
+        uuid = normalise_uuid(uuid)
+        with contextlib.suppress(RegistryError):
+            await self.commit()
+        async with self._reader.execute("SELECT time, data FROM inventory WHERE uuid = ?",
+                                        (uuid,)) as cur:
+            row = await cur.fetchone()
+        return (row[0], json.loads(row[1])) if row else None
+
+    async def audit(self, *, target: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """The newest audit rows first, for one node (``target``) or all."""
+        with contextlib.suppress(RegistryError):
+            await self.commit()
+        where, args = ("WHERE target = ?", (target,)) if target else ("", ())
+        async with self._reader.execute(
+                f"SELECT {', '.join(AUDIT_COLS)} FROM audit {where} ORDER BY id DESC LIMIT ?",
+                (*args, max(1, min(limit, 10_000)))) as cur:
+            rows = await cur.fetchall()
+        return [dict(zip(AUDIT_COLS, r)) for r in rows]
+
     # -- internals ------------------------------------------------------------
     def _put(self, node: Node, old: Node | None = None) -> None:
         if old is not None and old.state != node.state:
@@ -437,8 +534,11 @@ class Registry:
             nodes=[_node_row(self._nodes[u]) for u in self._dirty if u in self._nodes],
             macs_set=[(m, v[0], v[1]) for m, v in self._dirty_macs.items() if v is not None],
             macs_del=[(m,) for m, v in self._dirty_macs.items() if v is None],
-            events=self._events, deleted=[(u,) for u in self._deleted])
+            events=self._events, deleted=[(u,) for u in self._deleted],
+            bmcs=[_bmc_row(u, self._bmcs.get(u)) for u in self._dirty_bmcs],
+            inventory=self._inventory, audit=self._audit)
         self._dirty, self._dirty_macs, self._events, self._deleted = set(), {}, [], set()
+        self._dirty_bmcs, self._inventory, self._audit = set(), [], []
         return batch
 
     async def _write(self, b: _Batch) -> None:
@@ -446,6 +546,8 @@ class Registry:
         await db.execute("BEGIN IMMEDIATE")
         try:
             if b.deleted:
+                await db.executemany("DELETE FROM bmcs WHERE uuid = ?", b.deleted)
+                await db.executemany("DELETE FROM inventory WHERE uuid = ?", b.deleted)
                 await db.executemany("DELETE FROM events WHERE uuid = ?", b.deleted)
                 await db.executemany("DELETE FROM macs WHERE uuid = ?", b.deleted)
                 await db.executemany("DELETE FROM nodes WHERE uuid = ?", b.deleted)
@@ -457,6 +559,15 @@ class Registry:
                 await db.executemany(UPSERT_MAC, b.macs_set)
             if b.events:
                 await db.executemany(INSERT_EVENT, b.events)
+            for row in b.bmcs:
+                if row[1] is None:
+                    await db.execute("DELETE FROM bmcs WHERE uuid = ?", (row[0],))
+                else:
+                    await db.execute(UPSERT_BMC, row)
+            if b.inventory:
+                await db.executemany(UPSERT_INVENTORY, b.inventory)
+            if b.audit:
+                await db.executemany(INSERT_AUDIT, b.audit)
             await db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):  # keep the first error, not this one

@@ -44,8 +44,29 @@ async def _m1_initial(db: aiosqlite.Connection) -> None:
     """)
 
 
+async def _m2_bmc_inventory_audit(db: aiosqlite.Connection) -> None:
+    """BMC credentials (the password sealed with the server secret), the last inventory a
+    commissioning OS reported, and who did what (kept when a node is forgotten)."""
+    await _script(db, """
+        CREATE TABLE bmcs (
+            uuid TEXT PRIMARY KEY, driver TEXT NOT NULL, address TEXT NOT NULL, port INTEGER,
+            username TEXT NOT NULL DEFAULT '', secret BLOB, system TEXT,
+            source TEXT NOT NULL, updated REAL NOT NULL
+        );
+        CREATE TABLE inventory (
+            uuid TEXT PRIMARY KEY, time REAL NOT NULL, data TEXT NOT NULL
+        );
+        CREATE TABLE audit (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, time REAL NOT NULL, actor TEXT NOT NULL,
+            role TEXT, action TEXT NOT NULL, target TEXT, result TEXT NOT NULL, detail TEXT
+        );
+        CREATE INDEX audit_target ON audit(target, id);
+    """)
+
+
 # Ordered; migration i+1 brings the schema from user_version i to i+1. Append only.
-MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [_m1_initial]
+MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [
+    _m1_initial, _m2_bmc_inventory_audit]
 
 NODE_COLS = ("uuid", "serial", "vendor", "product", "asset", "address", "hostname", "profile",
              "labels", "boot_count", "first_seen", "last_seen", "state", "state_since",
@@ -57,6 +78,14 @@ UPSERT_MAC = ("INSERT INTO macs (mac, uuid, first_seen) VALUES (?, ?, ?) "
 INSERT_EVENT = ("INSERT INTO events (uuid, time, kind, state, prev, source, address, detail) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 EVENT_COLS = ("id", "time", "kind", "state", "from", "source", "address", "detail")
+BMC_COLS = ("uuid", "driver", "address", "port", "username", "secret", "system", "source",
+            "updated")
+UPSERT_BMC = (f"INSERT OR REPLACE INTO bmcs ({', '.join(BMC_COLS)}) "
+              f"VALUES ({', '.join('?' * len(BMC_COLS))})")
+UPSERT_INVENTORY = "INSERT OR REPLACE INTO inventory (uuid, time, data) VALUES (?, ?, ?)"
+AUDIT_COLS = ("id", "time", "actor", "role", "action", "target", "result", "detail")
+INSERT_AUDIT = ("INSERT INTO audit (time, actor, role, action, target, result, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)")
 
 EventRow = tuple[str, float, str, str | None, str | None, str | None, str | None, str | None]
 
