@@ -36,6 +36,25 @@ def normalise_uuid(value: str) -> str:
         raise IdentityError(f"not a UUID: {value!r}") from None
 
 
+#: SMBIOS UUIDs that name no machine: unset, erased, and a vendor placeholder that
+#: whole batches of boards ship with. Such machines are keyed by their boot MAC.
+PLACEHOLDER_UUIDS = frozenset({
+    "00000000-0000-0000-0000-000000000000",
+    "ffffffff-ffff-ffff-ffff-ffffffffffff",
+    "03000200-0400-0500-0006-000700080009",
+})
+_BY_MAC = _uuid.UUID("6b1d3c52-5e0f-4d6e-9a55-6e6574626f6f")  # netboot's uuid5 namespace
+
+
+def node_uuid(uuid: str | None, mac: str | None) -> str | None:
+    """The key a machine is registered under: its SMBIOS UUID, or, when it has none or a
+    placeholder, a UUID made from its boot MAC (uuid5), so two boards that share a
+    placeholder are two nodes. Both arguments in normal form."""
+    if uuid is not None and uuid not in PLACEHOLDER_UUIDS:
+        return uuid
+    return str(_uuid.uuid5(_BY_MAC, mac)) if mac else None
+
+
 def uuid_from_option97(value: bytes) -> str | None:
     """Option 97 (type 0 + 16 bytes) -> the UUID as dmidecode prints it.
 

@@ -63,3 +63,19 @@ async def test_undefined_cmdline_variable_refuses_with_the_reason(app_url) -> No
     assert script.rstrip().endswith("exit 1")
     node = registry.get(uuid)
     assert node.state == "error" and "nosuchvar" in (node.reason or "")
+
+
+async def test_placeholder_uuids_are_not_identities(app_url) -> None:
+    """Boards that all report one placeholder UUID are keyed by their boot MAC: two
+    machines, two nodes, and the same machine again is the same node."""
+    url, registry, _ = app_url
+    placeholder = "03000200-0400-0500-0006-000700080009"
+    macs = ["52:54:00:00:09:01", "52:54:00:00:09:02"]
+    async with aiohttp.ClientSession() as s:
+        for mac in [*macs, macs[0]]:
+            await _script(s, url, mac, placeholder)
+        await _script(s, url, "52:54:00:00:09:03", "00000000-0000-0000-0000-000000000000")
+    nodes = await registry.list()
+    assert registry.get(placeholder) is None and len(nodes) == 3
+    assert sorted(n.macs[0] for n in nodes) == [*macs, "52:54:00:00:09:03"]
+    assert [n.boot_count for n in nodes if n.macs == [macs[0]]] == [2]

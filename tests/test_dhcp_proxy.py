@@ -235,3 +235,15 @@ def test_decision_log_is_rate_limited_and_counted(proxy: ProxyDhcp,
     suppressed = proxy.counters.total("dhcp_log_suppressed_total")
     assert LOG_BURST <= len(logged) < n
     assert len(logged) + suppressed == n
+
+
+def test_placeholder_option97_is_keyed_by_mac(proxy: ProxyDhcp) -> None:
+    from netboot.identity import node_uuid
+
+    seen: list[Client] = []
+    proxy.report = lambda client, offer: seen.append(client)
+    for mac in ("52:54:00:00:09:01", "52:54:00:00:09:02"):
+        proxy.handle(request(uuid="03000200-0400-0500-0006-000700080009", mac=mac), 67,
+                     ("0.0.0.0", 68))
+    assert [c.uuid for c in seen] == [node_uuid(None, c.mac) for c in seen]
+    assert len({c.uuid for c in seen}) == 2

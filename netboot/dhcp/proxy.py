@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..boot.booter import Booter
 from ..boot.spec import Client, Ignore, Offer
-from ..identity import arch_from_code, uuid_from_option97
+from ..identity import arch_from_code, node_uuid, uuid_from_option97
 from ..metrics import Counters
 from ..util.ratelimit import RateLimitedLog
 from . import packet as P
@@ -132,7 +132,7 @@ class ProxyDhcp:
                 code = None
         arch, is_http_arch = arch_from_code(code)
         uuid_opt = pkt.options.get(P.OPT_CLIENT_UUID)
-        uuid = uuid_from_option97(uuid_opt) if uuid_opt else None
+        uuid = node_uuid(uuid_from_option97(uuid_opt) if uuid_opt else None, mac)
         user_class = pkt.options.get(P.OPT_USER_CLASS, b"")
         ipxe = user_class == b"iPXE" or P.OPT_IPXE_ENCAP in pkt.options
         return Client(mac=mac, uuid=uuid, arch=arch, http_boot=http_boot or is_http_arch,

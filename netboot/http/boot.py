@@ -8,7 +8,7 @@ import logging
 from aiohttp import web
 
 from ..boot import ipxe
-from ..identity import IdentityError, normalise_mac, normalise_uuid
+from ..identity import IdentityError, node_uuid, normalise_mac, normalise_uuid
 from .context import ctx_of
 from .routes import Route
 
@@ -40,6 +40,7 @@ async def node_ipxe(request: web.Request) -> web.Response:
     except IdentityError as exc:
         raise web.HTTPBadRequest(text=f"#!ipxe\necho netboot: {exc}\n") from None
     address = request.remote or ""
+    uuid = node_uuid(uuid, mac)
     decision = ctx.booter.decide(mac, uuid, "ipxe")
     script = ipxe.render(decision, ctx.booter.base_url)
     ctx.lifecycle.served(decision, address, "ipxe",
