@@ -55,7 +55,8 @@ class TftpSettings(_Strict):
 
 class WebhookSettings(_Strict):
     url: str
-    events: list[Literal["installed", "error", "stuck", "deploying", "discovered", "booting"]] = (
+    events: list[Literal["installed", "error", "stuck", "deploying", "discovered", "booting",
+                         "commissioning", "ready"]] = (
         Field(default_factory=lambda: ["installed", "error", "stuck"]))
     format: Literal["json", "slack", "alertmanager"] = "json"
 
@@ -122,6 +123,61 @@ class SwarmConfig(_Strict):
     sweep_down_nodes: bool = False
 
 
+class BmcCredentials(_Strict):
+    """How to log in to a BMC; the password inline or, better, in a file (0600)."""
+
+    driver: Literal["ipmi", "redfish"] = "ipmi"
+    port: int | None = Field(None, ge=1, le=65535)
+    username: str = Field("", max_length=64)
+    password: str | None = Field(None, repr=False, max_length=256)
+    password_file: Path | None = None
+    system: str | None = Field(None, description="Redfish system id; default: the first")
+    verify_tls: bool = False
+
+    @model_validator(mode="after")
+    def _one_password(self) -> BmcCredentials:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give password or password_file, not both")
+        return self
+
+    def secret(self, base: Path | None = None) -> str:
+        """The password (read from password_file, relative to ``base``); '' if none."""
+        if self.password_file is None:
+            return self.password or ""
+        path = self.password_file if self.password_file.is_absolute() or base is None \
+            else base / self.password_file
+        return path.read_text().strip()
+
+
+class MachineBmc(BmcCredentials):
+    """A machine's BMC: where it is, and how to log in."""
+
+    address: str = Field(min_length=1, max_length=256)
+
+
+class BmcSettings(_Strict):
+    """BMC control for the whole site."""
+
+    credentials: BmcCredentials | None = Field(
+        None, description="how to log in to BMCs that commissioning finds (or sets)")
+    addresses: list[str] = Field(default_factory=list, description="BMC addresses to hand "
+                                 "out to commissioned nodes (set in-band), in order")
+    netmask: str | None = None
+    gateway: str | None = None
+    poll_interval: float = Field(60, gt=0, description="seconds between power-state polls")
+    timeout: float = Field(10, gt=0, description="seconds one BMC call may take")
+    workers: int = Field(16, ge=1, le=256, description="BMC calls in flight at once")
+    stagger_concurrency: int = Field(4, ge=1, description="bulk power-on: at once")
+    stagger_delay: float = Field(2.0, ge=0, description="bulk power-on: seconds between starts")
+
+    @field_validator("addresses")
+    @classmethod
+    def _ipv4s(cls, v: list[str]) -> list[str]:
+        for a in v:
+            ipaddress.IPv4Address(a)
+        return v
+
+
 class ServerConfig(_Strict):
     """netboot.yaml. Relative paths are taken from the directory of the file."""
 
@@ -142,6 +198,7 @@ class ServerConfig(_Strict):
     api: ApiSettings = Field(default_factory=ApiSettings)
     site: SiteConfig = Field(default_factory=SiteConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    bmc: BmcSettings = Field(default_factory=BmcSettings)
     signed_url_ttl: float = Field(3600, gt=0, description="seconds a signed Ignition/OEM URL "
                                   "stays valid")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -203,6 +260,8 @@ class Profile(_Strict):
     site: dict[str, Any] = Field(default_factory=dict, description="overrides of netboot.yaml site")
     ssh_keys: list[str] = Field(default_factory=list)
     boot: Literal["always", "once"] = "always"
+    commission: bool = Field(False, description="a commissioning OS: the node is "
+                             "'commissioning' while it runs, 'ready' when its inventory is in")
     loaders: dict[str, str] = Field(default_factory=dict, description="per-arch loader override")
     vars: dict[str, Any] = Field(default_factory=dict)
 
@@ -229,6 +288,7 @@ class Machine(_Strict):
     profile: str | None = None
     hostname: str | None = None
     netboot: bool = True
+    bmc: MachineBmc | None = None
     vars: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("mac")

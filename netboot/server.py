@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from .boot.bmcs import Bmcs
 from .boot.booter import Booter
 from .boot.lifecycle import Lifecycle
 from .boot.sightings import Sightings
@@ -31,10 +32,12 @@ from .images.verify import check_profile_images
 from .loaders import LoaderTable
 from .metrics import Counters, NodeMetrics
 from .netutil import choose_interface, interface_ipv4, interfaces
+from .power.service import PowerService
 from .storage.registry import Registry, RegistryError
 from .tftp.provider import RootResolver
 from .tftp.router import TftpRouter
 from .tftp.server import start_tftp
+from .util.secretbox import SecretBox
 from .webhooks import WebhookDispatcher
 
 log = logging.getLogger("netboot")
@@ -92,6 +95,7 @@ class Services:
     tftp: TftpRouter
     registry: Registry | None = None
     hooks: WebhookDispatcher | None = None
+    power: PowerService | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
     def app(self) -> web.Application:
@@ -103,12 +107,32 @@ class Services:
             self.hooks.start()
         self.tasks += [asyncio.create_task(self.lifecycle.run(), name="lifecycle"),
                        asyncio.create_task(self.artifacts.run(), name="ignition-upkeep")]
+        bmcs = self.lifecycle.bmcs
+        if self.power is not None and bmcs is not None:
+            self.tasks += [
+                asyncio.create_task(self._enroll(), name="bmc-enroll"),
+                asyncio.create_task(self.power.poll_forever(
+                    bmcs.targets, self.store.server.bmc.poll_interval), name="bmc-poll")]
+
+    async def _enroll(self, every: float = 1.0) -> None:
+        """Machine files' BMCs into the registry, at start and after each config reload."""
+        bmcs = self.lifecycle.bmcs
+        assert bmcs is not None
+        while True:
+            try:
+                if bmcs.enroll():
+                    self.lifecycle.queue_commit()
+            except Exception:
+                log.exception("enrolling BMCs from machine files failed")
+            await asyncio.sleep(every)
 
     async def close(self) -> None:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.lifecycle.drain()
+        if self.power is not None:
+            await self.power.close()
         if self.hooks is not None:
             await self.hooks.close()
         if self.registry is not None:
@@ -139,9 +163,13 @@ def build(store: ConfigStore, address: str, *, registry: Registry | None, secret
     artifacts = Artifacts.from_config(cfg, secret, counters)
     booter = Booter(store, address, cfg.http_port, registry=registry, artifacts=artifacts)
     sightings = Sightings(grant_ttl=cfg.signed_url_ttl)
+    power = bmcs = None
+    if registry is not None:  # BMC credentials live (sealed) in the registry
+        power = PowerService(workers=cfg.bmc.workers, timeout=cfg.bmc.timeout)
+        bmcs = Bmcs(registry, store, SecretBox(secret))
     lifecycle = Lifecycle(registry, sightings, counters, booter=booter, artifacts=artifacts,
                           stuck_after=cfg.api.stuck_after, clock=clock,
-                          problem=registry_problem)
+                          problem=registry_problem, bmcs=bmcs, power=power)
     node_metrics = NodeMetrics()
     lifecycle.subscribe(node_metrics)
     hooks = None
@@ -154,7 +182,7 @@ def build(store: ConfigStore, address: str, *, registry: Registry | None, secret
                            tokens=tokens if tokens is not None else TokenTable())
     router = TftpRouter(booter, lifecycle, counters, RootResolver([cfg.images_dir]), loaders)
     return Services(store, counters, booter, lifecycle, artifacts, http_ctx, router,
-                    registry=registry, hooks=hooks)
+                    registry=registry, hooks=hooks, power=power)
 
 
 async def open_registry(cfg: ServerConfig) -> tuple[Registry | None, bytes]:

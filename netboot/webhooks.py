@@ -40,9 +40,13 @@ _ALERTS: dict[str, tuple[str, str]] = {  # event -> (alertname, severity)
     "discovered": ("NetbootNodeDiscovered", "info"),
     "booting": ("NetbootNodeBooting", "info"),
     "deploying": ("NetbootNodeDeploying", "info"),
+    "commissioning": ("NetbootNodeCommissioning", "info"),
+    "ready": ("NetbootNodeReady", "info"),
 }
 _RESOLVES: dict[str, tuple[str, ...]] = {"installed": ("error", "stuck"),
-                                         "booting": ("error", "stuck"), "error": ("stuck",)}
+                                         "booting": ("error", "stuck"), "error": ("stuck",),
+                                         "commissioning": ("error", "stuck"),
+                                         "ready": ("error", "stuck")}
 _FIRING = {"error", "stuck"}  # stay active until resolved; the rest are informational
 _SLACK_ICON = {"installed": ":white_check_mark:", "error": ":x:", "stuck": ":hourglass:"}
 
@@ -77,7 +81,7 @@ def _describe(event: str, node: Node) -> str:
                                   node.vendor or "", node.product or "") if x)
     where = f" at {node.address}" if node.address else ""
     what = {"installed": "installed", "error": f"failed: {node.reason or 'no reason given'}",
-            "stuck": "is stuck in deploying"}.get(event, f"is {event}")
+            "stuck": f"is stuck in {node.state}"}.get(event, f"is {event}")
     prof = f" (profile {node.profile})" if node.profile else ""
     return f"node {name}{f' [{ident}]' if ident else ''}{where}{prof} {what}"
 

@@ -72,7 +72,10 @@ class Booter:
             snap.machines_by_uuid.get(uuid) if uuid else None)
         if machine is not None and not machine.netboot:
             return Resolved(machine, None, "machine has netboot: false")
-        name = (machine.profile if machine else None) or snap.server.default_profile
+        node = self.registry.get(uuid) if uuid and self.registry is not None else None
+        # an operator's choice (netboot nodes deploy) wins over the machine file
+        name = (node.assigned_profile if node is not None else None) or (
+            machine.profile if machine else None) or snap.server.default_profile
         if name is None:
             return Resolved(machine, None, "no machine file and no default_profile")
         profile = snap.profiles.get(name)
@@ -146,7 +149,8 @@ class Booter:
             oem_url = self.artifacts.signed_url(self.base_url, "oem", oem.uuid)
             os_args = tuple(os_kernel_args(profile))
         return BootSpec(uuid, mac, profile.name, hostname, profile.kernel,
-                        tuple(profile.initrds), cmdline, os_args, oem, oem_url)
+                        tuple(profile.initrds), cmdline, os_args, oem, oem_url,
+                        profile.commission)
 
     def artifacts_for(self, mac: str | None, uuid: str) -> tuple[NodeArtifacts | None, str]:
         """The node's Ignition artefacts as a boot would make them (``netboot render``,
@@ -170,7 +174,7 @@ class Booter:
             token = self.registry.node_token(uuid)
             api = f"{self.base_url}/api/v1/nodes/{uuid}"
             node_urls = {k: f"{api}/{k}?token={token}" for k in (
-                "installed", "failed", "profile", "detail", "register")}
+                "installed", "failed", "profile", "detail", "register", "inventory")}
         return {
             **variables,
             "vars": variables,

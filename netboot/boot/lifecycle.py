@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..metrics import Counters
+from ..power.bmc import BmcConfig
+from ..power.driver import BmcError
 from ..storage.registry import Change, Node, Registry, RegistryError
 from ..util.ratelimit import RateLimitedLog
 from .sightings import Sightings
@@ -40,6 +42,8 @@ from .spec import BootSpec, Client, Decision, LocalBoot, Offer, Refusal
 
 if TYPE_CHECKING:
     from ..ignition.artifacts import Artifacts, NodeArtifacts
+    from ..power.service import PowerService, PowerStatus
+    from .bmcs import Bmcs
     from .booter import Booter
 
 log = logging.getLogger("netboot.lifecycle")
@@ -47,6 +51,20 @@ log = logging.getLogger("netboot.lifecycle")
 #: first contacts waiting to be recorded; past this DHCP sightings are dropped (counted)
 NOTE_QUEUE_SIZE = 10_000
 NOTE_BATCH = 1_000
+#: states a node must leave within stuck_after, or it is reported stuck
+STUCK_STATES = ("deploying", "commissioning")
+
+
+@dataclass(frozen=True, slots=True)
+class Commissioning:
+    """What a commissioning OS does next: ``set-bmc`` (to ``address``), ``wait`` (netboot
+    is checking the BMC out of band; report again) or ``poweroff`` (done: 'ready')."""
+
+    action: str
+    address: str | None = None
+    netmask: str | None = None
+    gateway: str | None = None
+    note: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +86,16 @@ class Lifecycle:
     def __init__(self, registry: Registry | None, sightings: Sightings, counters: Counters, *,
                  booter: Booter | None = None, artifacts: Artifacts | None = None,
                  stuck_after: float = 1800.0, clock: Callable[[], float] = time.time,
-                 problem: str | None = None):
+                 problem: str | None = None, bmcs: Bmcs | None = None,
+                 power: PowerService | None = None):
         self.registry = registry
         self.sightings = sightings
         self.counters = counters
         self.booter = booter
         self.artifacts = artifacts
+        #: which BMC each node has, and the service that talks to them (None: no registry)
+        self.bmcs = bmcs
+        self.power = power
         self.stuck_after = stuck_after
         self._clock = clock
         #: why boots are not recorded (no registry, full or read-only data dir), for /health
@@ -144,7 +166,8 @@ class Lifecycle:
             change = reg.set_state(uuid, "error", source=source, address=address,
                                    reason=decision.reason)
         else:
-            change = reg.set_state(uuid, "booting", source=source, address=address)
+            state = "commissioning" if decision.commission else "booting"
+            change = reg.set_state(uuid, state, source=source, address=address)
         self.queue_commit()
         self._publish(change, source)
 
@@ -214,16 +237,111 @@ class Lifecycle:
         await self._commit_now()
         return True
 
+    # -- commissioning -------------------------------------------------------------
+    async def inventoried(self, uuid: str, inventory: dict[str, Any], *,
+                          address: str | None) -> tuple[Node, Commissioning]:
+        """A commissioning OS reported the hardware. Returns the node and what the OS
+        does next: set the BMC address netboot hands out, wait while netboot checks the
+        BMC out of band, or power off (the node is then 'ready')."""
+        reg = self._registry()
+        reg.set_inventory(uuid, inventory)
+        smbios = inventory.get("smbios") or {}
+        ident = {k: smbios.get(k) or None for k in ("serial", "vendor", "product")}
+        change = reg.observe(uuid, mac=None, address=address, source="commission", **ident)
+        for nic in inventory.get("nics") or []:
+            if nic.get("mac"):
+                reg.observe(uuid, mac=nic["mac"], address=None, source="commission")
+        if change.created:
+            self._publish(change, "commission")
+        answer = await self._commission_bmc(uuid, inventory.get("bmc") or None)
+        if answer.action == "poweroff":
+            self._publish(reg.set_state(uuid, "ready", source="commission", address=address),
+                          "commission")
+        await self._commit_now()
+        return reg.get(uuid) or change.node, answer
+
+    async def _commission_bmc(self, uuid: str, bmc: dict[str, Any] | None) -> Commissioning:
+        if self.bmcs is None or self.power is None:
+            return Commissioning("poweroff", note="netboot has no BMC control set up")
+        settings = self.bmcs.store.server.bmc
+        seen = (bmc or {}).get("address") or None
+        if seen in (None, "0.0.0.0"):
+            if not settings.addresses:
+                return Commissioning("poweroff", note="no BMC found in-band")
+            seen = None
+        wanted = self._bmc_address(uuid, settings.addresses) if settings.addresses else seen
+        if wanted is None:
+            return Commissioning("poweroff", note="no free BMC address: bmc.addresses is "
+                                 "used up")
+        if seen != wanted:
+            return Commissioning("set-bmc", wanted, settings.netmask, settings.gateway)
+        cfg = self.bmcs.learn(uuid, wanted)
+        if cfg is None:
+            return Commissioning("poweroff", note="BMC found, but no credentials: set "
+                                 "bmc.credentials in netboot.yaml")
+        status = await self.power.status(uuid, cfg)
+        if status.state == "unknown":
+            return Commissioning("wait", note=f"BMC at {wanted} not reachable out of band "
+                                 f"yet: {status.reason}")
+        return Commissioning("poweroff", note=f"BMC at {wanted} answers: power {status.state}")
+
+    def _bmc_address(self, uuid: str, pool: list[str]) -> str | None:
+        """This node's address from the pool: the one it has, else the first nobody has."""
+        assert self.bmcs is not None
+        mine = self.bmcs.registry.bmc(uuid)
+        if mine is not None and mine.address in pool:
+            return mine.address
+        taken = {b.address for u, b in self.bmcs.registry.bmcs().items() if u != uuid}
+        return next((a for a in pool if a not in taken), None)
+
+    # -- power ----------------------------------------------------------------------
+    async def deploy(self, uuid: str, profile: str, *, actor: str) -> Node:
+        """Boot ``profile`` from the network now: assign it, re-arm, next boot network,
+        power on (or cycle a node that is on)."""
+        reg = self._registry()
+        if reg.get(uuid) is None:
+            raise KeyError(uuid)
+        reg.patch(uuid, assign=profile, rearm=True, source=actor)
+        await self._commit_now()
+        state = await self.power_status(uuid)
+        await self.power_action(uuid, "cycle" if state.state == "on" else "on", "network")
+        return reg.get(uuid)  # type: ignore[return-value]
+
+    async def power_action(self, uuid: str, action: str, boot: str | None) -> None:
+        """Power ``action`` through the node's BMC (BmcError says why not)."""
+        cfg = self._bmc(uuid)
+        assert self.power is not None
+        await self.power.act(uuid, cfg, action, boot)
+
+    async def power_status(self, uuid: str) -> PowerStatus:
+        cfg = self._bmc(uuid)
+        assert self.power is not None
+        return await self.power.status(uuid, cfg)
+
+    def last_power(self, uuid: str) -> PowerStatus | None:
+        return self.power.last(uuid) if self.power is not None else None
+
+    def _bmc(self, uuid: str) -> BmcConfig:
+        if self.power is None or self.bmcs is None:
+            raise BmcError("BMC control is not set up (no registry)", kind="config")
+        cfg = self.bmcs.config_for(uuid)
+        if cfg is None:
+            raise BmcError(f"node {uuid} has no BMC: give its machine file a bmc: block, "
+                           "or let it commission", kind="config")
+        return cfg
+
     # -- stuck --------------------------------------------------------------------
     def stuck(self) -> list[Node]:
-        """Nodes in 'deploying' for longer than stuck_after (cost: deploying nodes only)."""
+        """Nodes deploying or commissioning for longer than stuck_after (cost: those nodes
+        only): a node left powered on at the rack shows up here, with its address."""
         if self.registry is None:
             return []
         limit = self._clock() - self.stuck_after
-        return [n for n in self.registry.in_state("deploying") if n.state_since < limit]
+        return [n for state in STUCK_STATES for n in self.registry.in_state(state)
+                if n.state_since < limit]
 
     def is_stuck(self, node: Node) -> bool:
-        return node.state == "deploying" and node.state_since < self._clock() - self.stuck_after
+        return node.state in STUCK_STATES and node.state_since < self._clock() - self.stuck_after
 
     def check_stuck(self) -> list[Node]:
         """Newly stuck nodes get an event and are published once; returns them."""
@@ -234,7 +352,8 @@ class Lifecycle:
         for n in fresh:
             self._stuck.add(n.uuid)
             self.counters.inc("node_stuck_total")
-            self.registry.add_event(n.uuid, "stuck", f"in deploying for {now - n.state_since:.0f}s",
+            self.registry.add_event(n.uuid, "stuck",
+                                    f"in {n.state} for {now - n.state_since:.0f}s",
                                     source="netboot")
             self._emit(LifecycleEvent("stuck", n, n, "netboot", now))
         self.queue_commit()
@@ -301,7 +420,7 @@ class Lifecycle:
         node = change.node
         if node.state == "error":
             self.counters.inc("node_failures_total")
-        if node.state != "deploying":
+        if node.state not in STUCK_STATES:
             self._stuck.discard(node.uuid)
         self._emit(LifecycleEvent(node.state, node, change.old, source, node.state_since))
 

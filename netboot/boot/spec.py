@@ -57,6 +57,8 @@ class BootSpec:
     oem: NodeArtifacts | None = None
     #: the OEM archive's signed HTTP URL (iPXE); pxelinux fetches it over TFTP instead
     oem_url: str | None = None
+    #: a commissioning OS (the node is 'commissioning' while it runs, not 'booting')
+    commission: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import check, images, nodes, probe, render, serve
+from . import check, images, nodes, power, probe, render, serve
 
 DESCRIPTION = """\
 netboot boots bare machines over the network from one process: a ProxyDHCP
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"netboot {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    for module in (serve, check, nodes, render, probe, images):
+    for module in (serve, check, nodes, power, render, probe, images):
         module.add_parser(sub)
     return parser
 

@@ -20,8 +20,8 @@ from typing import Any, TextIO
 from ..util.text import human_duration
 
 DEFAULT_URL = "http://127.0.0.1:8080"
-STATE_COLOURS = {"discovered": "90", "booting": "34", "deploying": "33", "installed": "32",
-                 "error": "31"}
+STATE_COLOURS = {"discovered": "90", "commissioning": "35", "ready": "36", "booting": "34",
+                 "deploying": "33", "installed": "32", "error": "31"}
 COLUMNS = ("UUID", "HOSTNAME", "SERIAL", "VENDOR", "PRODUCT", "PROFILE", "ADDRESS", "STATE",
            "IN STATE", "BOOTS")
 
@@ -31,14 +31,15 @@ class CliError(Exception):
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``nodes list|show|rearm|forget``; each handler returns an exit code."""
+    """Add ``nodes list|show|rearm|forget|deploy``; each handler returns an exit code."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=DEFAULT_URL, help=f"netboot HTTP address ({DEFAULT_URL})")
-    common.add_argument("--token", default=os.environ.get("NETBOOT_ADMIN_TOKEN"),
-                        help="admin token for changes (default: $NETBOOT_ADMIN_TOKEN)")
+    common.add_argument("--token", default=default_token(),
+                        help="API token for changes (default: $NETBOOT_TOKEN, else "
+                        "$NETBOOT_ADMIN_TOKEN); operator or admin role")
     common.add_argument("--color", "--colour", choices=("auto", "always", "never"),
                         default="auto", help="colour states (auto: only on a terminal)")
-    nodes = subparsers.add_parser("nodes", help="list, show, re-arm or forget nodes",
+    nodes = subparsers.add_parser("nodes", help="list, show, deploy, re-arm or forget nodes",
                                   description=__doc__.splitlines()[0])
     sub = nodes.add_subparsers(dest="nodes_command", required=True, metavar="COMMAND")
 
@@ -62,6 +63,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("forget", parents=[common], help="delete a node and its history")
     p.add_argument("uuid")
     p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser(
+        "deploy", parents=[common], help="boot a profile now and follow the node to installed",
+        description="Set the node's profile, next boot to the network, power it on through "
+        "its BMC (or cycle it if it is on), then follow it until it is installed, failed, "
+        "or --timeout runs out, printing each state it passes through.")
+    p.add_argument("node", help="UUID, MAC, hostname or serial")
+    p.add_argument("--profile", required=True, help="profile to boot (see: netboot check)")
+    p.add_argument("--timeout", type=float, default=1800,
+                   help="seconds to follow it (default 1800; 0: do not follow)")
+    p.add_argument("--every", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_deploy)
     return nodes
 
 
@@ -80,8 +93,11 @@ def _request(args: argparse.Namespace, method: str, path: str, body: Any = None,
         headers["Content-Type"] = "application/json"
     if method != "GET":
         if not args.token:
-            raise CliError("this needs the admin token: --token or $NETBOOT_ADMIN_TOKEN")
+            raise CliError("this needs an operator or admin token: --token, $NETBOOT_TOKEN "
+                           "or $NETBOOT_ADMIN_TOKEN (admin token: api.admin_token)")
         headers["Authorization"] = f"Bearer {args.token}"
+    elif args.token:
+        headers["Authorization"] = f"Bearer {args.token}"  # reads, when open_reads is off
     req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
@@ -97,13 +113,38 @@ def _request(args: argparse.Namespace, method: str, path: str, body: Any = None,
         raise CliError(f"cannot reach netboot at {args.url}: {reason}") from None
 
 
+def default_token() -> str | None:
+    return os.environ.get("NETBOOT_TOKEN") or os.environ.get("NETBOOT_ADMIN_TOKEN")
+
+
+def resolve_node(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """The node a UUID, MAC, hostname or serial names (exactly one, or CliError)."""
+    want = name.strip().lower()
+    nodes = _request(args, "GET", "/api/v1/nodes")["nodes"]
+    hits = [n for n in nodes if want == n["uuid"] or want in n.get("macs", [])
+            or want.replace("-", ":") in n.get("macs", [])
+            or want == (n.get("hostname") or "").lower()
+            or want == (n.get("serial") or "").lower()]
+    if not hits:
+        raise CliError(f"no node {name!r} (by UUID, MAC, hostname or serial); "
+                       "netboot nodes list shows them")
+    if len(hits) > 1:
+        raise CliError(f"{name!r} names {len(hits)} nodes: " + ", ".join(
+            n["uuid"] for n in hits) + "; give a UUID")
+    return hits[0]
+
+
 def _run(fn: Any) -> Any:
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return fn(args, sys.stdout)
         except CliError as exc:
-            print(f"netboot nodes: {exc}", file=sys.stderr)
+            print(f"netboot {getattr(args, 'command', None) or 'nodes'}: {exc}",
+                  file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
@@ -217,13 +258,31 @@ def cmd_forget(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Standalone entry (``python -m netboot.cli.nodes nodes list``), for before cli.py wires it."""
-    ap = argparse.ArgumentParser(prog="netboot")
-    add_parser(ap.add_subparsers(dest="command", required=True))
-    args = ap.parse_args(argv)
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+@_run
+def cmd_deploy(args: argparse.Namespace, out: TextIO) -> int:
+    """Deploy a profile and follow the node: exit 0 installed, 1 error or timeout."""
+    node = resolve_node(args, args.node)
+    uuid = node["uuid"]
+    n = _request(args, "POST", f"/api/v1/nodes/{uuid}/deploy", body={"profile": args.profile})
+    print(f"{uuid}: deploying profile {args.profile}; powered "
+          f"{'on' if n['power']['state'] != 'on' else 'on (cycled)'} to boot from the network",
+          file=out, flush=True)
+    if args.timeout <= 0:
+        return 0
+    colour = _use_colour(args, out)
+    deadline = time.monotonic() + args.timeout
+    seen = None
+    start = time.monotonic()
+    while time.monotonic() < deadline:
+        n = _request(args, "GET", f"/api/v1/nodes/{uuid}")
+        boots = n["boot_count"]
+        if n["state"] != seen or seen is None:
+            seen = n["state"]
+            print(f"  {time.monotonic() - start:6.0f}s  {paint(seen, seen, colour)}"
+                  + (f": {n['reason']}" if n.get("reason") else ""), file=out, flush=True)
+        if boots > node["boot_count"] and seen in ("installed", "error"):
+            return 0 if seen == "installed" else 1
+        time.sleep(args.every)
+    print(f"netboot nodes: {uuid} is still {seen} after {args.timeout:.0f}s "
+          "(netboot nodes show it; is it stuck?)", file=sys.stderr)
+    return 1

@@ -5,7 +5,8 @@ One file per endpoint group:
 - :mod:`.boot`: ``/boot.ipxe`` and the per-node iPXE script;
 - :mod:`.files`: kernels and initrds, UEFI HTTP Boot loaders;
 - :mod:`.signed`: per-node Ignition configs and OEM archives (signed URLs);
-- :mod:`.nodes`: the nodes API (node tokens, admin token);
+- :mod:`.nodes`: the nodes API (node tokens, inventory, audit);
+- :mod:`.power`: power, deploy, bulk power jobs, BMC credentials;
 - :mod:`.dashboard`, :mod:`.health` (health and metrics), :mod:`.openapi`.
 """
 
@@ -15,14 +16,14 @@ from typing import Any
 
 from aiohttp import web
 
-from . import boot, dashboard, files, health, nodes, openapi, signed
+from . import boot, dashboard, files, health, nodes, openapi, power, signed
 from .context import CTX, HttpContext
 from .routes import Route, guard
 
 
 def all_routes() -> tuple[Route, ...]:
-    return (*boot.ROUTES, *files.ROUTES, *signed.ROUTES, *nodes.ROUTES, *health.ROUTES,
-            *openapi.ROUTES, *dashboard.ROUTES)
+    return (*boot.ROUTES, *files.ROUTES, *signed.ROUTES, *nodes.ROUTES, *power.ROUTES,
+            *health.ROUTES, *openapi.ROUTES, *dashboard.ROUTES)
 
 
 @web.middleware

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -32,6 +32,8 @@ class HttpContext:
     registry: Registry | None = None
     artifacts: Artifacts | None = None
     tokens: TokenTable = field(default_factory=TokenTable)
+    #: bulk power jobs by id (the newest few, in memory)
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
 
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..identity import normalise_mac
 from ..storage.registry import STATES, Node
 from .context import HttpContext, ctx_of
-from .routes import Route, error, path_uuid
+from .routes import Route, caller_of, error, path_uuid
 
 # -- request and response models (the API edge) ---------------------------------------
 
@@ -46,12 +46,30 @@ class FailedBody(_Body):
 
 
 class PatchBody(_Body):
-    """Admin changes; labels merge, a null value removes that label."""
+    """Operator changes; labels merge, a null value removes that label; ``profile`` is
+    the profile the node boots from now on ('' gives it back to its machine file)."""
 
     rearm: bool = False
     labels: dict[str, str | None] | None = None
     profile: str | None = Field(None, max_length=256)
     hostname: str | None = Field(None, max_length=256)
+
+
+class PowerState(BaseModel):
+    state: Literal["on", "off", "unknown"]
+    checked: float | None
+    reason: str | None
+
+
+class BmcInfo(BaseModel):
+    driver: str
+    address: str
+    port: int | None
+    username: str
+    system: str | None
+    source: str = Field(description="file, commissioning or api")
+    updated: float
+    has_password: bool
 
 
 class NodeOut(BaseModel):
@@ -63,7 +81,9 @@ class NodeOut(BaseModel):
     macs: list[str]
     address: str | None
     hostname: str | None
-    profile: str | None
+    profile: str | None = Field(description="the profile it last booted")
+    assigned_profile: str | None = Field(
+        None, description="the profile an operator chose; it boots that next")
     labels: dict[str, str]
     boot_count: int
     first_seen: float
@@ -73,7 +93,10 @@ class NodeOut(BaseModel):
     time_in_state: float
     reason: str | None
     armed: bool
-    stuck: bool = Field(False, description="in deploying for longer than stuck_after")
+    stuck: bool = Field(False, description="deploying or commissioning for longer than "
+                        "stuck_after")
+    power: PowerState = Field(description="power as last polled from its BMC")
+    bmc: BmcInfo | None = Field(None, description="its BMC (never the password)")
 
 
 class EventOut(BaseModel):
@@ -147,8 +170,13 @@ async def read_body(request: web.Request, model: type[BaseModel]) -> Any:
 
 
 def node_out(ctx: HttpContext, node: Node) -> dict[str, Any]:
+    from .power import power_out
+
     assert ctx.registry is not None
-    return {**node.to_json(ctx.registry.now()), "stuck": ctx.lifecycle.is_stuck(node)}
+    bmcs = ctx.lifecycle.bmcs
+    return {**node.to_json(ctx.registry.now()), "stuck": ctx.lifecycle.is_stuck(node),
+            "power": power_out(ctx, node.uuid),
+            "bmc": bmcs.describe(node.uuid) if bmcs is not None else None}
 
 
 def _known(ctx: HttpContext, uuid: str) -> Node:
@@ -186,8 +214,8 @@ async def patch_node(request: web.Request) -> dict[str, Any]:
     uuid = path_uuid(request)
     body: PatchBody = await read_body(request, PatchBody)
     _known(ctx, uuid)
-    node = await ctx.lifecycle.patch(uuid, actor=request.remote or "admin", rearm=body.rearm,
-                                     labels=body.labels, profile=body.profile,
+    node = await ctx.lifecycle.patch(uuid, actor=caller_of(request).name, rearm=body.rearm,
+                                     labels=body.labels, assign=body.profile,
                                      hostname=body.hostname)
     return node_out(ctx, node)
 
@@ -243,6 +271,96 @@ async def node_failed(request: web.Request) -> dict[str, Any]:
     return node_out(ctx, node)
 
 
+class InventoryBody(BaseModel):
+    """What a commissioning OS reports (extra keys are kept as reported)."""
+
+    model_config = ConfigDict(extra="allow")
+    smbios: dict[str, Any] | None = None
+    cpu: dict[str, Any] | None = None
+    memory_bytes: int | None = Field(None, ge=0)
+    disks: list[dict[str, Any]] = Field(default_factory=list, max_length=256)
+    nics: list[dict[str, Any]] = Field(default_factory=list, max_length=256)
+    lldp: dict[str, Any] | None = None
+    bmc: dict[str, Any] | None = None
+
+    @field_validator("nics")
+    @classmethod
+    def _macs(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for nic in v:
+            if nic.get("mac"):
+                nic["mac"] = normalise_mac(str(nic["mac"]))
+        return v
+
+
+class InventoryAnswer(BaseModel):
+    node: NodeOut
+    action: Literal["set-bmc", "wait", "poweroff"]
+    bmc_address: str | None
+    bmc_netmask: str | None
+    bmc_gateway: str | None
+    note: str
+
+
+class InventoryOut(BaseModel):
+    uuid: str
+    time: float | None
+    inventory: dict[str, Any] | None
+
+
+class AuditRow(BaseModel):
+    id: int
+    time: float
+    actor: str
+    role: str | None
+    action: str
+    target: str | None
+    result: str
+    detail: str | None
+
+
+class AuditOut(BaseModel):
+    audit: list[AuditRow]
+
+
+async def node_inventory(request: web.Request) -> Any:
+    """The commissioning OS reports; ``?format=sh`` answers as shell-safe lines."""
+    ctx = ctx_of(request)
+    uuid = path_uuid(request)
+    body: InventoryBody = await read_body(request, InventoryBody)
+    node, answer = await ctx.lifecycle.inventoried(uuid, body.model_dump(),
+                                                   address=request.remote)
+    if request.query.get("format") == "sh":
+        lines = [f"NETBOOT_ACTION={answer.action}"]
+        for key, value in (("ADDRESS", answer.address), ("NETMASK", answer.netmask),
+                           ("GATEWAY", answer.gateway)):
+            if value:
+                lines.append(f"NETBOOT_BMC_{key}={value}")  # IPv4 only (config-validated)
+        return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    return {"node": node_out(ctx, node), "action": answer.action,
+            "bmc_address": answer.address, "bmc_netmask": answer.netmask,
+            "bmc_gateway": answer.gateway, "note": answer.note}
+
+
+async def show_inventory(request: web.Request) -> dict[str, Any]:
+    ctx = ctx_of(request)
+    assert ctx.registry is not None
+    uuid = path_uuid(request)
+    _known(ctx, uuid)
+    got = await ctx.registry.inventory(uuid)
+    return {"uuid": uuid, "time": got[0] if got else None, "inventory": got[1] if got else None}
+
+
+async def show_audit(request: web.Request) -> dict[str, Any]:
+    ctx = ctx_of(request)
+    assert ctx.registry is not None
+    node = request.query.get("node") or None
+    try:
+        limit = int(request.query.get("limit", "100"))
+    except ValueError:
+        raise error(web.HTTPBadRequest, "limit must be a whole number") from None
+    return {"audit": await ctx.registry.audit(target=node, limit=limit)}
+
+
 _N = "/api/v1/nodes/{uuid}"
 _LIST_QUERY = ("state", "profile", "label")
 ROUTES = (
@@ -264,4 +382,12 @@ ROUTES = (
           response=NodeOut, tag="node", registry=True),
     Route("POST", _N + "/failed", node_failed, "Report a failed install", "node",
           FailedBody, NodeOut, tag="node", registry=True),
+    Route("POST", _N + "/inventory", node_inventory, "A commissioning OS reports the "
+          "hardware; the answer says what it does next (?format=sh: shell-safe lines)",
+          "node", InventoryBody, InventoryAnswer, query=("format",), tag="node",
+          registry=True),
+    Route("GET", _N + "/inventory", show_inventory, "The hardware a node last reported",
+          "viewer", response=InventoryOut, tag="admin", registry=True),
+    Route("GET", "/api/v1/audit", show_audit, "Who did what, newest first", "viewer",
+          response=AuditOut, query=("node", "limit"), tag="admin", registry=True),
 )

@@ -22,10 +22,12 @@ QUERY_HELP = {
     "serial": "SMBIOS serial", "manufacturer": "SMBIOS vendor", "product": "SMBIOS product",
     "asset": "SMBIOS asset tag", "exp": "expiry of a signed URL (Unix time)",
     "sig": "signature of a signed URL",
+    "format": "sh: answer as shell-safe KEY=value lines (for a busybox OS)",
+    "node": "only this node's rows (UUID)", "limit": "at most this many rows (default 100)",
 }
 
 PATH_HELP = {"uuid": "SMBIOS UUID", "path": "a path under images_dir",
-             "name": "a loader file name"}
+             "name": "a loader file name", "job": "a bulk job id"}
 _PATH_VAR = re.compile(r"\{(\w+)(?::[^}]*)?\}")
 
 _document: dict[str, Any] | None = None

@@ -91,6 +91,8 @@ class Node:
     # When the current boot cycle began (first contact or last boot), for the
     # boot-duration histogram; None once the cycle ended in 'installed'.
     cycle_start: float | None = None
+    #: the profile an operator chose (netboot nodes deploy); wins over machine files
+    assigned_profile: str | None = None
 
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         d = asdict(self)
@@ -165,7 +167,7 @@ def _bmc_row(uuid: str, b: BmcRecord | None) -> tuple[Any, ...]:
 def _node_row(n: Node) -> tuple[Any, ...]:
     return (n.uuid, n.serial, n.vendor, n.product, n.asset, n.address, n.hostname, n.profile,
             json.dumps(n.labels, sort_keys=True), n.boot_count, n.first_seen, n.last_seen,
-            n.state, n.state_since, n.reason, int(n.armed), n.cycle_start)
+            n.state, n.state_since, n.reason, int(n.armed), n.cycle_start, n.assigned_profile)
 
 
 @dataclass
@@ -375,8 +377,10 @@ class Registry:
 
     def patch(self, uuid: str, *, rearm: bool = False,
               labels: dict[str, str | None] | None = None, profile: str | None = None,
-              hostname: str | None = None, source: str = "admin") -> Change:
-        """Admin changes. ``labels`` merges (a None value removes the key). KeyError if unknown."""
+              hostname: str | None = None, assign: str | None = None,
+              source: str = "admin") -> Change:
+        """Admin changes. ``labels`` merges (a None value removes the key); ``assign`` sets
+        the profile the node boots next ('' clears it). KeyError if unknown."""
         uuid = normalise_uuid(uuid)
         old = self._nodes.get(uuid)
         if old is None:
@@ -400,6 +404,9 @@ class Registry:
         if hostname is not None and hostname != old.hostname:
             node.hostname = hostname or None
             changed.append(f"hostname {hostname or '-'}")
+        if assign is not None and (assign or None) != old.assigned_profile:
+            node.assigned_profile = assign or None
+            changed.append(f"assigned profile {assign or '-'}")
         if not changed:
             return Change(old, old)
         self._put(node, old)

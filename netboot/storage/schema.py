@@ -48,6 +48,7 @@ async def _m2_bmc_inventory_audit(db: aiosqlite.Connection) -> None:
     """BMC credentials (the password sealed with the server secret), the last inventory a
     commissioning OS reported, and who did what (kept when a node is forgotten)."""
     await _script(db, """
+        ALTER TABLE nodes ADD COLUMN assigned_profile TEXT;
         CREATE TABLE bmcs (
             uuid TEXT PRIMARY KEY, driver TEXT NOT NULL, address TEXT NOT NULL, port INTEGER,
             username TEXT NOT NULL DEFAULT '', secret BLOB, system TEXT,
@@ -70,7 +71,7 @@ MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [
 
 NODE_COLS = ("uuid", "serial", "vendor", "product", "asset", "address", "hostname", "profile",
              "labels", "boot_count", "first_seen", "last_seen", "state", "state_since",
-             "reason", "armed", "cycle_start")
+             "reason", "armed", "cycle_start", "assigned_profile")
 UPSERT_NODE = (f"INSERT OR REPLACE INTO nodes ({', '.join(NODE_COLS)}) "
                f"VALUES ({', '.join('?' * len(NODE_COLS))})")
 UPSERT_MAC = ("INSERT INTO macs (mac, uuid, first_seen) VALUES (?, ?, ?) "

@@ -1,0 +1,285 @@
+"""Power from the API, against real BMCs: OpenIPMI's ipmi_sim (a real IPMI-over-LAN
+BMC on 127.0.0.1) behind a real netboot (registry, lifecycle, HTTP app), with
+machine files, roles, audit, commissioning and deploy."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+
+from tests.bmc_sim import IpmiSim
+from tests.served import Served, serving, write_config
+
+U1 = "4c4c4544-0042-3510-8052-b4c04f384d32"
+U2 = "4c4c4544-0042-3510-8052-b4c04f384d33"
+U3 = "4c4c4544-0042-3510-8052-b4c04f384d34"
+PW = "bmc-s3cret-pw"
+OPERATOR = "operator-token-0123456789"
+VIEWER = "viewer-token-0123456789"
+ADMIN = "admin-token-0123456789"
+TOKENS = {OPERATOR: ("ops", "operator"), VIEWER: ("wall", "viewer")}
+
+
+class _Keep(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.text: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text.append(self.format(record) + repr(record.args))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def logs() -> Iterator[_Keep]:
+    keep, root = _Keep(), logging.getLogger()
+    old = root.level
+    root.setLevel(logging.DEBUG)
+    root.addHandler(keep)
+    yield keep
+    root.removeHandler(keep)
+    root.setLevel(old)
+
+
+@pytest.fixture(scope="module")
+def sims(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[IpmiSim, IpmiSim]]:
+    base = tmp_path_factory.mktemp("bmcs")
+    a = IpmiSim(base / "a", name="bmca", username="admin", password=PW)
+    b = IpmiSim(base / "b", name="bmcb", username="admin", password=PW)
+    try:
+        yield a.start(), b.start()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _machine(root: Path, name: str, uuid: str, mac: str, sim: IpmiSim, *,
+             password: str = PW, **extra: Any) -> None:
+    body = {"uuid": uuid, "mac": mac, "hostname": name,
+            "bmc": {"driver": "ipmi", "address": "127.0.0.1", "port": sim.port,
+                    "username": "admin", "password": password}, **extra}
+    (root / "machines" / f"{name}.yaml").write_text(yaml.safe_dump(body))
+
+
+@pytest.fixture
+async def net(tmp_path: Path, sims: tuple[IpmiSim, IpmiSim]) -> AsyncIterator[Served]:
+    a, b = sims
+    for sim in sims:
+        sim.set_power("0")
+        sim.clear_calls()
+    root = tmp_path / "config"
+    profiles = {"default": {"kernel": "demo/vmlinuz", "cmdline": "x"},
+                "commission": {"kernel": "demo/vmlinuz", "commission": True,
+                               "cmdline": "netboot.inventory={{ node_urls.inventory }}"}}
+    config = write_config(root, tmp_path / "data", profiles,
+                          bmc={"poll_interval": 0.3, "timeout": 5,
+                               "credentials": {"username": "admin", "password": PW,
+                                               "port": a.port},
+                               "stagger_delay": 0.05})
+    _machine(root, "blade1", U1, "52:54:00:00:0b:01", a)
+    _machine(root, "blade2", U2, "52:54:00:00:0b:02", b)
+    _machine(root, "badpw", U3, "52:54:00:00:0b:03", b, password="wrong-pw")
+    async with serving(config, tokens=TOKENS, admin_token=ADMIN) as served:
+        await eventually_async(lambda: served.registry.bmc(U1) is not None, "enrolled")
+        yield served
+
+
+async def eventually_async(check: Any, what: str, timeout: float = 30) -> Any:
+    for _ in range(int(timeout / 0.1)):
+        got = check()
+        if got:
+            return got
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"never: {what}")
+
+
+async def _call(method: str, url: str, token: str | None = None, **kw: Any) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession() as s, s.request(method, url, headers=headers, **kw) as r:
+        body = await r.json() if r.content_type == "application/json" else await r.text()
+        return r.status, body
+
+
+async def test_machine_file_bmcs_are_enrolled_polled_and_never_show_the_password(
+        net: Served) -> None:
+    st, node = await _call("GET", f"{net.url}/api/v1/nodes/{U1}")
+    assert st == 200 and node["bmc"]["address"] == "127.0.0.1" and node["bmc"]["source"] == "file"
+    assert node["bmc"]["has_password"] is True
+    for _ in range(100):  # the poller reads it (poll_interval 0.3 s)
+        st, node = await _call("GET", f"{net.url}/api/v1/nodes/{U1}")
+        if node["power"]["state"] != "unknown":
+            break
+        await asyncio.sleep(0.1)
+    assert node["power"]["state"] == "off" and node["power"]["checked"]
+    st, bad = await _call("GET", f"{net.url}/api/v1/nodes/{U3}")
+    await eventually_async(lambda: net.lifecycle.last_power(U3) is not None, "polled")
+    st, bad = await _call("GET", f"{net.url}/api/v1/nodes/{U3}")
+    assert bad["power"]["state"] == "unknown" and bad["power"]["reason"]
+    everything = json.dumps(await _call("GET", f"{net.url}/api/v1/nodes")) + repr(
+        net.registry.bmc(U1)) + repr(net.lifecycle.bmcs.config_for(U1))
+    assert PW not in everything and "wrong-pw" not in everything
+
+
+async def test_power_on_off_cycle_with_roles_and_audit(net: Served,
+                                                        sims: tuple[IpmiSim, IpmiSim]) -> None:
+    a, _ = sims
+    url = f"{net.url}/api/v1/nodes/{U1}/power"
+    st, body = await _call("POST", url, json={"action": "on"})
+    assert st == 401
+    st, body = await _call("POST", url, VIEWER, json={"action": "on"})
+    assert st == 403 and "operator" in body["error"]
+    assert a.power() == "0"
+    st, body = await _call("POST", url, OPERATOR, json={"action": "on", "boot": "network"})
+    assert st == 200 and body["power"]["state"] == "on", body
+    assert a.power() == "1" and a.boot() == "pxe"
+    st, body = await _call("POST", url, OPERATOR, json={"action": "cycle"})
+    assert st == 200
+    st, body = await _call("POST", url, OPERATOR, json={"action": "off"})
+    assert st == 200 and body["power"]["state"] == "off" and a.power() == "0"
+    st, body = await _call("POST", url, OPERATOR, json={"action": "explode"})
+    assert st == 400
+    st, audit = await _call("GET", f"{net.url}/api/v1/audit?node={U1}")
+    rows = [(r["actor"], r["action"], r["result"]) for r in audit["audit"]]
+    assert rows[:4] == [("ops", "node_power", "400"), ("ops", "node_power", "ok"),
+                        ("ops", "node_power", "ok"), ("ops", "node_power", "ok")]
+    assert ("wall", "node_power", "403") in rows
+
+
+async def test_wrong_credentials_are_a_clear_error_and_stall_nothing(net: Served) -> None:
+    async def bad() -> tuple[int, Any]:
+        return await _call("POST", f"{net.url}/api/v1/nodes/{U3}/power", OPERATOR,
+                           json={"action": "on"})
+
+    async def good() -> tuple[int, Any]:
+        return await _call("GET", f"{net.url}/health")
+
+    (st, body), (hst, _) = await asyncio.gather(bad(), good())
+    assert st == 502 and "password" in body["error"].lower() or "credential" in \
+        body["error"].lower(), body
+    assert hst == 200
+    st, body = await _call("POST", f"{net.url}/api/v1/nodes/{U3}/power", OPERATOR,
+                           json={"action": "on"})
+    assert "wrong-pw" not in json.dumps(body)
+    st, body = await _call("POST", f"{net.url}/api/v1/nodes/00000000-0000-4000-8000-00000000000f"
+                           "/power", OPERATOR, json={"action": "on"})
+    assert st == 404
+
+
+async def test_bulk_power_by_label_is_staggered_with_progress(
+        net: Served, sims: tuple[IpmiSim, IpmiSim]) -> None:
+    for uuid in (U1, U2):
+        st, _ = await _call("PATCH", f"{net.url}/api/v1/nodes/{uuid}", OPERATOR,
+                            json={"labels": {"rack": "r7"}})
+        assert st == 200
+    st, job = await _call("POST", f"{net.url}/api/v1/power", OPERATOR,
+                          json={"action": "on", "label": "rack=r7", "concurrency": 1})
+    assert st == 202 and job["total"] == 2
+    for _ in range(200):
+        st, job = await _call("GET", f"{net.url}/api/v1/power/jobs/{job['id']}")
+        if job["finished"]:
+            break
+        await asyncio.sleep(0.1)
+    assert job["done"] == 2 and job["failed"] == 0, job
+    assert [s.power() for s in sims] == ["1", "1"]
+
+
+INVENTORY: dict[str, Any] = {
+    "smbios": {"uuid": "", "serial": "SN-C1", "vendor": "QEMU", "product": "Blade",
+               "bios_version": "1.0"},
+    "cpu": {"model": "QEMU Virtual CPU", "count": 1}, "memory_bytes": 512 << 20, "disks": [],
+    "nics": [{"mac": "52:54:00:00:0c:01", "driver": "e1000", "link": True, "speed_mbps": 1000}],
+    "lldp": None, "bmc": None}
+
+
+async def _commissioning(net: Served, uuid: str, mac: str) -> str:
+    """Boot ``uuid`` into the commissioning profile through the real boot script; its
+    inventory URL."""
+    (net.services.store.server.machines_dir / f"{uuid}.yaml").write_text(
+        yaml.safe_dump({"mac": mac, "profile": "commission"}))
+    await eventually_async(lambda: net.services.store.reload() or
+                           net.booter.resolve(mac, uuid).profile is not None and
+                           net.booter.resolve(mac, uuid).profile.commission, "loaded")
+    st, script = await _call("GET", f"{net.url}/ipxe/node?uuid={uuid}&mac={mac}")
+    assert st == 200 and "netboot.inventory=" in script, script
+    assert net.registry.get(uuid).state == "commissioning"
+    return script.split("netboot.inventory=", 1)[1].split()[0].replace(
+        "http://127.0.0.1:8080", net.url)
+
+
+async def test_commissioning_reports_inventory_checks_the_bmc_and_is_ready(
+        net: Served) -> None:
+    uuid, mac = "4c4c4544-0042-3510-8052-b4c04f3840c1", "52:54:00:00:0c:01"
+    url = await _commissioning(net, uuid, mac)
+    inv = {**INVENTORY, "bmc": {"address": "127.0.0.1", "netmask": "255.0.0.0",
+                                "gateway": None, "mac": None, "source": "static"}}
+    st, text = await _call("POST", url + "&format=sh", json=inv)
+    assert st == 200 and text.splitlines() == ["NETBOOT_ACTION=poweroff"], text
+    node = net.registry.get(uuid)
+    assert node.state == "ready" and node.serial == "SN-C1"
+    bmc = net.registry.bmc(uuid)
+    assert bmc.source == "commissioning" and bmc.address == "127.0.0.1"
+    st, got = await _call("GET", f"{net.url}/api/v1/nodes/{uuid}/inventory")
+    assert st == 200 and got["inventory"]["memory_bytes"] == 512 << 20
+    # a BMC nothing answers for out of band: the OS waits, the node stays commissioning
+    uuid2, mac2 = "4c4c4544-0042-3510-8052-b4c04f3840c2", "52:54:00:00:0c:02"
+    url2 = await _commissioning(net, uuid2, mac2)
+    inv2 = {**inv, "bmc": {**inv["bmc"], "address": "127.0.0.2"}}
+    st, body = await _call("POST", url2, json=inv2)
+    assert st == 200 and body["action"] == "wait" and "not reachable" in body["note"], body
+    assert net.registry.get(uuid2).state == "commissioning"
+
+
+async def test_commissioning_hands_out_a_bmc_address_from_the_pool(
+        tmp_path: Path, sims: tuple[IpmiSim, IpmiSim]) -> None:
+    a, _ = sims
+    root = tmp_path / "config"
+    config = write_config(root, tmp_path / "data", {"commission": {
+        "kernel": "k", "commission": True,
+        "cmdline": "netboot.inventory={{ node_urls.inventory }}"}},
+        default_profile="commission",
+        bmc={"addresses": ["127.0.0.1"], "netmask": "255.0.0.0", "timeout": 5,
+             "credentials": {"username": "admin", "password": PW, "port": a.port}})
+    async with serving(config) as net:
+        uuid, mac = "4c4c4544-0042-3510-8052-b4c04f3840c3", "52:54:00:00:0c:03"
+        st, script = await _call("GET", f"{net.url}/ipxe/node?uuid={uuid}&mac={mac}")
+        url = script.split("netboot.inventory=", 1)[1].split()[0].replace(
+            "http://127.0.0.1:8080", net.url)
+        st, text = await _call("POST", url + "&format=sh", json={
+            **INVENTORY, "bmc": {"address": "10.9.9.9", "netmask": None, "gateway": None,
+                                 "mac": None, "source": "dhcp"}})
+        assert text.splitlines() == ["NETBOOT_ACTION=set-bmc", "NETBOOT_BMC_ADDRESS=127.0.0.1",
+                                     "NETBOOT_BMC_NETMASK=255.0.0.0"], text
+        assert net.registry.get(uuid).state == "commissioning"
+        st, text = await _call("POST", url + "&format=sh", json={  # the OS set it in-band
+            **INVENTORY, "bmc": {"address": "127.0.0.1", "netmask": "255.0.0.0",
+                                 "gateway": None, "mac": None, "source": "static"}})
+        assert text.splitlines() == ["NETBOOT_ACTION=poweroff"], text
+        assert net.registry.get(uuid).state == "ready"
+
+
+async def test_deploy_assigns_powers_on_into_the_profile(net: Served,
+                                                          sims: tuple[IpmiSim, IpmiSim]) -> None:
+    a, _ = sims
+    st, node = await _call("POST", f"{net.url}/api/v1/nodes/{U1}/deploy", OPERATOR,
+                           json={"profile": "nope"})
+    assert st == 400 and "default" in node["error"]
+    st, node = await _call("POST", f"{net.url}/api/v1/nodes/{U1}/deploy", OPERATOR,
+                           json={"profile": "default"})
+    assert st == 200 and node["assigned_profile"] == "default" and node["armed"]
+    assert a.power() == "1" and a.boot() == "pxe"
+    # the Booter now boots it into that profile
+    d = net.booter.decide("52:54:00:00:0b:01", U1)
+    assert d.profile == "default"
+
+
+def test_zz_no_bmc_password_in_any_log_record(logs: _Keep) -> None:
+    text = "\n".join(logs.text)
+    assert text, "nothing was logged"
+    assert PW not in text and "wrong-pw" not in text
