@@ -244,6 +244,13 @@ def bundle_ipmitool(root: Path) -> None:
     (root / "usr/bin").mkdir(parents=True, exist_ok=True)
     if Path(ipmitool) != Path("/usr/bin/ipmitool"):
         shutil.move(root / ipmitool.lstrip("/"), root / "usr/bin/ipmitool")
+    # ipmitool opens IANA's enterprise numbers (4.7 MB) on every call and complains on
+    # stderr without it: its header and first entry are enough to open and parse.
+    pen = Path("/usr/share/misc/enterprise-numbers.txt")
+    dest = root / pen.relative_to("/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    head = pen.read_text(errors="replace").splitlines()[:20] if pen.exists() else []
+    dest.write_text("\n".join(head) + "\n")
 
 
 def build(out: Path) -> None:
