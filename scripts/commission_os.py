@@ -37,31 +37,9 @@ COMMISSION_DRIVERS = (*DRIVERS, "virtio_blk", "nvme", "ahci", "sd_mod",
 ROUNDS = 20
 """How many times the OS posts its inventory before it gives up and powers off."""
 
-INIT = r"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin:/usr/bin
-mkdir -p /proc /sys /dev /tmp
-mount -t proc proc /proc
-mount -t sysfs sysfs /sys
-mount -t devtmpfs devtmpfs /dev
+SHELL_FUNCS = r"""T=${T:-/tmp}  # scratch files
 
-say() { echo "NETBOOT-COMMISSION $*"; }
-off() { sync; poweroff -f; sleep 30; }
-fail() { say "FAILED: $*"; say "powering off"; off; }
-
-say "START"
-for m in $(cat /lib/modules.order); do insmod "/lib/$m" 2>/dev/null; done
-
-URL=""
-for arg in $(cat /proc/cmdline); do
-  case "$arg" in netboot.inventory=*) URL="${arg#netboot.inventory=}" ;; esac
-done
-[ -n "$URL" ] || fail "no netboot.inventory= on the kernel command line"
-case "$URL" in http://*) ;; *) fail "netboot.inventory is not an http:// URL" ;; esac
-# the URL carries the node's token: print it without its query
-say "inventory URL ${URL%%\?*}"
-
-# -- JSON, safely: strings escaped, control and non-ASCII bytes dropped -----------
+# -- JSON, safely: strings escaped, control and non-ASCII bytes dropped
 jstr() {  # a JSON string, or null if empty
   if [ -z "$1" ]; then printf null; return; fi
   printf '"%s"' "$(printf '%s' "$1" | tr '\t\n\r' '   ' | tr -d '\000-\037\177-\377' \
@@ -72,33 +50,19 @@ jint() {  # a JSON integer, or null
 }
 rd() { [ -r "$1" ] && head -n 1 "$1" 2>/dev/null | sed 's/ *$//'; }
 
-# -- network -------------------------------------------------------------------------
-i=0
-while [ ! -e /dev/ipmi0 ] && [ $i -lt 5 ]; do sleep 1; i=$((i + 1)); done
-ip link set lo up
-IF=""
-for n in $(ls /sys/class/net); do
-  [ "$n" = lo ] && continue
-  [ -e "/sys/class/net/$n/device" ] || continue
-  ip link set "$n" up
-  if udhcpc -i "$n" -s /bin/udhcpc.script -q -n -t 10 -T 2 >/dev/null 2>&1; then IF=$n; break; fi
-done
-[ -n "$IF" ] || fail "no address from DHCP on any NIC"
-say "address $(ip -4 -o addr show dev "$IF" | awk '{print $4}') on $IF"
-
 # -- inventory -----------------------------------------------------------------------
-lan_get() {  # the value of one 'Key : value' line of /tmp/lan
+lan_get() {  # the value of one 'Key : value' line of "$T/lan"
   awk -v k="$1" '{ i = index($0, ":"); if (i == 0) next
     key = substr($0, 1, i - 1); sub(/ +$/, "", key)
     if (key == k) { v = substr($0, i + 1); sub(/^ +/, "", v); sub(/ +$/, "", v)
-                    print v; exit } }' /tmp/lan
+                    print v; exit } }' "$T/lan"
 }
 nz() { case "$1" in 0.0.0.0|00:00:00:00:00:00) ;; *) printf '%s' "$1" ;; esac; }
 
 bmc_json() {
   if [ ! -e /dev/ipmi0 ]; then printf null; return; fi
-  if ! ipmitool -I open lan print 1 > /tmp/lan 2> /tmp/lan.err; then
-    say "ipmitool lan print 1 failed: $(head -n 1 /tmp/lan.err)" >&2
+  if ! ipmitool -I open lan print 1 > $T/lan 2> $T/lan.err; then
+    say "ipmitool lan print 1 failed: $(head -n 1 $T/lan.err)" >&2
     printf null; return
   fi
   addr=$(lan_get "IP Address")
@@ -172,18 +136,59 @@ read_answer() {
       ''|\#*) ;;
       *) say "ignored answer line: $(printf '%s' "$line" | cut -c 1-60 | tr -cd ' -~')" ;;
     esac
-  done < /tmp/answer
+  done < $T/answer
 }
+"""
+"""Shell functions of the init with no side effects but files in $T: tested on
+the host by tests/test_commission_os.py."""
+
+INIT = (r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/usr/bin
+mkdir -p /proc /sys /dev /tmp
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+
+say() { echo "NETBOOT-COMMISSION $*"; }
+off() { sync; poweroff -f; sleep 30; }
+fail() { say "FAILED: $*"; say "powering off"; off; }
+""" + SHELL_FUNCS + r"""
+say "START"
+for m in $(cat /lib/modules.order); do insmod "/lib/$m" 2>/dev/null; done
+
+URL=""
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in netboot.inventory=*) URL="${arg#netboot.inventory=}" ;; esac
+done
+[ -n "$URL" ] || fail "no netboot.inventory= on the kernel command line"
+case "$URL" in http://*) ;; *) fail "netboot.inventory is not an http:// URL" ;; esac
+# the URL carries the node's token: print it without its query
+say "inventory URL ${URL%%\?*}"
+
+# -- network -------------------------------------------------------------------------
+i=0
+while [ ! -e /dev/ipmi0 ] && [ $i -lt 5 ]; do sleep 1; i=$((i + 1)); done
+ip link set lo up
+IF=""
+for n in $(ls /sys/class/net); do
+  [ "$n" = lo ] && continue
+  [ -e "/sys/class/net/$n/device" ] || continue
+  ip link set "$n" up
+  if udhcpc -i "$n" -s /bin/udhcpc.script -q -n -t 10 -T 2 >/dev/null 2>&1; then IF=$n; break; fi
+done
+[ -n "$IF" ] || fail "no address from DHCP on any NIC"
+say "address $(ip -4 -o addr show dev "$IF" | awk '{print $4}') on $IF"
 
 post() {
-  inventory > /tmp/inventory.json
-  say "inventory $(tr -d '\n' < /tmp/inventory.json)"
+  inventory > $T/inventory.json
+  say "inventory $(tr -d '\n' < $T/inventory.json)"
   tries=0
-  while ! wget -q -O /tmp/answer --header 'Content-Type: application/json' \
-          --post-file /tmp/inventory.json "$URL&format=sh" 2> /tmp/wget.err; do
+  while ! wget -q -O $T/answer --header 'Content-Type: application/json' \
+          --post-file $T/inventory.json "$URL&format=sh" 2> $T/wget.err; do
     tries=$((tries + 1))
     [ $tries -ge 3 ] && return 1
-    say "POST failed ($(head -n 1 /tmp/wget.err)); retrying"
+    say "POST failed ($(head -n 1 $T/wget.err)); retrying"
     sleep 2
   done
 }
@@ -204,7 +209,7 @@ set_bmc() {
 round=1
 while [ $round -le __ROUNDS__ ]; do
   say "round $round: posting the inventory"
-  post || fail "could not POST the inventory: $(head -n 1 /tmp/wget.err)"
+  post || fail "could not POST the inventory: $(head -n 1 $T/wget.err)"
   read_answer
   say "answer: ${ACTION:-none}"
   case "$ACTION" in
@@ -216,7 +221,7 @@ while [ $round -le __ROUNDS__ ]; do
   round=$((round + 1))
 done
 fail "no poweroff after __ROUNDS__ rounds"
-""".replace("__ROUNDS__", str(ROUNDS))
+""").replace("__ROUNDS__", str(ROUNDS))
 
 
 def bundle_ipmitool(root: Path) -> None:
