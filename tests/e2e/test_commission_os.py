@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.bmc_lab import bmc_lab_up
-from tests.e2e.conftest import build_demo_os
+from tests.bmc_lab import BmcLab, bmc_lab_up
+from tests.e2e.conftest import build_demo_os, write_lab_config
 from tests.lab import REPO, Lab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -141,3 +141,23 @@ def test_commissioning_sets_the_bmc_in_band_and_powers_off(tmp_path: Path) -> No
         ours = [line for line in console.splitlines() if "NETBOOT-COMMISSION" in line]
         assert ours and not any(token in line for line in ours)
         assert "IANA PEN registry open failed" not in console
+
+
+def test_bmc_lab_guest_pxe_boots_through_netboot(bmc_lab: BmcLab, tmp_path: Path) -> None:
+    """What the full commissioning e2e stands on: the BMC-backed guest, powered on over
+    IPMI with bootdev pxe, PXE-boots from netboot's ProxyDHCP on the lab bridge."""
+    images = build_demo_os()
+    lab, g = bmc_lab.lab, bmc_lab.guest
+    lab.start_netboot(write_lab_config(tmp_path / "netboot", images))
+    g.ipmitool("chassis", "bootdev", "pxe")
+    t0 = time.monotonic()
+    g.ipmitool("power", "on")
+    console = g.wait_console("NETBOOT-TESTOS-DONE", timeout=300)
+    assert g.wait_off(30), console[-3000:]
+    print(f"bmc lab: power on to power off through PXE {time.monotonic() - t0:.1f} s")
+    assert "NETBOOT-TESTOS callback ok" in console, console[-3000:]
+    assert f"identity uuid={g.uuid} mac={g.mac}" in console
+    assert "netboot.profile=default" in console  # the kernel netboot's iPXE script named
+    assert [b["boot"] for b in g.boots()] == ["pxe"]
+    assert "-boot" in g.boots()[0]["argv"] and "order=n" in g.boots()[0]["argv"]
+    assert g.power_status() == "off"
