@@ -161,3 +161,20 @@ def test_bmc_lab_guest_pxe_boots_through_netboot(bmc_lab: BmcLab, tmp_path: Path
     assert [b["boot"] for b in g.boots()] == ["pxe"]
     assert "-boot" in g.boots()[0]["argv"] and "order=n" in g.boots()[0]["argv"]
     assert g.power_status() == "off"
+
+
+def test_commissioning_without_a_server_says_why_and_powers_off(tmp_path: Path) -> None:
+    """Nothing answers the inventory URL: the guest prints why and powers off (a stuck
+    node shows as stuck on the server; the guest never spins)."""
+    images = build_demo_os()
+    boot_addr = Lab(tmp_path).boot_addr
+    url = f"http://{boot_addr}:8080/api/v1/nodes/x/inventory?token=t"
+    with bmc_lab_up(tmp_path, direct=(images / "demo/vmlinuz", build_commission_os(),
+                                      f"console=ttyS0 panic=-1 netboot.inventory={url}")) as bl:
+        g = bl.guest
+        g.ipmitool("power", "on")
+        console = g.wait_console("NETBOOT-COMMISSION powering off", timeout=300)
+        assert g.wait_off(30), console[-3000:]
+        assert "NETBOOT-COMMISSION FAILED: could not POST the inventory" in console
+        assert "NETBOOT-COMMISSION-DONE" not in console
+        assert g.power_status() == "off"
