@@ -25,7 +25,10 @@ deps-test:
 images/demo/vmlinuz images/demo/initrd.cpio.gz: scripts/demo_os.py
 	$(PY) scripts/demo_os.py images/demo
 
-images: deps images/demo/vmlinuz
+images/commission/initrd.cpio.gz: scripts/commission_os.py scripts/demo_os.py
+	$(PY) scripts/commission_os.py images/commission
+
+images: deps images/demo/vmlinuz images/commission/initrd.cpio.gz
 
 check: deps images
 	.venv/bin/netboot check --config $(CONFIG)
@@ -56,4 +59,4 @@ demo-down:
 	$(PY) scripts/demo.py down
 
 clean:
-	rm -rf .venv data images/demo .pytest_cache
+	rm -rf .venv data images/demo images/commission .pytest_cache

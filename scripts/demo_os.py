@@ -84,8 +84,9 @@ esac
 DRIVERS = ("e1000", "virtio_pci", "virtio_net")
 
 
-def find_kernel() -> tuple[Path, list[Path]]:
-    """The newest installed kernel and its NIC modules in load order (deps first)."""
+def find_kernel(drivers: tuple[str, ...] = DRIVERS) -> tuple[Path, list[Path]]:
+    """The newest installed kernel and the modules ``drivers`` name, in load order
+    (each one's dependencies from modules.dep first)."""
     kernels = sorted(glob.glob("/boot/vmlinuz-*"))
     if not kernels:
         sys.exit("demo_os: no /boot/vmlinuz-*; install it with: apt-get install linux-image-amd64")
@@ -107,53 +108,73 @@ def find_kernel() -> tuple[Path, list[Path]]:
         if rel not in order:
             order.append(rel)
 
-    for driver in DRIVERS:
+    for driver in drivers:
         if driver in by_name:
             visit(by_name[driver])
     if not order:
-        sys.exit(f"demo_os: none of {DRIVERS} found under {moddir}")
+        sys.exit(f"demo_os: none of {drivers} found under {moddir}")
     return kernel, [moddir / rel for rel in order]
 
 
-def build(out: Path) -> None:
+def find_busybox() -> str:
     busybox = shutil.which("busybox") or "/bin/busybox"
     if not Path(busybox).exists():
         sys.exit("demo_os: no busybox; install it with: apt-get install busybox-static")
+    return busybox
+
+
+def new_root(root: Path, busybox: str, modules: list[Path], init: str) -> None:
+    """The initramfs tree under ``root``: busybox, ``init``, the udhcpc script and the
+    modules (decompressed) in /lib with their load order in /lib/modules.order."""
+    for d in ("bin", "lib", "proc", "sys", "dev", "tmp", "etc"):
+        (root / d).mkdir()
+    shutil.copy(busybox, root / "bin/busybox")
+    names_in_order = []
+    for module in modules:
+        ko = module.read_bytes()
+        if module.suffix == ".xz":
+            import lzma
+
+            ko = lzma.decompress(ko)
+        name = module.name.split(".ko")[0] + ".ko"
+        (root / "lib" / name).write_bytes(ko)
+        names_in_order.append(name)
+    (root / "lib/modules.order").write_text("\n".join(names_in_order) + "\n")
+    (root / "init").write_text(init)
+    (root / "bin/udhcpc.script").write_text(UDHCPC)
+    for f in ("init", "bin/udhcpc.script", "bin/busybox"):
+        os.chmod(root / f, 0o755)
+
+
+def pack(root: Path, archive: Path) -> None:
+    """``root`` as a gzip'd newc cpio archive (reproducible: no mtimes)."""
+    names = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
+    data = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "--reproducible"],
+                          cwd=root, input=names, check=True, capture_output=True).stdout
+    archive.write_bytes(gzip.compress(data, mtime=0))
+
+
+def build(out: Path) -> None:
+    busybox = find_busybox()
     kernel, modules = find_kernel()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        for d in ("bin", "lib", "proc", "sys", "dev", "tmp", "etc"):
-            (root / d).mkdir()
-        shutil.copy(busybox, root / "bin/busybox")
-        names_in_order = []
-        for module in modules:
-            ko = module.read_bytes()
-            if module.suffix == ".xz":
-                import lzma
-
-                ko = lzma.decompress(ko)
-            name = module.name.split(".ko")[0] + ".ko"
-            (root / "lib" / name).write_bytes(ko)
-            names_in_order.append(name)
-        (root / "lib/modules.order").write_text("\n".join(names_in_order) + "\n")
-        (root / "init").write_text(INIT)
-        (root / "bin/udhcpc.script").write_text(UDHCPC)
-        for f in ("init", "bin/udhcpc.script", "bin/busybox"):
-            os.chmod(root / f, 0o755)
-        names = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
-        archive = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet", "--reproducible"],
-                                 cwd=root, input=names, check=True, capture_output=True).stdout
-    (out / "initrd.cpio.gz").write_bytes(gzip.compress(archive, mtime=0))
+        new_root(Path(tmp), busybox, modules, INIT)
+        pack(Path(tmp), out / "initrd.cpio.gz")
     shutil.copy(kernel, out / "vmlinuz")
     print(f"demo OS: {out}/vmlinuz ({kernel.name}) and {out}/initrd.cpio.gz")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+def cli(build_into, default: Path, doc: str | None) -> None:
+    """``script.py [OUT]``: build into OUT (default ``default``)."""
+    parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("out", type=Path, nargs="?", default=Path("images/demo"))
-    build(parser.parse_args().out)
+    parser.add_argument("out", type=Path, nargs="?", default=default)
+    build_into(parser.parse_args().out)
+
+
+def main() -> None:
+    cli(build, Path("images/demo"), __doc__)
 
 
 if __name__ == "__main__":

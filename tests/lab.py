@@ -54,6 +54,12 @@ def can_run_lab() -> str | None:
     return None
 
 
+def smbios_args(uuid: str, serial: str, vendor: str, product: str) -> list[str]:
+    """The SMBIOS system identity QEMU gives a guest (dmidecode, iPXE's ${uuid})."""
+    return ["-smbios", f"type=1,uuid={uuid},serial={serial},manufacturer={vendor},"
+            f"product={product}"]
+
+
 @dataclass
 class Guest:
     name: str
@@ -185,32 +191,42 @@ class Lab:
         ``nic_rom=False`` drops the NIC's iPXE option ROM, so OVMF boots with its
         own EDK2 PXE client (over its built-in virtio-net driver) instead of iPXE.
         """
+        idx, tap, mac = self.new_tap(mac)
+        uuid = uuid or str(uuidlib.uuid4())
+        g = Guest(f"g{idx}", mac, uuid, serial, firmware, self.workdir / f"guest{idx}.log")
+        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-smp", "1",
+               *smbios_args(uuid, serial, vendor, product),
+               "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
+               "-device", f"{nic},netdev=n0,mac={mac}" + ("" if nic_rom else ",romfile="),
+               "-boot", "n", "-serial", f"file:{g.log}", "-display", "none",
+               "-monitor", "none", "-no-reboot", *self.firmware_args(firmware, idx)]
+        g.proc = self.spawn(self.ns_lab, *cmd, log=self.workdir / f"qemu{idx}.log")
+        self.guests.append(g)
+        return g
+
+    def new_tap(self, mac: str | None = None) -> tuple[int, str, str]:
+        """A new tap device on br0 for a guest: (index, tap name, MAC: ``mac`` or one
+        made from this lab's tag and the index), its address reserved (reserve())."""
         idx = self.taps
         self.taps += 1
         tap = f"tap{idx}"
         self.ns(self.ns_lab, "ip", "tuntap", "add", "dev", tap, "mode", "tap")
         self.ns(self.ns_lab, "ip", "link", "set", tap, "master", "br0", "up")
         mac = mac or f"52:54:00:{int(self.tag[:2], 16):02x}:{idx // 256:02x}:{idx % 256:02x}"
-        uuid = uuid or str(uuidlib.uuid4())
         self.reserve(mac, idx)
-        g = Guest(f"g{idx}", mac, uuid, serial, firmware, self.workdir / f"guest{idx}.log")
-        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-smp", "1",
-               "-smbios", f"type=1,uuid={uuid},serial={serial},manufacturer={vendor},"
-               f"product={product}",
-               "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-               "-device", f"{nic},netdev=n0,mac={mac}" + ("" if nic_rom else ",romfile="),
-               "-boot", "n", "-serial", f"file:{g.log}", "-display", "none",
-               "-monitor", "none", "-no-reboot"]
+        return idx, tap, mac
+
+    def firmware_args(self, firmware: str, idx: int) -> list[str]:
+        """QEMU arguments for ``bios`` (SeaBIOS, its console mirrored to serial) or
+        ``uefi`` (OVMF with its own copy of the variable store)."""
         if firmware == "bios":  # SeaBIOS mirrors the BIOS console (and iPXE) to serial
-            cmd += ["-fw_cfg", "name=etc/sercon-port,string=1016"]
-        if firmware == "uefi":
-            vars_copy = self.workdir / f"OVMF_VARS{idx}.fd"
-            shutil.copy("/usr/share/OVMF/OVMF_VARS.fd", vars_copy)
-            cmd += ["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd",
-                    "-drive", f"if=pflash,format=raw,file={vars_copy}"]
-        g.proc = self.spawn(self.ns_lab, *cmd, log=self.workdir / f"qemu{idx}.log")
-        self.guests.append(g)
-        return g
+            return ["-fw_cfg", "name=etc/sercon-port,string=1016"]
+        if firmware != "uefi":
+            return []
+        vars_copy = self.workdir / f"OVMF_VARS{idx}.fd"
+        shutil.copy("/usr/share/OVMF/OVMF_VARS.fd", vars_copy)
+        return ["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd",
+                "-drive", f"if=pflash,format=raw,file={vars_copy}"]
 
     def wait_guest(self, g: Guest, marker: str = "NETBOOT-TESTOS-DONE",
                    timeout: float = 240) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.bmc_lab import bmc_lab  # noqa: F401  (a fixture: a guest behind a real BMC)
 from tests.lab import REPO, Lab, can_run_lab
 
 
