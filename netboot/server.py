@@ -112,7 +112,9 @@ class Services:
             self.tasks += [
                 asyncio.create_task(self._enroll(), name="bmc-enroll"),
                 asyncio.create_task(self.power.poll_forever(
-                    bmcs.targets, self.store.server.bmc.poll_interval), name="bmc-poll")]
+                    bmcs.targets, self.store.server.bmc.poll_interval,
+                    on_round=lambda n, polled: self.http.events.on_power(
+                        self.power.statuses() if self.power else {})), name="bmc-poll")]
 
     async def _enroll(self, every: float = 1.0) -> None:
         """Machine files' BMCs into the registry, at start and after each config reload."""
@@ -180,6 +182,7 @@ def build(store: ConfigStore, address: str, *, registry: Registry | None, secret
     http_ctx = HttpContext(booter, lifecycle, counters, node_metrics, cfg.images_dir, loaders,
                            registry=registry, artifacts=artifacts,
                            tokens=tokens if tokens is not None else TokenTable())
+    lifecycle.subscribe(http_ctx.events.on_lifecycle)
     router = TftpRouter(booter, lifecycle, counters, RootResolver([cfg.images_dir]), loaders)
     return Services(store, counters, booter, lifecycle, artifacts, http_ctx, router,
                     registry=registry, hooks=hooks, power=power)

@@ -201,7 +201,8 @@ def start_bmc_guest(lab: Lab, *, mac: str | None = None, uuid: str | None = None
                     serial: str = "SN-BMC-1", vendor: str = "NetbootLab",
                     product: str = "BmcBlade", memory_mb: int = 512, firmware: str = "bios",
                     direct: tuple[Path, Path, str] | None = None, disk_mb: int = 64,
-                    listen: str = "any", bmc_port: int = 623) -> BmcGuest:
+                    listen: str = "any", bmc_port: int = 623,
+                    password: str = PASSWORD) -> BmcGuest:
     """A guest on ``lab``'s bridge, powered off, behind its own ipmi_sim.
 
     Powered on (over IPMI) it PXE-boots from the bridge when the boot device was set
@@ -268,11 +269,12 @@ set_working_mc 0x20
   endlan
   serial 15 127.0.0.1 {serial_port} codec VM
   chassis_control "{control} chassis {state}"
-  user 2 true "{USERNAME}" "{PASSWORD}" admin 10 {auths}
+  user 2 true "{USERNAME}" "{password}" admin 10 {auths}
 """)
     (state / "bmc.emu").write_text(EMU)
     (state / "sim").mkdir()
-    g = BmcGuest(lab, name, state, mac, uuid, serial, memory_mb, tap, bmc_addr, bmc_port)
+    g = BmcGuest(lab, name, state, mac, uuid, serial, memory_mb, tap, bmc_addr, bmc_port,
+                 password=password)
     g.sim = lab.spawn(lab.ns_lab, "ipmi_sim", "-c", str(state / "lan.conf"),
                       "-f", str(state / "bmc.emu"), "-s", str(state / "sim"), "-n",
                       log=state / "ipmi_sim.log")

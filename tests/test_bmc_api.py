@@ -283,3 +283,62 @@ def test_zz_no_bmc_password_in_any_log_record(logs: _Keep) -> None:
     text = "\n".join(logs.text)
     assert text, "nothing was logged"
     assert PW not in text and "wrong-pw" not in text
+
+
+def _click_power_on(url: str, token: str) -> dict[str, str]:
+    """Headless Chromium on the node page: set the operator token for the tab, click
+    'Power on', accept the confirm, and wait for the live power badge to say on."""
+    import shutil
+    import tempfile
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_dashboard import CHROMEDRIVER, CHROMIUM
+
+    profile = tempfile.mkdtemp(prefix="netboot-chromium-")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={profile}", "--window-size=1200,800"):
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
+    try:
+        driver.get(url)
+        badge = driver.find_element(By.CSS_SELECTOR, ".power-cell .power")
+        before = badge.text
+        driver.execute_script("sessionStorage.setItem('netboot-token', arguments[0])", token)
+        driver.find_element(By.CSS_SELECTOR, "button[data-power=on]").click()
+        WebDriverWait(driver, 10).until(ec.alert_is_present())
+        alert = driver.switch_to.alert
+        question = alert.text
+        alert.accept()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(
+            By.CSS_SELECTOR, ".power-cell .power").text == "power on")
+        return {"before": before, "question": question,
+                "result": driver.find_element(By.ID, "action-result").text}
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+async def test_dashboard_power_on_in_headless_chromium(net: Served,
+                                                       sims: tuple[IpmiSim, IpmiSim]) -> None:
+    import os
+
+    from tests.test_dashboard import CHROMEDRIVER, CHROMIUM
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        pytest.skip("needs apt-get install -y chromium chromium-driver")
+    pytest.importorskip("selenium", reason="pip install selenium (test extra)")
+    a, _ = sims
+    await eventually_async(lambda: net.lifecycle.last_power(U1) is not None, "polled")
+    got = await asyncio.to_thread(_click_power_on, f"{net.url}/nodes/{U1}", OPERATOR)
+    assert got["before"] == "power off" and "Power on" in got["question"], got
+    assert a.power() == "1"
+    rows = await net.registry.audit(target=U1)
+    assert (rows[0]["actor"], rows[0]["action"], rows[0]["result"]) == ("ops", "node_power", "ok")

@@ -67,7 +67,8 @@ async def test_index_html(populated: Served) -> None:
         assert f'id="node-{uuid}" data-state="{state}"' in html
     assert f'<tr id="node-{STUCK}" data-state="deploying"\n        class="stuck"' in html
     assert f'<tr id="node-{FRESH_DEPLOYING}" data-state="deploying"\n        class=""' in html
-    assert "disk /dev/sda not found" in html and 'http-equiv="refresh"' in html
+    assert "disk /dev/sda not found" in html and 'http-equiv="refresh"' in html  # noscript
+    assert '/static/live.js' in html
     st, html = await _get(populated.url + "/?state=error")
     assert html.count('<tr id="node-') == 1
     st, css = await _get(populated.url + "/static/style.css")

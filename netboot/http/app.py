@@ -16,14 +16,14 @@ from typing import Any
 
 from aiohttp import web
 
-from . import boot, dashboard, files, health, nodes, openapi, power, signed
+from . import boot, dashboard, events, files, health, nodes, openapi, power, signed
 from .context import CTX, HttpContext
 from .routes import Route, guard
 
 
 def all_routes() -> tuple[Route, ...]:
     return (*boot.ROUTES, *files.ROUTES, *signed.ROUTES, *nodes.ROUTES, *power.ROUTES,
-            *health.ROUTES, *openapi.ROUTES, *dashboard.ROUTES)
+            *health.ROUTES, *openapi.ROUTES, *dashboard.ROUTES, *events.ROUTES)
 
 
 @web.middleware

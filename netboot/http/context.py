@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from ..loaders import LoaderTable
     from ..metrics import Counters, NodeMetrics
     from ..storage.registry import Registry
+    from .events import EventHub
 
 
 @dataclass
@@ -32,9 +33,17 @@ class HttpContext:
     registry: Registry | None = None
     artifacts: Artifacts | None = None
     tokens: TokenTable = field(default_factory=TokenTable)
+    #: live updates for dashboards (Server-Sent Events)
+    events: EventHub = field(default_factory=lambda: _event_hub())
     #: bulk power jobs by id (the newest few, in memory)
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+
+
+def _event_hub() -> EventHub:
+    from .events import EventHub  # events.py imports the route table, which imports this
+
+    return EventHub()
 
 
 CTX = web.AppKey("netboot", HttpContext)

@@ -1,8 +1,10 @@
 """Server-rendered dashboard: what every node is doing, and which are stuck.
 
-Plain jinja2 templates and one stylesheet shipped as package data, a meta
-refresh instead of JavaScript: it must work from a crash-cart browser with
-nothing to build.
+Plain jinja2 templates, one stylesheet and one small script shipped as package
+data, nothing to build: it must work from a crash-cart browser. The script keeps
+rows live from ``/api/v1/events`` (Server-Sent Events) and runs the power and
+deploy buttons with an operator token it asks for once (kept for the tab only);
+without JavaScript the page refreshes itself every few seconds instead.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from aiohttp import web
 from ..storage.registry import STATES
 from ..util.text import human_duration
 from .context import HttpContext, ctx_of
+from .power import power_out
 from .routes import Route, path_uuid
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -60,7 +63,8 @@ async def dashboard_index(request: web.Request) -> web.Response:
     return _dashboard.render("index.html", nodes=nodes, counts=ctx.registry.counts_by_state(),
                              stuck={n.uuid for n in ctx.lifecycle.stuck()},
                              stuck_after=ctx.lifecycle.stuck_after, now=ctx.registry.now(),
-                             filter_state=state or "")
+                             filter_state=state or "",
+                             power={n.uuid: power_out(ctx, n.uuid) for n in nodes})
 
 
 async def dashboard_node(request: web.Request) -> web.Response:
@@ -71,9 +75,17 @@ async def dashboard_node(request: web.Request) -> web.Response:
     node = ctx.registry.get(uuid)
     if node is None:
         return _dashboard.render("missing.html", status=404, uuid=uuid)
-    return _dashboard.render("node.html", node=node, events=await ctx.registry.events(uuid),
-                             stuck=ctx.lifecycle.is_stuck(node), now=ctx.registry.now(),
-                             stuck_after=ctx.lifecycle.stuck_after)
+    inventory = await ctx.registry.inventory(uuid)
+    bmcs = ctx.lifecycle.bmcs
+    return _dashboard.render(
+        "node.html", node=node, events=await ctx.registry.events(uuid),
+        stuck=ctx.lifecycle.is_stuck(node), now=ctx.registry.now(),
+        stuck_after=ctx.lifecycle.stuck_after, power=power_out(ctx, uuid),
+        bmc=bmcs.describe(uuid) if bmcs is not None else None,
+        inventory=inventory[1] if inventory else None,
+        inventory_time=inventory[0] if inventory else None,
+        audit=await ctx.registry.audit(target=uuid, limit=50),
+        profiles=sorted(ctx.booter.config.snapshot.profiles))
 
 
 def add_static(app: web.Application) -> None:

@@ -99,6 +99,7 @@ async def node_power(request: web.Request) -> dict[str, Any]:
         status = await ctx.lifecycle.power_status(uuid)
     except BmcError as exc:
         raise error(web.HTTPBadGateway, str(exc)) from None
+    ctx.events.on_power({uuid: status})
     return {"uuid": uuid, "action": body.action, "boot": body.boot,
             "power": {"state": str(status.state), "checked": status.checked,
                       "reason": status.reason}}
