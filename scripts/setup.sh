@@ -11,7 +11,7 @@ what=${1:-test}
 RUN_PKGS=(ipxe pxelinux syslinux-common cpio busybox-static linux-image-amd64 iproute2 kmod gpgv)
 TEST_PKGS=("${RUN_PKGS[@]}" qemu-system-x86 ipxe-qemu ovmf dnsmasq-base tftp-hpa atftp curl
            ignition docker.io chromium chromium-driver prometheus iptables nftables gnupg gpgv
-           isc-dhcp-relay tcpdump)
+           isc-dhcp-relay tcpdump openipmi ipmitool)
 BENCH_PKGS=("${TEST_PKGS[@]}" tftpd-hpa nginx-light wrk kea-admin gcc)
 
 case "$what" in
