@@ -342,3 +342,49 @@ async def test_dashboard_power_on_in_headless_chromium(net: Served,
     assert a.power() == "1"
     rows = await net.registry.audit(target=U1)
     assert (rows[0]["actor"], rows[0]["action"], rows[0]["result"]) == ("ops", "node_power", "ok")
+
+
+async def test_redfish_bmc_driven_through_netboot(tmp_path: Path) -> None:
+    """The same operations against sushy-tools' emulator (fake driver), through the API."""
+    import sys
+
+    from tests.bmc_sim import SushyEmulator
+
+    rf_pw = "Rf-Api-Secret-31"
+    exe = Path(sys.executable).parent / "sushy-emulator"
+    if not exe.exists():
+        pytest.skip("pip install sushy-tools (test extra)")
+    emu = SushyEmulator(tmp_path / "rf", systems=2, username="admin", password=rf_pw).start(exe)
+    try:
+        system = emu.uuids[0]
+        root = tmp_path / "config"
+        config = write_config(root, tmp_path / "data", bmc={"poll_interval": 0.5, "timeout": 10})
+        (root / "machines" / "rf1.yaml").write_text(yaml.safe_dump({
+            "uuid": U1, "mac": "52:54:00:00:0d:01", "hostname": "rf1",
+            "bmc": {"driver": "redfish", "address": emu.url, "username": "admin",
+                    "password": rf_pw, "system": system}}))
+        async with serving(config, tokens=TOKENS) as net:
+            await eventually_async(lambda: net.registry.bmc(U1) is not None, "enrolled")
+            url = f"{net.url}/api/v1/nodes/{U1}/power"
+            st, body = await _call("POST", url, OPERATOR, json={"action": "on",
+                                                                "boot": "network"})
+            assert st == 200, body
+            assert emu.system_json(system)["Boot"]["BootSourceOverrideTarget"] == "Pxe"
+
+            async def state() -> str:  # the fake driver applies changes 1-11 s later
+                _, n = await _call("GET", f"{net.url}/api/v1/nodes/{U1}")
+                return n["power"]["state"]
+
+            for want, action in (("on", None), ("off", "off"), ("on", "cycle")):
+                if action:
+                    st, body = await _call("POST", url, OPERATOR, json={"action": action})
+                    assert st == 200, body
+                for _ in range(300):
+                    if await state() == want:
+                        break
+                    await asyncio.sleep(0.1)
+                assert await state() == want, (action, want)
+            st, body = await _call("GET", f"{net.url}/api/v1/nodes/{U1}")
+            assert rf_pw not in json.dumps(body)
+    finally:
+        emu.stop()
