@@ -388,3 +388,18 @@ async def test_redfish_bmc_driven_through_netboot(tmp_path: Path) -> None:
             assert rf_pw not in json.dumps(body)
     finally:
         emu.stop()
+
+
+async def test_a_node_without_a_bmc_is_a_conflict_and_deploy_changes_nothing(
+        net: Served) -> None:
+    from tests.nodes import observe
+
+    bare = "4c4c4544-0042-3510-8052-b4c04f38ee01"
+    await observe(net.registry, bare)
+    st, body = await _call("POST", f"{net.url}/api/v1/nodes/{bare}/power", OPERATOR,
+                           json={"action": "on"})
+    assert st == 409 and "no BMC" in body["error"] and "bmc:" in body["error"]
+    st, body = await _call("POST", f"{net.url}/api/v1/nodes/{bare}/deploy", OPERATOR,
+                           json={"profile": "default"})
+    assert st == 409
+    assert net.registry.get(bare).assigned_profile is None

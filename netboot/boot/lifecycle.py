@@ -301,6 +301,7 @@ class Lifecycle:
         reg = self._registry()
         if reg.get(uuid) is None:
             raise KeyError(uuid)
+        self._bmc(uuid)  # no BMC: say so before changing anything
         reg.patch(uuid, assign=profile, rearm=True, source=actor)
         await self._commit_now()
         state = await self.power_status(uuid)

@@ -83,6 +83,11 @@ def power_out(ctx: HttpContext, uuid: str) -> dict[str, Any]:
     return {"state": str(last.state), "checked": last.checked, "reason": last.reason}
 
 
+def _bmc_error(exc: BmcError) -> web.HTTPException:
+    """No BMC set up for the node: 409 (fix the config); the BMC failed: 502 (its answer)."""
+    return error(web.HTTPConflict if exc.kind == "config" else web.HTTPBadGateway, str(exc))
+
+
 def _known(ctx: HttpContext, uuid: str) -> None:
     assert ctx.registry is not None
     if ctx.registry.get(uuid) is None:
@@ -98,7 +103,7 @@ async def node_power(request: web.Request) -> dict[str, Any]:
         await ctx.lifecycle.power_action(uuid, body.action, body.boot)
         status = await ctx.lifecycle.power_status(uuid)
     except BmcError as exc:
-        raise error(web.HTTPBadGateway, str(exc)) from None
+        raise _bmc_error(exc) from None
     ctx.events.on_power({uuid: status})
     return {"uuid": uuid, "action": body.action, "boot": body.boot,
             "power": {"state": str(status.state), "checked": status.checked,
@@ -118,7 +123,7 @@ async def deploy(request: web.Request) -> dict[str, Any]:
     try:
         node = await ctx.lifecycle.deploy(uuid, body.profile, actor=caller_of(request).name)
     except BmcError as exc:
-        raise error(web.HTTPBadGateway, str(exc)) from None
+        raise _bmc_error(exc) from None
     return node_out(ctx, node)
 
 
