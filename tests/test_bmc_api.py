@@ -139,6 +139,10 @@ async def test_power_on_off_cycle_with_roles_and_audit(net: Served,
     st, body = await _call("POST", url, OPERATOR, json={"action": "on", "boot": "network"})
     assert st == 200 and body["power"]["state"] == "on", body
     assert a.power() == "1" and a.boot() == "pxe"
+    st, body = await _call("POST", url, OPERATOR, json={"action": "on", "boot": "disk",
+                                                        "persistent": True})
+    assert st == 200 and a.boot() == "default"  # ipmi_sim's name for the disk
+    assert any("set boot" in c for c in a.calls())
     st, body = await _call("POST", url, OPERATOR, json={"action": "cycle"})
     assert st == 200
     st, body = await _call("POST", url, OPERATOR, json={"action": "off"})
@@ -147,8 +151,9 @@ async def test_power_on_off_cycle_with_roles_and_audit(net: Served,
     assert st == 400
     st, audit = await _call("GET", f"{net.url}/api/v1/audit?node={U1}")
     rows = [(r["actor"], r["action"], r["result"]) for r in audit["audit"]]
-    assert rows[:4] == [("ops", "node_power", "400"), ("ops", "node_power", "ok"),
-                        ("ops", "node_power", "ok"), ("ops", "node_power", "ok")]
+    assert rows[:5] == [("ops", "node_power", "400"), ("ops", "node_power", "ok"),
+                        ("ops", "node_power", "ok"), ("ops", "node_power", "ok"),
+                        ("ops", "node_power", "ok")]
     assert ("wall", "node_power", "403") in rows
 
 

@@ -308,11 +308,13 @@ class Lifecycle:
         await self.power_action(uuid, "cycle" if state.state == "on" else "on", "network")
         return reg.get(uuid)  # type: ignore[return-value]
 
-    async def power_action(self, uuid: str, action: str, boot: str | None) -> None:
-        """Power ``action`` through the node's BMC (BmcError says why not)."""
+    async def power_action(self, uuid: str, action: str, boot: str | None, *,
+                           persistent: bool = False) -> None:
+        """Power ``action`` through the node's BMC, after setting its boot device (next
+        boot only, or every boot with ``persistent``); BmcError says why not."""
         cfg = self._bmc(uuid)
         assert self.power is not None
-        await self.power.act(uuid, cfg, action, boot)
+        await self.power.act(uuid, cfg, action, boot, persistent=persistent)
 
     async def power_status(self, uuid: str) -> PowerStatus:
         cfg = self._bmc(uuid)

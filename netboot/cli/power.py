@@ -28,7 +28,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     power.add_argument("--label", help="every node with this label (key=value)")
     power.add_argument("--state", help="every node in this lifecycle state")
     power.add_argument("--boot", choices=("network", "disk"),
-                       help="next boot device (once), set before powering")
+                       help="boot device, set before powering: the next boot only")
+    power.add_argument("--persistent", action="store_true",
+                       help="with --boot: every boot from now on, not just the next")
     power.add_argument("--concurrency", type=int, help="bulk: nodes at once "
                        "(default: the server's bmc.stagger_concurrency)")
     power.add_argument("--delay", type=float, help="bulk: seconds between starts "
@@ -52,7 +54,8 @@ def cmd_power(args: argparse.Namespace, out: TextIO) -> int:
     if len(args.nodes) == 1 and not args.label and not args.state:
         node = resolve_node(args, args.nodes[0])
         r = _request(args, "POST", f"/api/v1/nodes/{node['uuid']}/power",
-                     body={"action": args.action, "boot": args.boot})
+                     body={"action": args.action, "boot": args.boot,
+                           "persistent": args.persistent})
         print(f"{_name(node)}: {args.action} accepted; power {r['power']['state']}", file=out)
         return 0
     body: dict[str, Any] = {"action": args.action, "boot": args.boot,

@@ -26,7 +26,9 @@ class _Body(BaseModel):
 class PowerBody(_Body):
     action: Literal["on", "off", "soft", "cycle"]
     boot: Literal["network", "disk"] | None = Field(
-        None, description="next boot device, once, set before the action")
+        None, description="boot device, set before the action: the next boot only, or every "
+        "boot with persistent")
+    persistent: bool = False
 
 
 class BulkBody(PowerBody):
@@ -100,7 +102,8 @@ async def node_power(request: web.Request) -> dict[str, Any]:
     body: PowerBody = await read_body(request, PowerBody)
     _known(ctx, uuid)
     try:
-        await ctx.lifecycle.power_action(uuid, body.action, body.boot)
+        await ctx.lifecycle.power_action(uuid, body.action, body.boot,
+                                         persistent=body.persistent)
         status = await ctx.lifecycle.power_status(uuid)
     except BmcError as exc:
         raise _bmc_error(exc) from None
@@ -139,6 +142,9 @@ async def bulk_power(request: web.Request) -> web.Response:
     assert ctx.registry is not None
     if body.uuids is None and body.label is None and body.state is None:
         raise error(web.HTTPBadRequest, "say which nodes: uuids, label or state")
+    if body.persistent:
+        raise error(web.HTTPBadRequest, "a persistent boot device is set node by node "
+                    "(POST /api/v1/nodes/{uuid}/power); bulk sets the next boot only")
     if body.uuids is not None:
         uuids = [u for u in body.uuids if ctx.registry.get(u) is not None]
     else:

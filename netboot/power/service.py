@@ -139,11 +139,12 @@ class PowerService:
     # -- public API --------------------------------------------------------
 
     async def act(self, key: Key, cfg: BmcConfig, action: str,
-                  boot: BootDevice | str | None = None) -> None:
-        """Power `action` (on, off, soft, cycle), after setting the next boot
-        (once) to `boot` if given. Returns when the BMC accepted it, not when
-        the machine got there. Raises BmcError; waits at most `timeout` for a
-        busy BMC or worker, then at most `timeout` for the call."""
+                  boot: BootDevice | str | None = None, *, persistent: bool = False) -> None:
+        """Power `action` (on, off, soft, cycle), after setting the next boot to
+        `boot` if given (once, or every boot from now on with `persistent`).
+        Returns when the BMC accepted it, not when the machine got there.
+        Raises BmcError; waits at most `timeout` for a busy BMC or worker, then
+        at most `timeout` for the call."""
         if action not in ACTIONS:
             raise ValueError(f"power action must be one of {', '.join(ACTIONS)}, "
                              f"not {action!r}")
@@ -151,10 +152,11 @@ class PowerService:
 
         def job(d: PowerDriver) -> None:
             if dev is not None:
-                d.set_boot(dev, False)
+                d.set_boot(dev, persistent)
             getattr(d, action)()
 
-        what = f"power {action}" + (f" (next boot {dev})" if dev else "")
+        what = f"power {action}" + (f" ({'boot' if persistent else 'next boot'} {dev})"
+                                    if dev else "")
         log.info("%s: %s via %s", key, what, cfg.endpoint)
         await self._run(key, cfg, what, job)
 
