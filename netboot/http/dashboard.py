@@ -85,7 +85,9 @@ async def dashboard_node(request: web.Request) -> web.Response:
         inventory=inventory[1] if inventory else None,
         inventory_time=inventory[0] if inventory else None,
         audit=await ctx.registry.audit(target=uuid, limit=50),
-        profiles=sorted(ctx.booter.config.snapshot.profiles))
+        # what an operator deploys: ordinary profiles first, commissioning ones last
+        profiles=sorted(ctx.booter.config.snapshot.profiles.values(),
+                        key=lambda p: (p.commission, p.name)))
 
 
 def add_static(app: web.Application) -> None:
