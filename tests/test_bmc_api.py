@@ -408,3 +408,24 @@ async def test_a_node_without_a_bmc_is_a_conflict_and_deploy_changes_nothing(
                            json={"profile": "default"})
     assert st == 409
     assert net.registry.get(bare).assigned_profile is None
+
+
+async def test_two_nodes_commissioning_at_once_get_different_bmc_addresses(
+        tmp_path: Path, sims: tuple[IpmiSim, IpmiSim]) -> None:
+    a, _ = sims
+    config = write_config(tmp_path / "config", tmp_path / "data", {"commission": {
+        "kernel": "k", "commission": True,
+        "cmdline": "netboot.inventory={{ node_urls.inventory }}"}},
+        default_profile="commission",
+        bmc={"addresses": ["10.20.0.101", "10.20.0.102"], "netmask": "255.255.255.0",
+             "credentials": {"username": "admin", "password": PW, "port": a.port}})
+    async with serving(config) as net:
+        answers = []
+        for i in (1, 2):
+            uuid, mac = f"4c4c4544-0042-3510-8052-b4c04f3841{i:02d}", f"52:54:00:00:0e:0{i}"
+            st, script = await _call("GET", f"{net.url}/ipxe/node?uuid={uuid}&mac={mac}")
+            url = script.split("netboot.inventory=", 1)[1].split()[0].replace(
+                "http://127.0.0.1:8080", net.url)
+            st, body = await _call("POST", url, json={**INVENTORY, "bmc": None})
+            answers.append((body["action"], body["bmc_address"]))
+        assert answers == [("set-bmc", "10.20.0.101"), ("set-bmc", "10.20.0.102")]

@@ -274,6 +274,8 @@ class Lifecycle:
             return Commissioning("poweroff", note="no free BMC address: bmc.addresses is "
                                  "used up")
         if seen != wanted:
+            # recorded now, so two nodes commissioning at once are never told the same one
+            self.bmcs.learn(uuid, wanted)
             return Commissioning("set-bmc", wanted, settings.netmask, settings.gateway)
         cfg = self.bmcs.learn(uuid, wanted)
         if cfg is None:
