@@ -95,7 +95,8 @@ class ApiSettings(_Strict):
     tokens: list[ApiToken] = Field(default_factory=list)
     open_reads: bool = Field(True, description="reads (nodes, dashboard) need no token; "
                              "false: a viewer token or above")
-    secret: str | None = Field(None, description="HMAC key for node tokens and signed URLs; "
+    secret: str | None = Field(None, repr=False,
+                               description="HMAC key for node tokens and signed URLs; "
                                "generated into data_dir/secret when unset")
     stuck_after: float = Field(1800, gt=0, description="seconds in 'deploying' before 'stuck'")
     webhooks: list[WebhookSettings] = Field(default_factory=list)

@@ -68,8 +68,22 @@ def _machine(root: Path, name: str, uuid: str, mac: str, sim: IpmiSim, *,
     (root / "machines" / f"{name}.yaml").write_text(yaml.safe_dump(body))
 
 
+@pytest.fixture(scope="module")
+def bad_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IpmiSim]:
+    """A BMC of its own for the node with the wrong password: pyghmi hangs a login with
+    other credentials while another session to the same BMC is live (docs/bmc.md),
+    which one real machine per BMC never meets."""
+    sim = IpmiSim(tmp_path_factory.mktemp("badbmc"), name="bmcc", username="admin",
+                  password=PW)
+    try:
+        yield sim.start()
+    finally:
+        sim.stop()
+
+
 @pytest.fixture
-async def net(tmp_path: Path, sims: tuple[IpmiSim, IpmiSim]) -> AsyncIterator[Served]:
+async def net(tmp_path: Path, sims: tuple[IpmiSim, IpmiSim],
+              bad_sim: IpmiSim) -> AsyncIterator[Served]:
     a, b = sims
     for sim in sims:
         sim.set_power("0")
@@ -85,7 +99,7 @@ async def net(tmp_path: Path, sims: tuple[IpmiSim, IpmiSim]) -> AsyncIterator[Se
                                "stagger_delay": 0.05})
     _machine(root, "blade1", U1, "52:54:00:00:0b:01", a)
     _machine(root, "blade2", U2, "52:54:00:00:0b:02", b)
-    _machine(root, "badpw", U3, "52:54:00:00:0b:03", b, password="wrong-pw")
+    _machine(root, "badpw", U3, "52:54:00:00:0b:03", bad_sim, password="wrong-pw")
     async with serving(config, tokens=TOKENS, admin_token=ADMIN) as served:
         await eventually_async(lambda: served.registry.bmc(U1) is not None, "enrolled")
         yield served
@@ -191,7 +205,7 @@ async def test_bulk_power_by_label_is_staggered_with_progress(
         if job["finished"]:
             break
         await asyncio.sleep(0.1)
-    assert job["done"] == 2 and job["failed"] == 0, job
+    assert job["done"] == 2 and job["failed"] == 0, job["items"]
     assert [s.power() for s in sims] == ["1", "1"]
 
 
@@ -429,3 +443,75 @@ async def test_two_nodes_commissioning_at_once_get_different_bmc_addresses(
             st, body = await _call("POST", url, json={**INVENTORY, "bmc": None})
             answers.append((body["action"], body["bmc_address"]))
         assert answers == [("set-bmc", "10.20.0.101"), ("set-bmc", "10.20.0.102")]
+
+
+async def test_inventory_only_from_a_commissioning_node_and_checked(net: Served) -> None:
+    """A node token alone must not steer a BMC record: only a node netboot is
+    commissioning may report, its BMC address must be an IPv4 address, and a partial
+    inventory still renders on the dashboard."""
+    tok = net.registry.node_token(U1)  # blade1: known (machine file), not commissioning
+    url = f"{net.url}/api/v1/nodes/{U1}/inventory?token={tok}"
+    evil = {**INVENTORY, "bmc": {"address": "10.0.0.66"}}
+    st, body = await _call("POST", url, json=evil)
+    assert st == 409 and "not commissioning" in body["error"]
+    assert net.registry.bmc(U1).address == "127.0.0.1"  # untouched
+    uuid, mac = "4c4c4544-0042-3510-8052-b4c04f3840d1", "52:54:00:00:0d:11"
+    url = await _commissioning(net, uuid, mac)
+    for bad in ({"bmc": {"address": "http://10.0.0.66:8000"}}, {"bmc": {"address": ["x"]}},
+                {"smbios": {"serial": {"a": 1}}}):
+        st, body = await _call("POST", url, json={**INVENTORY, **bad})
+        assert st == 400, (bad, body)
+    st, text = await _call("POST", url + "&format=sh", json={"disks": [{"name": "sda"}],
+                                                             "nics": [{"mac": mac}]})
+    assert st == 200
+    st, html = await _call("GET", f"{net.url}/nodes/{uuid}")
+    assert st == 200 and "sda" in html
+
+
+async def test_deploy_refuses_when_the_power_state_is_unknown(net: Served) -> None:
+    st, body = await _call("POST", f"{net.url}/api/v1/nodes/{U3}/deploy", OPERATOR,
+                           json={"profile": "default"})
+    assert st == 502 and "cannot tell whether" in body["error"], body
+    assert net.registry.get(U3).assigned_profile is None
+
+
+async def test_bulk_normalises_and_deduplicates_uuids(net: Served,
+                                                      sims: tuple[IpmiSim, IpmiSim]) -> None:
+    st, job = await _call("POST", f"{net.url}/api/v1/power", OPERATOR,
+                          json={"action": "on", "uuids": [U1.upper(), U1, U2]})
+    assert st == 202 and job["total"] == 2
+    for _ in range(200):
+        st, job = await _call("GET", f"{net.url}/api/v1/power/jobs/{job['id']}")
+        if job["finished"]:
+            break
+        await asyncio.sleep(0.1)
+    assert job["failed"] == 0 and [s.power() for s in sims] == ["1", "1"], job["items"]
+    st, body = await _call("POST", f"{net.url}/api/v1/power", OPERATOR,
+                           json={"action": "on", "uuids": ["nope"]})
+    assert st == 400
+
+
+async def test_put_bmc_refuses_what_could_never_log_in(net: Served) -> None:
+    url = f"{net.url}/api/v1/nodes/{U1}/bmc"
+    st, body = await _call("PUT", url, ADMIN, json={"driver": "ipmi", "address": "10.0.0.5",
+                                                    "username": "admin", "password": "x" * 21})
+    assert st == 400 and "20 bytes" in body["error"]
+    st, body = await _call("PUT", url, ADMIN, json={"driver": "ipmi", "address": "10.0.0.5",
+                                                    "username": "admin"})
+    assert st == 400 and "password" in body["error"]
+    st, body = await _call("PUT", url, OPERATOR, json={"driver": "ipmi", "address": "10.0.0.5",
+                                                       "username": "admin", "password": "p"})
+    assert st == 403
+    st, body = await _call("PUT", url, ADMIN, json={"driver": "redfish",
+                                                    "address": "https://10.0.0.5",
+                                                    "username": "admin", "password": "p",
+                                                    "verify_tls": True})
+    assert st == 200 and body["bmc"]["source"] == "api"
+    cfg = net.lifecycle.bmcs.config_for(U1)
+    assert cfg.verify_tls is True and cfg.driver == "redfish"
+
+
+def test_the_server_secret_is_not_in_the_config_repr() -> None:
+    from netboot.config import ApiSettings
+
+    assert "top-secret-key" not in repr(ApiSettings(secret="top-secret-key"))

@@ -30,7 +30,11 @@ class Bmcs:
         self.registry = registry
         self.store = store
         self.box = box
-        self._enrolled_generation = -1
+        self._enrolled: tuple[int, int] = (-1, -1)  # (config generation, registry loads)
+
+    def reenroll(self) -> None:
+        """Enroll machine files again at the next round (a node was forgotten)."""
+        self._enrolled = (-1, -1)
 
     def __repr__(self) -> str:
         return f"Bmcs({len(self.registry.bmcs())} nodes)"
@@ -66,9 +70,12 @@ class Bmcs:
         file with ``uuid`` and ``bmc`` makes its node known, so it can be powered on
         before it ever booted. Returns how many records changed."""
         snap = self.store.snapshot
-        if snap.generation == self._enrolled_generation:
+        # again after a config change, or after the registry reloaded its index
+        mark = (snap.generation, self.registry.loads)
+        if mark == self._enrolled:
             return 0
         changed = 0
+        failed = False
         for machine in snap.machine_files:
             if machine.bmc is None or machine.uuid is None:
                 continue
@@ -77,6 +84,7 @@ class Bmcs:
                 password = machine.bmc.secret(self.store.server.machines_dir)
             except OSError as exc:
                 log.error("machine %s: bmc password_file: %s", machine.hostname or uuid, exc)
+                failed = True
                 continue
             rec = self.registry.bmc(uuid)
             if rec is not None and rec.source != "file":
@@ -86,10 +94,16 @@ class Bmcs:
                                       else None, address=None, source="config",
                                       hostname=machine.hostname)
             new = self._record(uuid, machine.bmc, machine.bmc.address, password, "file")
+            try:
+                self._check(new, password)
+            except ValueError as exc:
+                log.error("machine %s: %s", machine.hostname or uuid, exc)
+                continue
             if rec is None or _differs(rec, new, self._password(uuid, rec), password):
                 self.registry.set_bmc(uuid, new)
                 changed += 1
-        self._enrolled_generation = snap.generation
+        if not failed:  # an unreadable password_file is tried again next round
+            self._enrolled = mark
         return changed
 
     def learn(self, uuid: str, address: str, *, source: str = "commissioning",
@@ -104,7 +118,8 @@ class Bmcs:
         elif old is not None:
             password = self._password(uuid, old)
             creds = BmcCredentials(driver=old.driver, port=old.port,  # type: ignore[arg-type]
-                                   username=old.username, system=old.system)
+                                   username=old.username, system=old.system,
+                                   verify_tls=old.verify_tls)
         else:
             creds = self.store.server.bmc.credentials
             if creds is None:
@@ -112,7 +127,9 @@ class Bmcs:
             password = creds.secret()
         if password is None:
             return None
-        self.registry.set_bmc(uuid, self._record(uuid, creds, address, password, source))
+        record = self._record(uuid, creds, address, password, source)
+        self._check(record, password)  # ValueError: it could never log in
+        self.registry.set_bmc(uuid, record)
         return self.config_for(uuid)
 
     # -- internals ---------------------------------------------------------------------
@@ -120,7 +137,13 @@ class Bmcs:
                 source: str) -> BmcRecord:
         return BmcRecord(creds.driver, address, creds.port, creds.username,
                          self.box.seal(password, uuid) if password else None, creds.system,
-                         source)
+                         source, verify_tls=creds.verify_tls)
+
+    @staticmethod
+    def _check(rec: BmcRecord, password: str) -> None:
+        BmcConfig(driver=rec.driver, address=rec.address,  # type: ignore[arg-type]
+                  username=rec.username, password=password, port=rec.port, system=rec.system,
+                  verify_tls=rec.verify_tls)
 
     def _password(self, uuid: str, rec: BmcRecord) -> str | None:
         if rec.secret is None:
@@ -138,15 +161,15 @@ class Bmcs:
         try:
             return BmcConfig(driver=rec.driver, address=rec.address,  # type: ignore[arg-type]
                              username=rec.username, password=password, port=rec.port,
-                             system=rec.system)
+                             system=rec.system, verify_tls=rec.verify_tls)
         except ValueError as exc:
             log.error("node %s: BMC %s: %s", uuid, rec.address, exc)
             return None
 
 
 def _differs(rec: BmcRecord, new: BmcRecord, old_password: str | None, password: str) -> bool:
-    return ((rec.driver, rec.address, rec.port, rec.username, rec.system)
-            != (new.driver, new.address, new.port, new.username, new.system)
+    return ((rec.driver, rec.address, rec.port, rec.username, rec.system, rec.verify_tls)
+            != (new.driver, new.address, new.port, new.username, new.system, new.verify_tls)
             or old_password != password)
 
 

@@ -55,6 +55,10 @@ NOTE_BATCH = 1_000
 STUCK_STATES = ("deploying", "commissioning")
 
 
+class NotCommissioning(Exception):
+    """An inventory from a node that is not commissioning."""
+
+
 @dataclass(frozen=True, slots=True)
 class Commissioning:
     """What a commissioning OS does next: ``set-bmc`` (to ``address``), ``wait`` (netboot
@@ -234,6 +238,8 @@ class Lifecycle:
         if node is None:
             return False
         self._stuck.discard(node.uuid)
+        if self.bmcs is not None:
+            self.bmcs.reenroll()  # a machine file with a bmc: brings the node back
         await self._commit_now()
         return True
 
@@ -244,6 +250,12 @@ class Lifecycle:
         does next: set the BMC address netboot hands out, wait while netboot checks the
         BMC out of band, or power off (the node is then 'ready')."""
         reg = self._registry()
+        node = reg.get(uuid)
+        if node is None or node.state != "commissioning":
+            # only a node netboot is commissioning may report (and steer its BMC record)
+            raise NotCommissioning(f"node {uuid} is {node.state if node else 'unknown'}, not "
+                                   "commissioning: boot it into a profile with commission: "
+                                   "true first")
         reg.set_inventory(uuid, inventory)
         smbios = inventory.get("smbios") or {}
         ident = {k: smbios.get(k) or None for k in ("serial", "vendor", "product")}
@@ -275,9 +287,11 @@ class Lifecycle:
                                  "used up")
         if seen != wanted:
             # recorded now, so two nodes commissioning at once are never told the same one
-            self.bmcs.learn(uuid, wanted)
+            if self._learn(uuid, wanted) is None:
+                return Commissioning("poweroff", note="no BMC credentials to hand out an "
+                                     "address with: set bmc.credentials in netboot.yaml")
             return Commissioning("set-bmc", wanted, settings.netmask, settings.gateway)
-        cfg = self.bmcs.learn(uuid, wanted)
+        cfg = self._learn(uuid, wanted)
         if cfg is None:
             return Commissioning("poweroff", note="BMC found, but no credentials: set "
                                  "bmc.credentials in netboot.yaml")
@@ -286,6 +300,14 @@ class Lifecycle:
             return Commissioning("wait", note=f"BMC at {wanted} not reachable out of band "
                                  f"yet: {status.reason}")
         return Commissioning("poweroff", note=f"BMC at {wanted} answers: power {status.state}")
+
+    def _learn(self, uuid: str, address: str) -> BmcConfig | None:
+        assert self.bmcs is not None
+        try:
+            return self.bmcs.learn(uuid, address)
+        except ValueError as exc:  # the site's bmc.credentials cannot log in to it
+            log.error("node %s: BMC at %s: %s", uuid, address, exc)
+            return None
 
     def _bmc_address(self, uuid: str, pool: list[str]) -> str | None:
         """This node's address from the pool: the one it has, else the first nobody has."""
@@ -304,10 +326,13 @@ class Lifecycle:
         if reg.get(uuid) is None:
             raise KeyError(uuid)
         self._bmc(uuid)  # no BMC: say so before changing anything
+        state = await self.power_status(uuid)
+        if state.state == "unknown":  # 'on' would do nothing to a running machine
+            raise BmcError(f"cannot tell whether node {uuid} is on: {state.reason}",
+                           kind="unreachable")
         reg.patch(uuid, assign=profile, rearm=True, source=actor)
         await self._commit_now()
-        state = await self.power_status(uuid)
-        await self.power_action(uuid, "cycle" if state.state == "on" else "on", "network")
+        await self.power_action(uuid, "on" if state.state == "off" else "cycle", "network")
         return reg.get(uuid)  # type: ignore[return-value]
 
     async def power_action(self, uuid: str, action: str, boot: str | None, *,

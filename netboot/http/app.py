@@ -44,4 +44,9 @@ def make_app(ctx: HttpContext) -> web.Application:
         else:
             app.router.add_route(r.method, r.path, guard(r))
     dashboard.add_static(app)
+
+    async def end_streams(_app: web.Application) -> None:
+        ctx.events.close()
+
+    app.on_shutdown.append(end_streams)
     return app

@@ -27,6 +27,8 @@ log = logging.getLogger("netboot.http")
 QUEUE = 256
 MAX_CLIENTS = 64
 KEEPALIVE = 15.0
+MAX_STREAM = 600.0  # a stream ends after this; the browser reconnects (no idle hoarding)
+_CLOSE = "\0close"
 
 
 class EventHub:
@@ -53,6 +55,13 @@ class EventHub:
             else:
                 q.put_nowait((kind, text))
 
+    def close(self) -> None:
+        """End every stream (at shutdown), so the server need not wait for open tabs."""
+        for q in self._clients:
+            while not q.empty():
+                q.get_nowait()
+            q.put_nowait((_CLOSE, ""))
+
     def on_lifecycle(self, e: LifecycleEvent) -> None:
         """A lifecycle listener: a node entered a state (or got stuck)."""
         n = e.node
@@ -73,20 +82,23 @@ class EventHub:
         if len(self._clients) >= self.max_clients:
             raise error(web.HTTPServiceUnavailable, f"{self.max_clients} live clients "
                         "already; reload later")
+        q: asyncio.Queue[tuple[str, str]] = asyncio.Queue(self.queue)
+        self._clients.add(q)  # counted before the first await: the cap holds
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-store",
                                            "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
-        q: asyncio.Queue[tuple[str, str]] = asyncio.Queue(self.queue)
-        self._clients.add(q)
         try:
+            await resp.prepare(request)
             await resp.write(b"retry: 3000\n\n")
-            while True:
+            deadline = asyncio.get_running_loop().time() + MAX_STREAM
+            while asyncio.get_running_loop().time() < deadline:  # browsers reconnect
                 try:
                     kind, text = await asyncio.wait_for(q.get(), KEEPALIVE)
                 except TimeoutError:
                     await resp.write(b": keepalive\n\n")
                     continue
+                if kind == _CLOSE:
+                    break
                 await resp.write(f"event: {kind}\ndata: {text}\n\n".encode())
         except ConnectionResetError:  # the browser went away
             pass

@@ -5,12 +5,14 @@ each answer looks like, is declared in ``ROUTES`` below (see :mod:`.routes`)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..boot.lifecycle import NotCommissioning
 from ..identity import normalise_mac
 from ..storage.registry import STATES, Node
 from .context import HttpContext, ctx_of
@@ -271,17 +273,44 @@ async def node_failed(request: web.Request) -> dict[str, Any]:
     return node_out(ctx, node)
 
 
+class SmbiosIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    uuid: str | None = Field(None, max_length=64)
+    serial: str | None = Field(None, max_length=256)
+    vendor: str | None = Field(None, max_length=256)
+    product: str | None = Field(None, max_length=256)
+    bios_version: str | None = Field(None, max_length=256)
+
+
+class BmcIn(BaseModel):
+    """The BMC's LAN settings as read in-band; the address must be an IPv4 address."""
+
+    model_config = ConfigDict(extra="allow")
+    address: str | None = None
+    netmask: str | None = Field(None, max_length=64)
+    gateway: str | None = Field(None, max_length=64)
+    mac: str | None = Field(None, max_length=64)
+    source: str | None = Field(None, max_length=64)
+
+    @field_validator("address")
+    @classmethod
+    def _ipv4(cls, v: str | None) -> str | None:
+        if v is not None:
+            ipaddress.IPv4Address(v)
+        return v
+
+
 class InventoryBody(BaseModel):
     """What a commissioning OS reports (extra keys are kept as reported)."""
 
     model_config = ConfigDict(extra="allow")
-    smbios: dict[str, Any] | None = None
+    smbios: SmbiosIn | None = None
     cpu: dict[str, Any] | None = None
     memory_bytes: int | None = Field(None, ge=0)
     disks: list[dict[str, Any]] = Field(default_factory=list, max_length=256)
     nics: list[dict[str, Any]] = Field(default_factory=list, max_length=256)
     lldp: dict[str, Any] | None = None
-    bmc: dict[str, Any] | None = None
+    bmc: BmcIn | None = None
 
     @field_validator("nics")
     @classmethod
@@ -327,8 +356,11 @@ async def node_inventory(request: web.Request) -> Any:
     ctx = ctx_of(request)
     uuid = path_uuid(request)
     body: InventoryBody = await read_body(request, InventoryBody)
-    node, answer = await ctx.lifecycle.inventoried(uuid, body.model_dump(),
-                                                   address=request.remote)
+    try:
+        node, answer = await ctx.lifecycle.inventoried(uuid, body.model_dump(),
+                                                       address=request.remote)
+    except NotCommissioning as exc:
+        raise error(web.HTTPConflict, str(exc)) from None
     if request.query.get("format") == "sh":
         lines = [f"NETBOOT_ACTION={answer.action}"]
         for key, value in (("ADDRESS", answer.address), ("NETMASK", answer.netmask),

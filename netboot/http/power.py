@@ -12,6 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config import MachineBmc
+from ..identity import IdentityError, normalise_uuid
 from ..power.driver import BmcError
 from ..storage.registry import STATES
 from .context import HttpContext, ctx_of
@@ -146,7 +147,11 @@ async def bulk_power(request: web.Request) -> web.Response:
         raise error(web.HTTPBadRequest, "a persistent boot device is set node by node "
                     "(POST /api/v1/nodes/{uuid}/power); bulk sets the next boot only")
     if body.uuids is not None:
-        uuids = [u for u in body.uuids if ctx.registry.get(u) is not None]
+        try:
+            wanted = list(dict.fromkeys(normalise_uuid(u) for u in body.uuids))
+        except IdentityError as exc:
+            raise error(web.HTTPBadRequest, str(exc)) from None
+        uuids = [u for u in wanted if ctx.registry.get(u) is not None]
     else:
         nodes = await ctx.registry.list(state=body.state, label=body.label)
         uuids = [n.uuid for n in nodes]
@@ -177,13 +182,19 @@ async def bulk_power(request: web.Request) -> web.Response:
                                  concurrency=body.concurrency or settings.stagger_concurrency,
                                  delay=settings.stagger_delay if body.delay is None
                                  else body.delay, progress=progress)
+        except Exception as exc:  # say so on every item that did not run
+            for item in job["items"]:
+                if item["ok"] is None:
+                    item["ok"], item["reason"] = False, f"bulk job failed: {exc}"
+                    job["done"] += 1
+                    job["failed"] += 1
         finally:
             job["finished"] = True
 
     jobs = ctx.jobs
     jobs[job_id] = job
-    while len(jobs) > MAX_JOBS:
-        jobs.pop(next(iter(jobs)))
+    for old_id in [k for k, j in jobs.items() if j["finished"]][:max(0, len(jobs) - MAX_JOBS)]:
+        jobs.pop(old_id)  # only finished jobs are forgotten
     job["_task"] = asyncio.get_running_loop().create_task(run())  # kept alive while it runs
     return web.json_response(BulkJob.model_validate(_public(job)).model_dump(mode="json"),
                              status=202)
@@ -212,8 +223,12 @@ async def set_bmc(request: web.Request) -> dict[str, Any]:
         raise error(web.HTTPServiceUnavailable, "BMC control needs the registry")
     if body.password_file is not None:
         raise error(web.HTTPBadRequest, "password_file is for machine files; send password")
-    if ctx.lifecycle.bmcs.learn(uuid, body.address, source="api", credentials=body) is None:
+    if not body.password:
         raise error(web.HTTPBadRequest, "a BMC needs a password")
+    try:
+        ctx.lifecycle.bmcs.learn(uuid, body.address, source="api", credentials=body)
+    except ValueError as exc:
+        raise error(web.HTTPBadRequest, str(exc)) from None
     ctx.lifecycle.queue_commit()
     return {"uuid": uuid, "bmc": ctx.lifecycle.bmcs.describe(uuid)}
 

@@ -80,6 +80,9 @@ class RedfishDriver:
         except sx.SushyError as e:
             self._forget()
             raise self._error(what, e) from None
+        except Exception:  # never keep a half-open session: the BMC's table is small
+            self._forget()
+            raise
 
     def _error(self, what: str, e: sx.SushyError) -> BmcError:
         where = self.cfg.endpoint

@@ -114,6 +114,7 @@ class BmcRecord:
     system: str | None = None
     source: str = "file"  # file (a machine file), commissioning, api
     updated: float = 0.0
+    verify_tls: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +162,7 @@ def _bmc_row(uuid: str, b: BmcRecord | None) -> tuple[Any, ...]:
     if b is None:
         return (uuid, None)
     return (uuid, b.driver, b.address, b.port, b.username, b.secret, b.system, b.source,
-            b.updated)
+            b.updated, int(b.verify_tls))
 
 
 def _node_row(n: Node) -> tuple[Any, ...]:
@@ -215,6 +216,7 @@ class Registry:
         self._wake = asyncio.Event()
         self._closing = False
         self._writer_task: asyncio.Task[None] | None = None
+        self.loads = 0
 
     def __repr__(self) -> str:  # never the secret
         return f"Registry({len(self._nodes)} nodes)"
@@ -276,10 +278,13 @@ class Registry:
             async for r in cur:
                 d = dict(zip(BMC_COLS, r))
                 uuid = d.pop("uuid")
+                d["verify_tls"] = bool(d["verify_tls"])
                 if uuid in nodes:
                     bmcs[uuid] = BmcRecord(**d)
         self._nodes, self._mac_index, self._by_state = nodes, mac_index, by_state
         self._bmcs = bmcs
+        #: how many times the index was (re)built from disk (a failed commit reloads it)
+        self.loads += 1
 
     # -- hot path reads -------------------------------------------------------
     def get(self, uuid: str) -> Node | None:

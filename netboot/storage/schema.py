@@ -52,7 +52,8 @@ async def _m2_bmc_inventory_audit(db: aiosqlite.Connection) -> None:
         CREATE TABLE bmcs (
             uuid TEXT PRIMARY KEY, driver TEXT NOT NULL, address TEXT NOT NULL, port INTEGER,
             username TEXT NOT NULL DEFAULT '', secret BLOB, system TEXT,
-            source TEXT NOT NULL, updated REAL NOT NULL
+            source TEXT NOT NULL, updated REAL NOT NULL,
+            verify_tls INTEGER NOT NULL DEFAULT 0
         );
         CREATE TABLE inventory (
             uuid TEXT PRIMARY KEY, time REAL NOT NULL, data TEXT NOT NULL
@@ -80,7 +81,7 @@ INSERT_EVENT = ("INSERT INTO events (uuid, time, kind, state, prev, source, addr
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 EVENT_COLS = ("id", "time", "kind", "state", "from", "source", "address", "detail")
 BMC_COLS = ("uuid", "driver", "address", "port", "username", "secret", "system", "source",
-            "updated")
+            "updated", "verify_tls")
 UPSERT_BMC = (f"INSERT OR REPLACE INTO bmcs ({', '.join(BMC_COLS)}) "
               f"VALUES ({', '.join('?' * len(BMC_COLS))})")
 UPSERT_INVENTORY = "INSERT OR REPLACE INTO inventory (uuid, time, data) VALUES (?, ?, ?)"
