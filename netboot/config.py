@@ -12,10 +12,10 @@ import ipaddress
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import jinja2
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .identity import Arch, IdentityError, normalise_mac, normalise_uuid
 from .yamlsrc import SourceError, load_yaml, validate
@@ -32,6 +32,15 @@ DEFAULT_LOADERS: dict[str, str] = {
 
 # Where Debian's ipxe, pxelinux and syslinux-common packages put the loaders.
 DEFAULT_TFTP_ROOTS = ["/usr/lib/ipxe", "/usr/lib/PXELINUX", "/usr/lib/syslinux/modules/bios"]
+
+
+def _ipv4(v: str) -> str:
+    ipaddress.IPv4Address(v)
+    return v
+
+
+#: a str that must be an IPv4 address (config, and what a commissioning OS reports)
+IPv4Text = Annotated[str, AfterValidator(_ipv4)]
 
 
 class _Strict(BaseModel):
@@ -183,7 +192,7 @@ class ServerConfig(_Strict):
     """netboot.yaml. Relative paths are taken from the directory of the file."""
 
     interface: str | None = None
-    address: str | None = None
+    address: IPv4Text | None = None
     http_port: int = Field(8080, ge=1, le=65535)
     http_host: str = "0.0.0.0"
     data_dir: Path = Path("../data")
@@ -203,13 +212,6 @@ class ServerConfig(_Strict):
     signed_url_ttl: float = Field(3600, gt=0, description="seconds a signed Ignition/OEM URL "
                                   "stays valid")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-
-    @field_validator("address")
-    @classmethod
-    def _ipv4(cls, v: str | None) -> str | None:
-        if v is not None:
-            ipaddress.IPv4Address(v)
-        return v
 
     @field_validator("loaders")
     @classmethod

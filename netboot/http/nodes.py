@@ -5,7 +5,6 @@ each answer looks like, is declared in ``ROUTES`` below (see :mod:`.routes`)."""
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from typing import Any, Literal
 
@@ -13,6 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..boot.lifecycle import NotCommissioning
+from ..config import IPv4Text
 from ..identity import normalise_mac
 from ..storage.registry import STATES, Node
 from .context import HttpContext, ctx_of
@@ -286,18 +286,11 @@ class BmcIn(BaseModel):
     """The BMC's LAN settings as read in-band; the address must be an IPv4 address."""
 
     model_config = ConfigDict(extra="allow")
-    address: str | None = None
+    address: IPv4Text | None = None
     netmask: str | None = Field(None, max_length=64)
     gateway: str | None = Field(None, max_length=64)
     mac: str | None = Field(None, max_length=64)
     source: str | None = Field(None, max_length=64)
-
-    @field_validator("address")
-    @classmethod
-    def _ipv4(cls, v: str | None) -> str | None:
-        if v is not None:
-            ipaddress.IPv4Address(v)
-        return v
 
 
 class InventoryBody(BaseModel):
