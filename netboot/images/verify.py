@@ -166,4 +166,6 @@ def _hint(item: str) -> str:
                    f" (if {version} is still that stream's release)"))
     if head == "demo":
         return "make images builds the demo OS"
+    if head == "commission":
+        return "make images builds the commissioning OS (scripts/commission_os.py)"
     return "copy it there, or bring it with netboot images import FILE.tar"
