@@ -197,6 +197,12 @@ async def test_bulk_power_by_label_is_staggered_with_progress(
         st, _ = await _call("PATCH", f"{net.url}/api/v1/nodes/{uuid}", OPERATOR,
                             json={"labels": {"rack": "r7"}})
         assert st == 200
+    # both BMCs answered a poll first: their sessions are up (pyghmi's session table is
+    # global to the process, and a login racing one left over from the previous test's
+    # service can hold a BMC past the 5 s timeout: "busy", seen 1 run in ~5)
+    await eventually_async(lambda: all(
+        (p := net.lifecycle.last_power(u)) is not None and p.state != "unknown"
+        for u in (U1, U2)), "both BMCs polled")
     st, job = await _call("POST", f"{net.url}/api/v1/power", OPERATOR,
                           json={"action": "on", "label": "rack=r7", "concurrency": 1})
     assert st == 202 and job["total"] == 2
@@ -477,6 +483,9 @@ async def test_deploy_refuses_when_the_power_state_is_unknown(net: Served) -> No
 
 async def test_bulk_normalises_and_deduplicates_uuids(net: Served,
                                                       sims: tuple[IpmiSim, IpmiSim]) -> None:
+    await eventually_async(lambda: all(
+        (p := net.lifecycle.last_power(u)) is not None and p.state != "unknown"
+        for u in (U1, U2)), "both BMCs polled")
     st, job = await _call("POST", f"{net.url}/api/v1/power", OPERATOR,
                           json={"action": "on", "uuids": [U1.upper(), U1, U2]})
     assert st == 202 and job["total"] == 2
