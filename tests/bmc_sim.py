@@ -9,12 +9,14 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import socket
 import subprocess
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,35 @@ mc_add 0x20 0 no-device-sdrs 0x23 9 8 0x9f 0x1291 0xf02 persist_sdr
 sel_enable 0x20 1000 0x0a
 mc_enable 0x20
 """
+
+
+class LogKeeper(logging.Handler):
+    """Every log record while installed, for the tests that grep them for passwords."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def text(self) -> list[str]:
+        return [self.format(r) + repr(r.args) for r in self.records]
+
+
+@contextmanager
+def keep_root_logs() -> Iterator[LogKeeper]:
+    """All records of the root logger at DEBUG, for the duration."""
+    keep, root = LogKeeper(), logging.getLogger()
+    old = root.level
+    root.setLevel(logging.DEBUG)
+    root.addHandler(keep)
+    try:
+        yield keep
+    finally:
+        root.removeHandler(keep)
+        root.setLevel(old)
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.bmc_sim import IpmiSim
+from tests.bmc_sim import IpmiSim, LogKeeper, keep_root_logs
 from tests.served import Served, serving, write_config
 
 U1 = "4c4c4544-0042-3510-8052-b4c04f384d32"
@@ -28,24 +27,10 @@ ADMIN = "admin-token-0123456789"
 TOKENS = {OPERATOR: ("ops", "operator"), VIEWER: ("wall", "viewer")}
 
 
-class _Keep(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.text: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.text.append(self.format(record) + repr(record.args))
-
-
 @pytest.fixture(scope="module", autouse=True)
-def logs() -> Iterator[_Keep]:
-    keep, root = _Keep(), logging.getLogger()
-    old = root.level
-    root.setLevel(logging.DEBUG)
-    root.addHandler(keep)
-    yield keep
-    root.removeHandler(keep)
-    root.setLevel(old)
+def logs() -> Iterator[LogKeeper]:
+    with keep_root_logs() as keep:
+        yield keep
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +97,13 @@ async def eventually_async(check: Any, what: str, timeout: float = 30) -> Any:
             return got
         await asyncio.sleep(0.1)
     raise AssertionError(f"never: {what}")
+
+
+async def _both_polled(net: Served) -> None:
+    """Until both good BMCs answered a poll: their sessions are up."""
+    await eventually_async(lambda: all(
+        (p := net.lifecycle.last_power(u)) is not None and p.state != "unknown"
+        for u in (U1, U2)), "both BMCs polled")
 
 
 async def _call(method: str, url: str, token: str | None = None, **kw: Any) -> tuple[int, Any]:
@@ -200,9 +192,7 @@ async def test_bulk_power_by_label_is_staggered_with_progress(
     # both BMCs answered a poll first: their sessions are up (pyghmi's session table is
     # global to the process, and a login racing one left over from the previous test's
     # service can hold a BMC past the 5 s timeout: "busy", seen 1 run in ~5)
-    await eventually_async(lambda: all(
-        (p := net.lifecycle.last_power(u)) is not None and p.state != "unknown"
-        for u in (U1, U2)), "both BMCs polled")
+    await _both_polled(net)
     st, job = await _call("POST", f"{net.url}/api/v1/power", OPERATOR,
                           json={"action": "on", "label": "rack=r7", "concurrency": 1})
     assert st == 202 and job["total"] == 2
@@ -304,7 +294,7 @@ async def test_deploy_assigns_powers_on_into_the_profile(net: Served,
     assert d.profile == "default"
 
 
-def test_zz_no_bmc_password_in_any_log_record(logs: _Keep) -> None:
+def test_zz_no_bmc_password_in_any_log_record(logs: LogKeeper) -> None:
     text = "\n".join(logs.text)
     assert text, "nothing was logged"
     assert PW not in text and "wrong-pw" not in text
@@ -483,9 +473,7 @@ async def test_deploy_refuses_when_the_power_state_is_unknown(net: Served) -> No
 
 async def test_bulk_normalises_and_deduplicates_uuids(net: Served,
                                                       sims: tuple[IpmiSim, IpmiSim]) -> None:
-    await eventually_async(lambda: all(
-        (p := net.lifecycle.last_power(u)) is not None and p.state != "unknown"
-        for u in (U1, U2)), "both BMCs polled")
+    await _both_polled(net)
     st, job = await _call("POST", f"{net.url}/api/v1/power", OPERATOR,
                           json={"action": "on", "uuids": [U1.upper(), U1, U2]})
     assert st == 202 and job["total"] == 2

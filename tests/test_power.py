@@ -14,7 +14,7 @@ import pytest
 
 from netboot.power import BmcConfig, BmcError, BootDevice, PowerService, PowerState
 from netboot.power.driver import open_driver
-from tests.bmc_sim import IpmiSim, SushyEmulator, eventually, free_port
+from tests.bmc_sim import IpmiSim, SushyEmulator, eventually, free_port, keep_root_logs
 
 pytestmark = pytest.mark.skipif(not shutil.which("ipmi_sim") or not shutil.which("ipmitool"),
                                 reason="needs openipmi and ipmitool (scripts/setup.sh test)")
@@ -27,25 +27,11 @@ SECRETS = (IPMI_PW, IPMI_PW_B, RF_PW, WRONG_PW)
 EMULATOR = Path(sys.executable).parent / "sushy-emulator"
 
 
-class _Keep(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def all_logs():
     """Every log record of the module, at DEBUG, for the password check at the end."""
-    keep, root = _Keep(), logging.getLogger()
-    old = root.level
-    root.setLevel(logging.DEBUG)
-    root.addHandler(keep)
-    yield keep
-    root.removeHandler(keep)
-    root.setLevel(old)
+    with keep_root_logs() as keep:
+        yield keep
 
 
 @pytest.fixture(scope="module")
