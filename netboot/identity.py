@@ -28,6 +28,20 @@ def normalise_mac(value: str | bytes) -> str:
     return ":".join(hexed[i : i + 2] for i in range(0, 12, 2))
 
 
+def normal_mac_shape(value: str) -> bool:
+    """True when ``value`` is shaped like normalise_mac's output (17 lowercase
+    characters, colons at 2, 5, 8, 11, 14): normalising it returns it or fails, so a
+    lookup keyed by normal forms may skip the normalising (the DHCP hot path)."""
+    return (len(value) == 17 and value[2] == value[5] == value[8] == value[11]
+            == value[14] == ":" and value == value.lower())
+
+
+def normal_uuid_shape(value: str) -> bool:
+    """The same for normalise_uuid's 8-4-4-4-12 lowercase form."""
+    return (len(value) == 36 and value[8] == value[13] == value[18] == value[23] == "-"
+            and value == value.lower())
+
+
 def normalise_uuid(value: str) -> str:
     """Any textual UUID form -> lowercase canonical 8-4-4-4-12."""
     try:
@@ -67,7 +81,8 @@ def uuid_from_option97(value: bytes) -> str | None:
     raw = value[1:]
     if raw in (b"\0" * 16, b"\xff" * 16):
         return None
-    return str(_uuid.UUID(bytes_le=raw))
+    h = (raw[3::-1] + raw[5:3:-1] + raw[7:5:-1] + raw[8:]).hex()  # = UUID(bytes_le=raw)
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def uuid_to_option97(value: str) -> bytes:

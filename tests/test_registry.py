@@ -212,3 +212,21 @@ async def test_bmc_inventory_and_audit_persist_and_forget(tmp_path: Path) -> Non
         assert len(await reg.audit(target=U1)) == 1  # who did what outlives the node
     finally:
         await reg.close()
+
+
+async def test_lookups_accept_any_spelling_and_miss_cheaply(tmp_path: Path) -> None:
+    """get/by_mac take any spelling of a UUID or MAC; a key already in normal form that
+    is not indexed is a plain miss (the DHCP path asks for every unknown client)."""
+    reg = await _open(tmp_path)
+    try:
+        await observe(reg, U1, mac="52:54:00:aa:bb:01", address="10.0.0.5", source="dhcp")
+        node = reg.get(U1)
+        assert node is not None
+        for spelling in (U1.upper(), "{" + U1 + "}", U1.replace("-", ""), f"urn:uuid:{U1}"):
+            assert reg.get(spelling) is node, spelling
+        for spelling in ("52-54-00-AA-BB-01", "525400aabb01", "52:54:00:AA:BB:01"):
+            assert reg.by_mac(spelling) is node, spelling
+        assert reg.get(U2) is None and reg.get("not-a-uuid") is None
+        assert reg.by_mac("52:54:00:aa:bb:02") is None and reg.by_mac("zz:zz") is None
+    finally:
+        await reg.close()

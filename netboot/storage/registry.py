@@ -37,7 +37,13 @@ from typing import Any, Literal
 
 import aiosqlite
 
-from ..identity import IdentityError, normalise_mac, normalise_uuid
+from ..identity import (
+    IdentityError,
+    normal_mac_shape,
+    normal_uuid_shape,
+    normalise_mac,
+    normalise_uuid,
+)
 from .schema import (
     AUDIT_COLS,
     BMC_COLS,
@@ -147,10 +153,13 @@ def make_node_token(secret: bytes, uuid: str) -> str:
     return hmac.new(secret, uuid.encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def _lookup(index: dict[str, Any], key: str, normalise: Callable[[str], str]) -> Any:
-    """``index[key]``, else under the key's normal form (callers mostly pass that form)."""
+def _lookup(index: dict[str, Any], key: str, normalise: Callable[[str], str],
+            normal: Callable[[str], bool]) -> Any:
+    """``index[key]``, else under the key's normal form (callers mostly pass that form,
+    and a miss on a key already ``normal`` in shape is a miss: an unknown DHCP client
+    costs no parse)."""
     hit = index.get(key)
-    if hit is None:
+    if hit is None and not normal(key):
         try:
             hit = index.get(normalise(key))
         except IdentityError:
@@ -288,10 +297,10 @@ class Registry:
 
     # -- hot path reads -------------------------------------------------------
     def get(self, uuid: str) -> Node | None:
-        return _lookup(self._nodes, uuid, normalise_uuid)
+        return _lookup(self._nodes, uuid, normalise_uuid, normal_uuid_shape)
 
     def by_mac(self, mac: str) -> Node | None:
-        uuid = _lookup(self._mac_index, mac, normalise_mac)
+        uuid = _lookup(self._mac_index, mac, normalise_mac, normal_mac_shape)
         return self._nodes.get(uuid) if uuid else None
 
     def node_token(self, uuid: str) -> str:
@@ -457,7 +466,7 @@ class Registry:
         self._dirty_bmcs.add(uuid)
 
     def bmc(self, uuid: str) -> BmcRecord | None:
-        return _lookup(self._bmcs, uuid, normalise_uuid)
+        return _lookup(self._bmcs, uuid, normalise_uuid, normal_uuid_shape)
 
     def bmcs(self) -> dict[str, BmcRecord]:
         """Every node with a BMC (cost: those nodes only), uuid -> record."""
