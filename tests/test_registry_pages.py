@@ -12,25 +12,9 @@ import pytest
 from netboot.storage.pages import Cursor, CursorError
 from netboot.storage.registry import EventRetention, NodeFilter, Registry
 from netboot.storage.schema import MIGRATIONS
-from tests.nodes import Clock, forget, observe, patch
+from tests.nodes import Clock, forget, observe, patch, populate, uuid_of
 
 SECRET = b"test-secret"
-
-
-def uuid_of(i: int) -> str:
-    return f"00000000-0000-0000-0000-{i:012x}"
-
-
-async def _populate(reg: Registry, clock: Clock, n: int) -> list[str]:
-    """``n`` nodes, two per clock tick (so the UUID breaks ties), in one commit."""
-    for i in range(n):
-        if i % 2 == 0:
-            clock.t += 1
-        reg.observe(uuid_of(i), mac=f"52:54:00:00:{i >> 8:02x}:{i & 255:02x}", address=None,
-                    source="test", serial=f"SN-{i:05d}", hostname=f"node{i}.lab",
-                    profile="coreos" if i % 3 else "flatcar")
-    await reg.commit()
-    return [uuid_of(i) for i in range(n)]
 
 
 async def _walk(reg: Registry, where: NodeFilter, limit: int) -> tuple[list[str], list[str]]:
@@ -56,7 +40,7 @@ async def test_pages_walk_every_node_once_both_ways(tmp_path: Path) -> None:
     clock = Clock()
     reg = await Registry.open(tmp_path, secret=SECRET, clock=clock)
     try:
-        everyone = await _populate(reg, clock, 250)
+        everyone = await populate(reg, clock=clock, n=250)
         forward, backward = await _walk(reg, NodeFilter(), 100)
         assert forward == everyone and backward == everyone
         first = await reg.page(limit=100)
@@ -85,7 +69,7 @@ async def test_filters_and_search(tmp_path: Path) -> None:
     clock = Clock()
     reg = await Registry.open(tmp_path, secret=SECRET, clock=clock)
     try:
-        everyone = await _populate(reg, clock, 120)
+        everyone = await populate(reg, clock=clock, n=120)
         reg.set_state(uuid_of(7), "error", source="test", reason="disk")
         reg.set_state(uuid_of(77), "error", source="test", reason="disk")
         await patch(reg, uuid_of(8), labels={"rack": "r1"})
