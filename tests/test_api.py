@@ -302,6 +302,7 @@ async def test_metrics(srv: Served) -> None:
     assert 'netboot_boot_duration_seconds_bucket{le="30"} 1' in lines
     assert "# TYPE netboot_boot_duration_seconds histogram" in lines
     assert "netboot_nodes_stuck 0" in lines
+    assert "netboot_registry_events_pruned_total 0" in lines
 
 
 def test_alert_rules_pass_promtool() -> None:
