@@ -75,6 +75,17 @@ async def test_index_html(populated: Served) -> None:
     assert '/static/live.js' in html
     st, html = await _get(populated.url + "/?state=error")
     assert html.count('<tr id="node-') == 1
+    st, html = await _get(populated.url + "/?limit=4")  # pages keep the filters they had
+    assert html.count('<tr id="node-') == 4 and 'id="prev"' not in html
+    assert 'id="next" rel="next" href="/?limit=4&amp;cursor=' in html
+    st, html = await _get(populated.url + "/?q=sn-fresh&state=deploying&profile=")
+    assert html.count('<tr id="node-') == 1 and f'id="node-{FRESH_DEPLOYING}"' in html
+    assert 'value="sn-fresh"' in html and "<option selected>deploying</option>" in html
+    st, html = await _get(populated.url + "/?q=nobody")
+    assert st == 200 and "No nodes match" in html
+    for bad in ("cursor=bogus", "limit=5000"):
+        st, text = await _get(populated.url + "/?" + bad)
+        assert st == 400 and "the first page is at /" in text, bad
     st, css = await _get(populated.url + "/static/style.css")
     assert st == 200 and "tr.stuck" in css
 

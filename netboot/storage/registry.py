@@ -18,6 +18,10 @@ Pass ``synchronous="FULL"`` to ``open`` to fsync every commit.
 
 A failed commit reloads the index from disk, so memory never claims what the
 file does not hold; the futures of everything since fail with RegistryError.
+
+Lists are read from disk a page at a time (``page``, keyset cursors: see
+:mod:`.pages`); the writer also keeps the events table within its retention limits
+(``EventRetention``), a bounded batch at a time between commits.
 """
 
 from __future__ import annotations
