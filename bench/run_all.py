@@ -7,7 +7,7 @@ which ran and which failed. Figures and the commands that made them are kept in
 docs/BENCHMARKS.md. Run on a quiet machine: the figures are wall-clock.
 
     python bench/run_all.py                # all
-    python bench/run_all.py --only tftp    # one (dhcp, dhcp-l2, tftp, http, render, storm)
+    python bench/run_all.py --only tftp    # one (dhcp, dhcp-l2, tftp, http, render, storm, nodes)
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ BENCHES: dict[str, list[str]] = {
     "http": ["http_bench.py", "--rounds", "2"],
     "render": ["render_bench.py", "--machines", "1000", "--repeats", "1000"],
     "storm": ["storm.py", "-n", "100", "-n", "1000"],
+    "nodes": ["nodes_api.py"],
 }
 
 

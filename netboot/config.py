@@ -111,6 +111,16 @@ class ApiSettings(_Strict):
     webhooks: list[WebhookSettings] = Field(default_factory=list)
 
 
+class RegistrySettings(_Strict):
+    """How much history the registry keeps (docs/registry.md: Storage and durability)."""
+
+    events_max_age: float = Field(30 * 86400, gt=0, description="seconds an event is kept "
+                                  "(default 30 days)")
+    events_max_rows: int = Field(1_000_000, ge=1000, description="events kept at most; the "
+                                 "oldest go first")
+    prune_every: float = Field(60, gt=0, description="seconds between retention passes")
+
+
 class SiteConfig(_Strict):
     """Settings every node gets (sites cut off from the internet); a profile's
     ``site`` block overrides them key by key."""
@@ -209,6 +219,7 @@ class ServerConfig(_Strict):
     site: SiteConfig = Field(default_factory=SiteConfig)
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     bmc: BmcSettings = Field(default_factory=BmcSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
     signed_url_ttl: float = Field(3600, gt=0, description="seconds a signed Ignition/OEM URL "
                                   "stays valid")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -117,7 +117,10 @@ class NodeMetrics:
                     for s, n in registry.counts_by_state().items()]
             out += ["# HELP netboot_registry_commits_total Registry write transactions "
                     "committed", "# TYPE netboot_registry_commits_total counter",
-                    f"netboot_registry_commits_total {registry.stats.commits}"]
+                    f"netboot_registry_commits_total {registry.stats.commits}",
+                    "# HELP netboot_registry_events_pruned_total Event rows removed by the "
+                    "retention limits", "# TYPE netboot_registry_events_pruned_total counter",
+                    f"netboot_registry_events_pruned_total {registry.stats.events_pruned}"]
         out += ["# HELP netboot_nodes_stuck Nodes in 'deploying' for longer than stuck_after",
                 "# TYPE netboot_nodes_stuck gauge",
                 f"netboot_nodes_stuck {len(lifecycle.stuck())}"]

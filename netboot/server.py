@@ -33,7 +33,7 @@ from .loaders import LoaderTable
 from .metrics import Counters, NodeMetrics
 from .netutil import choose_interface, interface_ipv4, interfaces
 from .power.service import PowerService
-from .storage.registry import Registry, RegistryError
+from .storage.registry import EventRetention, Registry, RegistryError
 from .tftp.provider import RootResolver
 from .tftp.router import TftpRouter
 from .tftp.server import start_tftp
@@ -188,6 +188,13 @@ def build(store: ConfigStore, address: str, *, registry: Registry | None, secret
                     registry=registry, hooks=hooks, power=power)
 
 
+def event_retention(cfg: ServerConfig) -> EventRetention:
+    """netboot.yaml's ``registry:`` settings, as the registry takes them."""
+    kept = cfg.registry
+    return EventRetention(max_age=kept.events_max_age, max_rows=kept.events_max_rows,
+                          every=kept.prune_every)
+
+
 async def open_registry(cfg: ServerConfig) -> tuple[Registry | None, bytes]:
     """The registry and the HMAC secret from data_dir. A full, read-only or broken
     data dir must not stop machines from booting: netboot then serves without a
@@ -200,7 +207,8 @@ async def open_registry(cfg: ServerConfig) -> tuple[Registry | None, bytes]:
                   cfg.data_dir, exc)
         secret = (cfg.api.secret or secrets.token_hex(32)).encode()
     try:
-        registry = await Registry.open(cfg.data_dir, secret=secret)
+        registry = await Registry.open(cfg.data_dir, secret=secret,
+                                       retention=event_retention(cfg))
     except (OSError, sqlite3.Error, RegistryError) as exc:
         log.error("data_dir %s unusable: %s%s; serving boot files without the registry "
                   "(boots are not recorded until it is fixed and netboot restarted)",

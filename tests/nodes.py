@@ -46,3 +46,23 @@ async def forget(reg: Registry, uuid: str) -> bool:
     node = reg.forget(uuid)
     await reg.commit()
     return node is not None
+
+
+def uuid_of(i: int) -> str:
+    """The UUID of ``populate``'s node ``i``."""
+    return f"10000000-0000-0000-0000-{i:012x}"
+
+
+async def populate(reg: Registry, n: int, *, clock: Clock | None = None) -> list[str]:
+    """``n`` nodes in one commit, through the registry's own writes: node ``i`` has serial
+    ``SN-{i:05d}``, hostname ``node{i}.lab``, MAC ``52:54:00:00:<i>`` and profile flatcar
+    (every third) or coreos. With ``clock``, two nodes per tick (so the UUID breaks ties).
+    Returns their UUIDs in list order."""
+    for i in range(n):
+        if clock is not None and i % 2 == 0:
+            clock.t += 1
+        reg.observe(uuid_of(i), mac=f"52:54:00:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:"
+                    f"{i & 255:02x}", address=None, source="test", serial=f"SN-{i:05d}",
+                    hostname=f"node{i}.lab", profile="coreos" if i % 3 else "flatcar")
+    await reg.commit()
+    return [uuid_of(i) for i in range(n)]

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from netboot.config import ConfigStore
 from netboot.http.auth import Role, TokenTable
-from netboot.server import Services, build
+from netboot.server import Services, build, event_retention
 from netboot.storage.registry import Registry
 from netboot.tftp.server import TftpServer, start_tftp
 
@@ -66,7 +66,8 @@ async def serving(config: Path, *, secret: bytes = SECRET, admin_token: str | No
     """netboot for ``config`` (a netboot.yaml): HTTP, and TFTP when asked."""
     store = ConfigStore(config)
     cfg = store.server
-    reg = await Registry.open(cfg.data_dir, secret=secret, clock=clock) if registry else None
+    reg = await Registry.open(cfg.data_dir, secret=secret, clock=clock,
+                              retention=event_retention(cfg)) if registry else None
     table = dict(tokens or {})
     if admin_token:
         table[admin_token] = ("admin", "admin")

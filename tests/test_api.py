@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from netboot.http.app import all_routes
-from tests.nodes import observe, patch, transition
+from tests.nodes import observe, patch, populate, transition, uuid_of
 from tests.served import SECRET, Served, serving, write_config
 
 ADMIN = "s3cret-admin"
@@ -210,6 +210,38 @@ async def test_list_filters(srv: Served) -> None:
     assert st == 400 and "discovered" in body["error"]
 
 
+async def test_list_pages_follow_cursors_and_search(srv: Served) -> None:
+    everyone = await populate(srv.registry, 250)
+    order = [n.uuid for n in sorted((srv.registry.get(u) for u in everyone),
+                                    key=lambda n: (n.first_seen, n.uuid))]  # type: ignore[union-attr]
+    st, body = await _call("GET", f"{srv.url}/api/v1/nodes")
+    assert st == 200 and len(body["nodes"]) == 100  # the default page
+    assert body["prev_cursor"] is None and body["counts"]["discovered"] == 250
+    seen, cursors = [], []
+    params: dict[str, str] = {"limit": "60"}
+    while True:
+        st, body = await _call("GET", f"{srv.url}/api/v1/nodes", params=params)
+        assert st == 200
+        seen += [n["uuid"] for n in body["nodes"]]
+        if body["next_cursor"] is None:
+            break
+        cursors.append(body["next_cursor"])
+        params["cursor"] = body["next_cursor"]
+    assert seen == order and len(cursors) == 4  # 60 + 60 + 60 + 60 + 10
+    st, body = await _call("GET", f"{srv.url}/api/v1/nodes",
+                           params={"limit": "60", "cursor": body["prev_cursor"]})
+    assert [n["uuid"] for n in body["nodes"]] == order[180:240]
+    st, body = await _call("GET", f"{srv.url}/api/v1/nodes?q=sn-00042")
+    assert [n["uuid"] for n in body["nodes"]] == [uuid_of(42)] and body["next_cursor"] is None
+    st, body = await _call("GET", f"{srv.url}/api/v1/nodes?q=52:54:00:00:00:2a&state=discovered")
+    assert [n["uuid"] for n in body["nodes"]] == [uuid_of(42)]
+    for query, words in (("limit=0", "limit"), ("limit=1001", "1000"), ("limit=ten", "limit"),
+                         ("cursor=bogus", "first page"), ("cursor=" + cursors[0][:-2], "cursor"),
+                         ("q=" + "x" * 300, "q")):
+        st, body = await _call("GET", f"{srv.url}/api/v1/nodes?{query}")
+        assert st == 400 and words in body["error"], (query, body)
+
+
 async def test_openapi_is_valid_and_complete(srv: Served) -> None:
     validator = pytest.importorskip("openapi_spec_validator",
                                     reason="pip install openapi-spec-validator (test extra)")
@@ -270,6 +302,7 @@ async def test_metrics(srv: Served) -> None:
     assert 'netboot_boot_duration_seconds_bucket{le="30"} 1' in lines
     assert "# TYPE netboot_boot_duration_seconds histogram" in lines
     assert "netboot_nodes_stuck 0" in lines
+    assert "netboot_registry_events_pruned_total 0" in lines
 
 
 def test_alert_rules_pass_promtool() -> None:

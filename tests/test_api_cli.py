@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from netboot.cli.nodes import add_parser, table
-from tests.nodes import observe, transition
+from netboot.cli.nodes import add_parser, resolve_node, table
+from tests.nodes import observe, populate, transition, uuid_of
 from tests.test_api import ADMIN, U1, U2, Served, serve_registry
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -54,6 +54,24 @@ async def test_list_is_aligned_and_coloured_on_request(srv: Served, capsys) -> N
     assert "\x1b[31merror" in out and U1 not in out
     plain = ANSI.sub("", out).splitlines()
     assert plain[1][plain[0].index("STATE"):].startswith("error")
+
+
+async def test_list_follows_the_cursors_and_names_resolve(srv: Served, capsys) -> None:
+    await populate(srv.registry, 1200)  # more than one request's page (1000)
+    rc, out, _ = await _run(["nodes", "list", "--url", srv.url], capsys)
+    assert rc == 0 and out.count("\n10000000-0000-0000-0000-") == 1200
+    assert U1 in out and U2 in out and "1202 nodes" in out and "shown" not in out
+    rc, out, _ = await _run(["nodes", "list", "--url", srv.url, "--limit", "5"], capsys)
+    assert out.count("\n10000000-0000-0000-0000-") == 3 and U1 in out and U2 in out
+    assert "the first 5 shown" in out
+    rc, out, _ = await _run(["nodes", "list", "--url", srv.url, "-q", "sn-01199"], capsys)
+    assert uuid_of(1199) in out and "1202 nodes" in out and uuid_of(1198) not in out
+    args = _parse(["nodes", "list", "--url", srv.url])
+    for name in ("SN-01150", "node1150.lab", "52-54-00-00-04-7E", uuid_of(1150).upper()):
+        assert (await asyncio.to_thread(resolve_node, args, name))["uuid"] == uuid_of(1150), name
+    with pytest.raises(SystemExit):
+        _parse(["nodes", "list", "--limit", "0"])
+    assert "not a whole number above 0" in capsys.readouterr().err
 
 
 async def test_show_rearm_forget(srv: Served, capsys, monkeypatch) -> None:

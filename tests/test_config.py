@@ -116,6 +116,22 @@ def test_server_config_error_is_fatal_with_line(tmp_path: Path) -> None:
     assert f"{cfg}:3: dhcp.port:" in str(exc.value)
 
 
+def test_event_retention_settings(tmp_path: Path) -> None:
+    from netboot.server import event_retention
+
+    cfg = tmp_path / "netboot.yaml"
+    cfg.write_text("http_port: 8080\n")
+    kept = event_retention(ConfigStore(cfg).server)
+    assert (kept.max_age, kept.max_rows, kept.every) == (30 * 86400, 1_000_000, 60)
+    cfg.write_text("registry:\n  events_max_age: 86400\n  events_max_rows: 5000\n")
+    kept = event_retention(ConfigStore(cfg).server)
+    assert (kept.max_age, kept.max_rows) == (86400, 5000)
+    cfg.write_text("registry:\n  events_max_rows: 10\n")
+    with pytest.raises(ConfigError) as exc:
+        ConfigStore(cfg)
+    assert f"{cfg}:2: registry.events_max_rows:" in str(exc.value)
+
+
 def test_booter_scripts(store: ConfigStore) -> None:
     booter = Booter(store, "10.0.0.2", 8080)
     decision = booter.decide("52:54:00:99:99:99", "11111111-2222-3333-4444-555555555555")

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import shutil
 import struct
 import tempfile
+import urllib.request
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from netboot.util.text import human_duration
-from tests.nodes import Clock, observe, patch, transition
+from tests.nodes import Clock, observe, patch, populate, transition, uuid_of
 from tests.test_api import Served, serve_registry
 
 CHROMIUM = "/usr/bin/chromium"
@@ -71,6 +75,17 @@ async def test_index_html(populated: Served) -> None:
     assert '/static/live.js' in html
     st, html = await _get(populated.url + "/?state=error")
     assert html.count('<tr id="node-') == 1
+    st, html = await _get(populated.url + "/?limit=4")  # pages keep the filters they had
+    assert html.count('<tr id="node-') == 4 and 'id="prev"' not in html
+    assert 'id="next" rel="next" href="/?limit=4&amp;cursor=' in html
+    st, html = await _get(populated.url + "/?q=sn-fresh&state=deploying&profile=")
+    assert html.count('<tr id="node-') == 1 and f'id="node-{FRESH_DEPLOYING}"' in html
+    assert 'value="sn-fresh"' in html and "<option selected>deploying</option>" in html
+    st, html = await _get(populated.url + "/?q=nobody")
+    assert st == 200 and "No nodes match" in html
+    for bad in ("cursor=bogus", "limit=5000"):
+        st, text = await _get(populated.url + "/?" + bad)
+        assert st == 400 and "the first page is at /" in text, bad
     st, css = await _get(populated.url + "/static/style.css")
     assert st == 200 and "tr.stuck" in css
 
@@ -128,10 +143,17 @@ def _png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
     return width, height, rows
 
 
-def _browser(url: str, shot: Path) -> dict[str, object]:
+def _need_chromium() -> None:
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        pytest.skip("needs apt-get install -y chromium chromium-driver")
+    pytest.importorskip("selenium", reason="pip install selenium (test extra)")
+
+
+@contextlib.contextmanager
+def _chromium() -> Iterator[Any]:
+    """A headless Chromium under chromedriver, with a throwaway profile."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
 
     profile = tempfile.mkdtemp(prefix="netboot-chromium-")
     opts = webdriver.ChromeOptions()
@@ -144,6 +166,16 @@ def _browser(url: str, shot: Path) -> dict[str, object]:
         opts.add_argument(flag)
     driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
     try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _browser(url: str, shot: Path) -> dict[str, object]:
+    from selenium.webdriver.common.by import By
+
+    with _chromium() as driver:
         driver.get(url)
         rows = driver.find_elements(By.CSS_SELECTOR, "#nodes tbody tr")
         stuck_row = driver.find_element(By.ID, f"node-{STUCK}")
@@ -160,15 +192,10 @@ def _browser(url: str, shot: Path) -> dict[str, object]:
         }
         driver.save_screenshot(str(shot))
         return out
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 async def test_dashboard_in_headless_chromium(populated: Served, tmp_path: Path) -> None:
-    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
-        pytest.skip("needs apt-get install -y chromium chromium-driver")
-    pytest.importorskip("selenium", reason="pip install selenium (test extra)")
+    _need_chromium()
     shot = tmp_path / "dashboard.png"
     got = await asyncio.to_thread(_browser, populated.url + "/", shot)
     assert got["title"] == "netboot: 6 nodes"
@@ -189,3 +216,86 @@ async def test_dashboard_in_headless_chromium(populated: Served, tmp_path: Path)
     keep = os.environ.get("NETBOOT_DASHBOARD_SHOT")
     if keep:
         shutil.copy(shot, keep)
+
+
+MANY = 10_000
+
+
+def _rows(driver: Any) -> list[str]:
+    from selenium.webdriver.common.by import By
+
+    return [r.get_attribute("id").removeprefix("node-")
+            for r in driver.find_elements(By.CSS_SELECTOR, "#nodes tbody tr")]
+
+
+def _follow(driver: Any, element_id: str) -> None:
+    """Click a link or button that loads a new page, and wait for that page."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    old = driver.find_element(By.TAG_NAME, "html")
+    driver.find_element(By.ID, element_id).click()
+    WebDriverWait(driver, 30).until(ec.staleness_of(old))
+
+
+def _many_nodes_browser(url: str, register: Any) -> dict[str, Any]:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    out: dict[str, Any] = {}
+    with _chromium() as driver:
+        driver.get(url + "/")
+        out["title"] = driver.title
+        out["first"] = _rows(driver)
+        out["has_prev"] = bool(driver.find_elements(By.ID, "prev"))
+        # live: a node this page does not show is counted, and the page is not fetched again
+        driver.execute_script("window.netbootMark = 'still this page';")
+        WebDriverWait(driver, 30).until(
+            lambda d: d.execute_script("return document.getElementById('live').textContent")
+            == "nodes \u00b7 live")
+        register()
+        fresh = driver.find_element(By.ID, "fresh")
+        WebDriverWait(driver, 30).until(lambda d: fresh.is_displayed())
+        out["fresh"] = fresh.text
+        out["mark"] = driver.execute_script("return window.netbootMark")
+        out["rows_after_live"] = len(_rows(driver))
+
+        _follow(driver, "next")
+        out["second"] = _rows(driver)
+        _follow(driver, "prev")
+        out["back"] = _rows(driver)
+
+        box = driver.find_element(By.ID, "q")
+        box.send_keys("sn-04242")
+        _follow(driver, "search")
+        out["search"] = _rows(driver)
+        out["search_url"] = driver.current_url
+        out["search_has_next"] = bool(driver.find_elements(By.ID, "next"))
+        return out
+
+
+async def test_dashboard_pages_and_searches_10000_nodes(tmp_path: Path) -> None:
+    _need_chromium()
+    async with serve_registry(tmp_path) as srv:
+        everyone = await populate(srv.registry, MANY)  # one commit, no HTTP
+        newcomer = "20000000-0000-0000-0000-000000000001"
+        token = srv.registry.node_token(newcomer)
+
+        def register() -> None:  # the booted OS of a new machine reports (from the thread)
+            req = urllib.request.Request(
+                f"{srv.url}/api/v1/nodes/{newcomer}/register", method="POST",
+                data=json.dumps({"serial": "NEW-1"}).encode(),
+                headers={"X-Node-Token": token, "Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert r.status == 200
+
+        got = await asyncio.to_thread(_many_nodes_browser, srv.url, register)
+    assert got["title"] == f"netboot: {MANY} nodes"
+    assert got["first"] == everyone[:100] and not got["has_prev"]
+    assert got["fresh"].startswith("1 new node since this page was loaded")
+    assert got["mark"] == "still this page" and got["rows_after_live"] == 100
+    assert got["second"] == everyone[100:200]
+    assert got["back"] == everyone[:100]
+    assert got["search"] == [uuid_of(4242)] and not got["search_has_next"]
+    assert "q=sn-04242" in got["search_url"]

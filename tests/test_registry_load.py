@@ -126,9 +126,17 @@ async def test_kill_9_keeps_every_acknowledged_registration(tmp_path: Path) -> N
 
     proc = await _start(tmp_path, port, secret)  # restart on the same data
     try:
-        async with aiohttp.ClientSession() as s, s.get(f"{base}/api/v1/nodes") as r:
-            assert r.status == 200
-            present = {n["uuid"] for n in (await r.json())["nodes"]}
+        present: set[str] = set()
+        query = {"limit": "1000"}
+        async with aiohttp.ClientSession() as s:
+            while True:  # every page
+                async with s.get(f"{base}/api/v1/nodes", params=query) as r:
+                    assert r.status == 200
+                    body = await r.json()
+                present |= {n["uuid"] for n in body["nodes"]}
+                if body["next_cursor"] is None:
+                    break
+                query["cursor"] = body["next_cursor"]
     finally:
         proc.terminate()
         await proc.wait()

@@ -17,11 +17,14 @@ import urllib.request
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from ..identity import IdentityError, normalise_mac, normalise_uuid
 from ..util.text import human_duration
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 STATE_COLOURS = {"discovered": "90", "commissioning": "35", "ready": "36", "booting": "34",
                  "deploying": "33", "installed": "32", "error": "31"}
+#: nodes per request when following the API's cursors (its maximum)
+PAGE = 1000
 COLUMNS = ("UUID", "HOSTNAME", "SERIAL", "VENDOR", "PRODUCT", "PROFILE", "ADDRESS", "STATE",
            "IN STATE", "BOOTS")
 
@@ -47,7 +50,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--state", help="only nodes in this state")
     p.add_argument("--profile", help="only nodes with this profile")
     p.add_argument("--label", help="only nodes with label key=value")
-    p.add_argument("--json", action="store_true", help="print the API's JSON")
+    p.add_argument("--search", "-q", help="only nodes whose serial, hostname or a MAC "
+                   "contains this (any case)")
+    p.add_argument("--limit", type=_positive, help="at most this many nodes (default: all, "
+                   f"fetched {PAGE} a request)")
+    p.add_argument("--json", action="store_true",
+                   help="print the nodes and counts as JSON (the API's fields)")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("show", parents=[common], help="one node with its events")
@@ -113,6 +121,32 @@ def _request(args: argparse.Namespace, method: str, path: str, body: Any = None,
         raise CliError(f"cannot reach netboot at {args.url}: {reason}") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number above 0")
+    return n
+
+
+def list_nodes(args: argparse.Namespace, query: dict[str, str | None],
+               limit: int | None = None) -> tuple[list[dict[str, Any]], dict[str, int], bool]:
+    """The nodes ``query`` matches, following ``next_cursor`` page by page (the first
+    ``limit`` only, when given): (nodes, counts per state, whether more were left)."""
+    nodes: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        want = PAGE if limit is None else min(PAGE, limit - len(nodes))
+        data = _request(args, "GET", "/api/v1/nodes",
+                        query={**query, "limit": str(want), "cursor": cursor})
+        nodes += data["nodes"]
+        cursor = data.get("next_cursor")
+        if cursor is None or (limit is not None and len(nodes) >= limit):
+            return nodes, data["counts"], cursor is not None
+
+
 def default_token() -> str | None:
     return os.environ.get("NETBOOT_TOKEN") or os.environ.get("NETBOOT_ADMIN_TOKEN")
 
@@ -120,9 +154,19 @@ def default_token() -> str | None:
 def resolve_node(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """The node a UUID, MAC, hostname or serial names (exactly one, or CliError)."""
     want = name.strip().lower()
-    nodes = _request(args, "GET", "/api/v1/nodes")["nodes"]
-    hits = [n for n in nodes if want == n["uuid"] or want in n.get("macs", [])
-            or want.replace("-", ":") in n.get("macs", [])
+    try:
+        uuid = normalise_uuid(want)
+    except IdentityError:
+        pass
+    else:
+        return dict(_request(args, "GET", f"/api/v1/nodes/{uuid}"))
+    try:
+        mac: str | None = normalise_mac(want)
+    except IdentityError:
+        mac = None
+    # the API's search narrows it down (substring); the name must match exactly
+    nodes, _, _ = list_nodes(args, {"q": mac or want})
+    hits = [n for n in nodes if mac in n.get("macs", [])
             or want == (n.get("hostname") or "").lower()
             or want == (n.get("serial") or "").lower()]
     if not hits:
@@ -194,19 +238,22 @@ def _ts(t: float | None) -> str:
 @_run
 def cmd_list(args: argparse.Namespace, out: TextIO) -> int:
     """Print the node table and a per-state summary."""
-    data = _request(args, "GET", "/api/v1/nodes",
-                    query={"state": args.state, "profile": args.profile, "label": args.label})
+    nodes, counts, more = list_nodes(
+        args, {"state": args.state, "profile": args.profile, "label": args.label,
+               "q": args.search}, args.limit)
     if args.json:
-        print(json.dumps(data, indent=2), file=out)
+        print(json.dumps({"nodes": nodes, "counts": counts, "more": more}, indent=2), file=out)
         return 0
     colour = _use_colour(args, out)
-    if data["nodes"]:
-        print(table(data["nodes"], colour), file=out)
+    if nodes:
+        print(table(nodes, colour), file=out)
     else:
         print("no nodes", file=out)
-    summary = ", ".join(paint(f"{n} {s}", s, colour) for s, n in data["counts"].items() if n)
-    print(f"\n{sum(data['counts'].values())} nodes" + (f": {summary}" if summary else ""),
-          file=out)
+    summary = ", ".join(paint(f"{n} {s}", s, colour) for s, n in counts.items() if n)
+    print(f"\n{sum(counts.values())} nodes" + (f": {summary}" if summary else ""), file=out)
+    if more:
+        print(f"(the first {len(nodes)} shown: a larger --limit, or none, shows more)",
+              file=out)
     return 0
 
 

@@ -12,7 +12,15 @@ import argparse
 import time
 from typing import Any, TextIO
 
-from .nodes import DEFAULT_URL, CliError, _request, _run, default_token, resolve_node
+from .nodes import (
+    DEFAULT_URL,
+    CliError,
+    _request,
+    _run,
+    default_token,
+    list_nodes,
+    resolve_node,
+)
 
 ACTIONS = ("on", "off", "soft", "cycle")
 
@@ -86,8 +94,7 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
     if args.nodes:
         nodes = [resolve_node(args, n) for n in args.nodes]
     else:
-        query = {"label": args.label, "state": args.state}
-        nodes = _request(args, "GET", "/api/v1/nodes", query=query)["nodes"]
+        nodes, _, _ = list_nodes(args, {"label": args.label, "state": args.state})
     unknown = 0
     for n in nodes:
         p = n["power"]

@@ -10,14 +10,17 @@ without JavaScript the page refreshes itself every few seconds instead.
 from __future__ import annotations
 
 import time
+import urllib.parse
 from pathlib import Path
 
 import jinja2
 from aiohttp import web
 
+from ..storage.pages import DEFAULT_LIMIT
 from ..storage.registry import STATES
 from ..util.text import human_duration
 from .context import HttpContext, ctx_of
+from .nodes import LIST_QUERY, ListQuery, list_query, node_page
 from .power import power_out
 from .routes import Route, path_uuid
 
@@ -51,19 +54,37 @@ def _unavailable(ctx: HttpContext) -> web.Response:
                              f"({ctx.lifecycle.problem or 'not open'}); see /health\n")
 
 
+def _page_href(query: ListQuery, cursor: str | None) -> str | None:
+    """The dashboard URL of the page at ``cursor`` with the same filters (None: no page)."""
+    if cursor is None:
+        return None
+    keep = query.model_dump(exclude_defaults=True, exclude={"cursor"})
+    return "/?" + urllib.parse.urlencode({**keep, "cursor": cursor})
+
+
 async def dashboard_index(request: web.Request) -> web.Response:
+    """One page of nodes (like GET /api/v1/nodes), with search, filters and page links."""
     ctx = ctx_of(request)
     if ctx.registry is None:
         return _unavailable(ctx)
-    q = request.query
-    state = q.get("state") or None
-    nodes = await ctx.registry.list(state=state if state in STATES else None,
-                                    profile=q.get("profile") or None,
-                                    label=q.get("label") or None)
+    try:
+        query = list_query(request)
+        page = await node_page(ctx, query)
+    except ValueError as exc:
+        return web.Response(status=400, content_type="text/plain",
+                            text=f"netboot: {exc}; the first page is at /\n")
+    nodes = page.nodes
+    profiles = sorted({*ctx.booter.config.snapshot.profiles, *([query.profile] if query.profile
+                                                                else [])})
     return _dashboard.render("index.html", nodes=nodes, counts=ctx.registry.counts_by_state(),
                              stuck={n.uuid for n in ctx.lifecycle.stuck()},
                              stuck_after=ctx.lifecycle.stuck_after, now=ctx.registry.now(),
-                             filter_state=state or "",
+                             query=query, filtered=bool(query.state or query.profile
+                                                        or query.label or query.q),
+                             filter_state=query.state or "", profiles=profiles,
+                             limit=query.limit if query.limit != DEFAULT_LIMIT else None,
+                             next_href=_page_href(query, page.next_cursor),
+                             prev_href=_page_href(query, page.prev_cursor),
                              power={n.uuid: power_out(ctx, n.uuid) for n in nodes})
 
 
@@ -95,8 +116,8 @@ def add_static(app: web.Application) -> None:
 
 
 ROUTES = (
-    Route("GET", "/", dashboard_index, "Dashboard: all nodes", "viewer",
-          content_type="text/html", query=("state", "profile", "label"), tag="dashboard"),
+    Route("GET", "/", dashboard_index, "Dashboard: a page of nodes, searchable", "viewer",
+          content_type="text/html", query=LIST_QUERY, tag="dashboard"),
     Route("GET", "/nodes/{uuid}", dashboard_node, "Dashboard: one node and its events",
           "viewer", content_type="text/html", tag="dashboard"),
 )

@@ -9,12 +9,13 @@ import json
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..boot.lifecycle import NotCommissioning
 from ..config import IPv4Text
 from ..identity import normalise_mac
-from ..storage.registry import STATES, Node
+from ..storage.pages import DEFAULT_LIMIT, MAX_LIMIT, MAX_QUERY, CursorError
+from ..storage.registry import STATES, Node, NodeFilter, NodePage
 from .context import HttpContext, ctx_of
 from .routes import Route, caller_of, error, path_uuid
 
@@ -117,8 +118,30 @@ class NodeWithEvents(NodeOut):
 
 
 class NodeList(BaseModel):
-    nodes: list[NodeOut]
-    counts: dict[str, int]
+    nodes: list[NodeOut] = Field(description="one page, in order of first sighting")
+    counts: dict[str, int] = Field(description="all nodes per state (not only this page's)")
+    next_cursor: str | None = Field(description="cursor= of the next page; null: the last")
+    prev_cursor: str | None = Field(description="cursor= of the page before; null: the first")
+
+
+class ListQuery(BaseModel):
+    """The node list's query string (API and dashboard); empty values mean 'not given'."""
+
+    model_config = ConfigDict(extra="ignore", str_strip_whitespace=True)
+    limit: int = Field(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT)
+    cursor: str | None = Field(None, max_length=400)
+    state: Literal[STATES] | None = None  # type: ignore[valid-type]
+    profile: str | None = Field(None, max_length=256)
+    label: str | None = Field(None, max_length=512)
+    q: str | None = Field(None, max_length=MAX_QUERY)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blanks(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v != ""} if isinstance(data, dict) else data
+
+    def where(self) -> NodeFilter:
+        return NodeFilter(state=self.state, profile=self.profile, label=self.label, q=self.q)
 
 
 class ProfileOut(BaseModel):
@@ -144,12 +167,12 @@ class Error(BaseModel):
 
 # -- edge helpers -------------------------------------------------------------------
 
-def _validation_message(exc: ValidationError) -> str:
+def _validation_message(exc: ValidationError, what: str = "request body") -> str:
     parts = []
     for e in exc.errors():
         where = ".".join(str(x) for x in e["loc"]) or "body"
         parts.append(f"{where}: {e['msg']}")
-    return "invalid request body: " + "; ".join(parts)
+    return f"invalid {what}: " + "; ".join(parts)
 
 
 async def read_body(request: web.Request, model: type[BaseModel]) -> Any:
@@ -191,16 +214,35 @@ def _known(ctx: HttpContext, uuid: str) -> Node:
 
 # -- reads and admin changes ------------------------------------------------------------
 
+def list_query(request: web.Request) -> ListQuery:
+    """The node list's query string; ValueError with what is wrong and what to send."""
+    try:
+        return ListQuery.model_validate(dict(request.query))
+    except ValidationError as exc:
+        raise ValueError(_validation_message(exc, "query") + f" (limit: 1 to {MAX_LIMIT}, "
+                         f"default {DEFAULT_LIMIT})") from None
+
+
+async def node_page(ctx: HttpContext, query: ListQuery) -> NodePage:
+    """The page ``query`` asks for (ValueError for a cursor this server did not make)."""
+    assert ctx.registry is not None
+    try:
+        return await ctx.registry.page(query.where(), limit=query.limit, cursor=query.cursor)
+    except CursorError as exc:
+        raise ValueError(str(exc)) from None
+
+
 async def list_nodes(request: web.Request) -> dict[str, Any]:
+    """One page of nodes; follow ``next_cursor`` for the rest (keyset: stable under writes)."""
     ctx = ctx_of(request)
     assert ctx.registry is not None
-    state = request.query.get("state") or None
-    if state is not None and state not in STATES:
-        raise error(web.HTTPBadRequest, f"state must be one of {', '.join(STATES)}")
-    nodes = await ctx.registry.list(state=state, profile=request.query.get("profile") or None,
-                                    label=request.query.get("label") or None)
-    return {"nodes": [node_out(ctx, n) for n in nodes],
-            "counts": ctx.registry.counts_by_state()}
+    try:
+        page = await node_page(ctx, list_query(request))
+    except ValueError as exc:
+        raise error(web.HTTPBadRequest, str(exc)) from None
+    return {"nodes": [node_out(ctx, n) for n in page.nodes],
+            "counts": ctx.registry.counts_by_state(),
+            "next_cursor": page.next_cursor, "prev_cursor": page.prev_cursor}
 
 
 async def show_node(request: web.Request) -> dict[str, Any]:
@@ -387,10 +429,11 @@ async def show_audit(request: web.Request) -> dict[str, Any]:
 
 
 _N = "/api/v1/nodes/{uuid}"
-_LIST_QUERY = ("state", "profile", "label")
+LIST_QUERY = ("limit", "cursor", "state", "profile", "label", "q")
 ROUTES = (
-    Route("GET", "/api/v1/nodes", list_nodes, "List nodes, optionally filtered", "viewer",
-          response=NodeList, query=_LIST_QUERY, tag="admin", registry=True),
+    Route("GET", "/api/v1/nodes", list_nodes, "A page of nodes, optionally filtered or "
+          "searched; next_cursor leads to the next", "viewer",
+          response=NodeList, query=LIST_QUERY, tag="admin", registry=True),
     Route("GET", _N, show_node, "One node with its event history", "viewer",
           response=NodeWithEvents, tag="admin", registry=True),
     Route("PATCH", _N, patch_node, "Re-arm, relabel, set profile or hostname", "operator",

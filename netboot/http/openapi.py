@@ -23,7 +23,10 @@ QUERY_HELP = {
     "asset": "SMBIOS asset tag", "exp": "expiry of a signed URL (Unix time)",
     "sig": "signature of a signed URL",
     "format": "sh: answer as shell-safe KEY=value lines (for a busybox OS)",
-    "node": "only this node's rows (UUID)", "limit": "at most this many rows (default 100)",
+    "node": "only this node's rows (UUID)",
+    "limit": "at most this many rows (default 100; nodes: at most 1000)",
+    "cursor": "where the page starts: next_cursor or prev_cursor of the page before",
+    "q": "a substring of the serial, hostname or a MAC (aa:bb or aabb), any case",
 }
 
 PATH_HELP = {"uuid": "SMBIOS UUID", "path": "a path under images_dir",

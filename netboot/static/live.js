@@ -15,10 +15,25 @@
     return document.getElementById("node-" + uuid);
   }
 
+  // The list shows one page: a node it does not show is counted, never fetched (a flood
+  // of new nodes must not turn every open tab into a reload loop).
+  var fresh = document.getElementById("fresh");
+  var freshCount = 0;
+
+  function notice(text) {
+    if (!fresh) return;
+    setText(document.getElementById("fresh-text"), text);
+    fresh.hidden = false;
+  }
+
   function onNode(d) {
     var row = nodeRow(d.uuid);
-    if (!row) {  // a node this page does not show yet
-      if (document.getElementById("nodes") && d.event === "discovered") location.reload();
+    if (!row) {  // a node this page does not show
+      if (d.event === "discovered") {
+        freshCount += 1;
+        notice(freshCount + (freshCount === 1 ? " new node" : " new nodes") +
+               " since this page was loaded.");
+      }
       return;
     }
     row.setAttribute("data-state", d.state);
@@ -41,7 +56,10 @@
     var es = new EventSource("/api/v1/events");
     es.addEventListener("node", function (e) { onNode(JSON.parse(e.data)); });
     es.addEventListener("power", function (e) { onPower(JSON.parse(e.data)); });
-    es.addEventListener("resync", function () { location.reload(); });
+    es.addEventListener("resync", function () {
+      if (fresh) notice("Too many changes to follow live.");
+      else location.reload();  // a node page: one node, cheap to fetch again
+    });
     es.onopen = function () { setText(live, "nodes \u00b7 live"); };
     es.onerror = function () { setText(live, "nodes \u00b7 reconnecting\u2026"); };
   } else {

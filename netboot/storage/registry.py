@@ -18,6 +18,10 @@ Pass ``synchronous="FULL"`` to ``open`` to fsync every commit.
 
 A failed commit reloads the index from disk, so memory never claims what the
 file does not hold; the futures of everything since fail with RegistryError.
+
+Lists are read from disk a page at a time (``page``, keyset cursors: see
+:mod:`.pages`); the writer also keeps the events table within its retention limits
+(``EventRetention``), a bounded batch at a time between commits.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiosqlite
 
@@ -44,6 +48,7 @@ from ..identity import (
     normalise_mac,
     normalise_uuid,
 )
+from .pages import DEFAULT_LIMIT, Cursor, NodeFilter, page_sql, search_text
 from .schema import (
     AUDIT_COLS,
     BMC_COLS,
@@ -62,8 +67,8 @@ from .schema import (
     row_to_fields,
 )
 
-__all__ = ["DB_NAME", "MIGRATIONS", "STATES", "BmcRecord", "Change", "Node", "Registry",
-           "RegistryError", "make_node_token"]
+__all__ = ["DB_NAME", "MIGRATIONS", "STATES", "BmcRecord", "Change", "EventRetention", "Node",
+           "NodeFilter", "NodePage", "Registry", "RegistryError", "make_node_token"]
 
 log = logging.getLogger("netboot.registry")
 
@@ -71,6 +76,7 @@ log = logging.getLogger("netboot.registry")
 STATES: tuple[str, ...] = ("discovered", "commissioning", "ready", "booting", "deploying",
                            "installed", "error")
 DB_NAME = "registry.sqlite3"
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -140,12 +146,36 @@ class Change:
         return self.old is None or self.old.state != self.node.state
 
 
+@dataclass(frozen=True, slots=True)
+class NodePage:
+    """One page of the node list, and the cursors of its neighbours (None: no such page)."""
+
+    nodes: list[Node]
+    next_cursor: str | None
+    prev_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRetention:
+    """How long the events table keeps history: rows older than ``max_age`` seconds go, and
+    so do rows more than ``max_rows`` ids below the newest (the table never holds more).
+    The writer prunes every ``every`` seconds, ``batch`` rows per transaction, with commits
+    in between, so neither a boot nor an API call ever waits behind a big delete."""
+
+    max_age: float = 30 * 86400.0
+    max_rows: int = 1_000_000
+    every: float = 60.0
+    batch: int = 5000
+
+
 @dataclass
 class RegistryStats:
     """Plain numbers for whoever exports metrics (storage knows no exposition format)."""
 
     commits: int = 0
     commit_failures: int = 0
+    events_pruned: int = 0
+    prune_batches: int = 0
 
 
 def make_node_token(secret: bytes, uuid: str) -> str:
@@ -177,7 +207,8 @@ def _bmc_row(uuid: str, b: BmcRecord | None) -> tuple[Any, ...]:
 def _node_row(n: Node) -> tuple[Any, ...]:
     return (n.uuid, n.serial, n.vendor, n.product, n.asset, n.address, n.hostname, n.profile,
             json.dumps(n.labels, sort_keys=True), n.boot_count, n.first_seen, n.last_seen,
-            n.state, n.state_since, n.reason, int(n.armed), n.cycle_start, n.assigned_profile)
+            n.state, n.state_since, n.reason, int(n.armed), n.cycle_start, n.assigned_profile,
+            search_text(n.serial, n.hostname, n.macs))
 
 
 @dataclass
@@ -201,7 +232,8 @@ class Registry:
     """The node inventory. Open with ``await Registry.open(...)``; close when done."""
 
     def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection, *, secret: bytes,
-                 clock: Callable[[], float], path: Path):
+                 clock: Callable[[], float], path: Path,
+                 retention: EventRetention = EventRetention()):
         #: the database file (its directory is the data dir)
         self.path = path
         self._db = db
@@ -226,6 +258,9 @@ class Registry:
         self._closing = False
         self._writer_task: asyncio.Task[None] | None = None
         self.loads = 0
+        self.retention = retention
+        self._prune_waiters: list[asyncio.Future[int]] = []
+        self._pruned = 0  # rows removed by the pass under way
 
     def __repr__(self) -> str:  # never the secret
         return f"Registry({len(self._nodes)} nodes)"
@@ -233,7 +268,8 @@ class Registry:
     # -- open and close -------------------------------------------------------
     @classmethod
     async def open(cls, data_dir: Path, *, secret: bytes, clock: Callable[[], float] = time.time,
-                   synchronous: Literal["NORMAL", "FULL"] = "NORMAL") -> Registry:
+                   synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+                   retention: EventRetention = EventRetention()) -> Registry:
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         path = data_dir / DB_NAME
@@ -248,7 +284,7 @@ class Registry:
             await db.close()
             raise
         await reader.execute("PRAGMA busy_timeout=5000")
-        self = cls(db, reader, secret=secret, clock=clock, path=path)
+        self = cls(db, reader, secret=secret, clock=clock, path=path, retention=retention)
         await self._load()
         self._writer_task = asyncio.create_task(self._writer(), name="registry-writer")
         return self
@@ -263,6 +299,9 @@ class Registry:
         self._wake.set()
         if self._writer_task is not None:
             await asyncio.gather(self._writer_task, return_exceptions=True)
+        for w in self._prune_waiters:
+            if not w.done():
+                w.set_exception(RegistryError("registry is closed"))
         await self._reader.close()
         await self._db.close()
 
@@ -487,11 +526,15 @@ class Registry:
 
         Fails with RegistryError when the commit fails (the index is then reloaded).
         """
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        return self._ask_writer(self._waiters)
+
+    def _ask_writer(self, waiters: list[asyncio.Future[_T]]) -> asyncio.Future[_T]:
+        """A future in ``waiters`` for the writer to resolve, and the writer woken."""
+        fut: asyncio.Future[_T] = asyncio.get_running_loop().create_future()
         if self._closing:
             fut.set_exception(RegistryError("registry is closed"))
             return fut
-        self._waiters.append(fut)
+        waiters.append(fut)
         self._wake.set()
         return fut
 
@@ -509,6 +552,34 @@ class Registry:
             key, sep, value = label.partition("=")
             nodes = (n for n in nodes if key in n.labels and (not sep or n.labels[key] == value))
         return sorted(nodes, key=lambda n: (n.first_seen, n.uuid))
+
+    async def page(self, where: NodeFilter | None = None, *, limit: int = DEFAULT_LIMIT,
+                   cursor: str | None = None) -> NodePage:
+        """A page of the nodes ``where`` picks, in list order (first sighting, then UUID),
+        from ``cursor`` (a ``next_cursor`` or ``prev_cursor`` of an earlier page; None: the
+        first page). CursorError (a ValueError) for a cursor this code did not make.
+
+        What is pending is committed first; the nodes are the index's (newest) snapshots."""
+        at = Cursor.decode(cursor) if cursor else None
+        with contextlib.suppress(RegistryError):
+            await self.commit()
+        sql, args = page_sql(where or NodeFilter(), at, limit)
+        async with self._reader.execute(sql, args) as cur:
+            rows: list[tuple[str, float]] = list(await cur.fetchall())  # type: ignore[arg-type]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        if at is not None and at.direction == "prev":
+            rows.reverse()
+            if not more and len(rows) < limit:  # back at the start: the full first page
+                return await self.page(where, limit=limit)
+            has_prev, has_next = more, True
+        else:
+            has_prev, has_next = at is not None, more
+        return NodePage(
+            nodes=[self._nodes[u] for u, _ in rows if u in self._nodes],
+            next_cursor=Cursor(rows[-1][1], rows[-1][0]).encode() if has_next and rows else None,
+            prev_cursor=(Cursor(rows[0][1], rows[0][0], "prev").encode()
+                         if has_prev and rows else None))
 
     async def events(self, uuid: str) -> list[dict[str, Any]]:
         """A node's history, oldest first (committed first, so nothing pending is missed)."""
@@ -562,10 +633,21 @@ class Registry:
         self._dirty_bmcs, self._inventory, self._audit = set(), [], []
         return batch
 
-    async def _write(self, b: _Batch) -> None:
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE on the writer's connection; COMMIT, or ROLLBACK on any error."""
         db = self._db
         await db.execute("BEGIN IMMEDIATE")
         try:
+            yield db
+            await db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):  # keep the first error, not this one
+                await db.execute("ROLLBACK")
+            raise
+
+    async def _write(self, b: _Batch) -> None:
+        async with self._transaction() as db:
             if b.deleted:
                 await db.executemany("DELETE FROM bmcs WHERE uuid = ?", b.deleted)
                 await db.executemany("DELETE FROM inventory WHERE uuid = ?", b.deleted)
@@ -589,17 +671,70 @@ class Registry:
                 await db.executemany(UPSERT_INVENTORY, b.inventory)
             if b.audit:
                 await db.executemany(INSERT_AUDIT, b.audit)
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):  # keep the first error, not this one
-                await db.execute("ROLLBACK")
-            raise
         self.stats.commits += 1
 
+    def prune_events(self) -> asyncio.Future[int]:
+        """Run a retention pass now (the writer runs one every ``retention.every`` s); the
+        future gives the number of event rows it removed."""
+        return self._ask_writer(self._prune_waiters)
+
+    async def _prune_batch(self) -> int:
+        """Delete up to ``retention.batch`` events, oldest ids first: beyond ``max_rows``
+        below the newest id, then older than ``max_age`` (by the injected clock). Ids grow
+        with time, so the age check looks only at the oldest rows: the scan is bounded."""
+        r = self.retention
+        cutoff = self._clock() - r.max_age
+        async with self._db.execute("SELECT max(id) FROM events") as cur:
+            row = await cur.fetchone()
+        if row is None or row[0] is None:
+            return 0
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id <= ? "
+                "ORDER BY id LIMIT ?)", (row[0] - r.max_rows, r.batch))
+            removed = max(0, cur.rowcount)
+            if removed < r.batch:
+                cur = await db.execute(
+                    "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id "
+                    "LIMIT ?) AND time < ?", (r.batch - removed, cutoff))
+                removed += max(0, cur.rowcount)
+        self.stats.prune_batches += 1
+        self.stats.events_pruned += removed
+        return removed
+
+    async def _prune_step(self) -> bool:
+        """One batch of the pass under way; True while there is more to remove."""
+        try:
+            removed = await self._prune_batch()
+        except Exception as exc:
+            log.warning("pruning old events failed: %s; next try in %.0f s", exc,
+                        self.retention.every)
+            removed, failed = 0, exc
+        else:
+            failed = None
+        self._pruned += removed
+        if failed is None and removed >= self.retention.batch:
+            return True
+        waiters, self._prune_waiters, total, self._pruned = self._prune_waiters, [], self._pruned, 0
+        for w in waiters:
+            if w.done():
+                continue
+            if failed is not None:
+                w.set_exception(RegistryError(f"pruning events failed: {failed}"))
+            else:
+                w.set_result(total)
+        return False
+
     async def _writer(self) -> None:
-        """The one task that writes: takes everything pending, commits it, wakes the callers."""
+        """The one task that writes: takes everything pending, commits it, wakes the callers;
+        between commits, the retention pass (one bounded batch at a time)."""
+        loop = asyncio.get_running_loop()
+        prune_at = loop.time() + self.retention.every
+        pruning = False
         while True:
-            await self._wake.wait()
+            if not pruning:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, prune_at - loop.time()))
             self._wake.clear()
             waiters, self._waiters = self._waiters, []
             batch = self._take()
@@ -626,3 +761,7 @@ class Registry:
                     w.set_result(None)
             if self._closing and not self._waiters:
                 return
+            if pruning or self._prune_waiters or loop.time() >= prune_at:
+                pruning = await self._prune_step()
+                if not pruning:
+                    prune_at = loop.time() + self.retention.every

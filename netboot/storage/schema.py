@@ -66,15 +66,32 @@ async def _m2_bmc_inventory_audit(db: aiosqlite.Connection) -> None:
     """)
 
 
+async def _m3_node_pages(db: aiosqlite.Connection) -> None:
+    """Keyset pages of the node list: ``search`` (serial, hostname and MACs, lower case, tab
+    separated; written with every node row) and indexes in list order, (first_seen, uuid).
+    ``nodes_page`` covers the ``q=`` substring scan, so it reads no table rows."""
+    await _script(db, """
+        ALTER TABLE nodes ADD COLUMN search TEXT NOT NULL DEFAULT '';
+        UPDATE nodes SET search = lower(coalesce(serial, '') || char(9) ||
+            coalesce(hostname, '') || coalesce((SELECT char(9) || group_concat(
+                mac || char(9) || replace(mac, ':', ''), char(9))
+            FROM macs WHERE macs.uuid = nodes.uuid), ''));
+        CREATE INDEX nodes_page ON nodes(first_seen, uuid, search);
+        CREATE INDEX nodes_state ON nodes(state, first_seen, uuid);
+        CREATE INDEX nodes_profile ON nodes(profile, first_seen, uuid);
+    """)
+
+
 # Ordered; migration i+1 brings the schema from user_version i to i+1. Append only.
 MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [
-    _m1_initial, _m2_bmc_inventory_audit]
+    _m1_initial, _m2_bmc_inventory_audit, _m3_node_pages]
 
 NODE_COLS = ("uuid", "serial", "vendor", "product", "asset", "address", "hostname", "profile",
              "labels", "boot_count", "first_seen", "last_seen", "state", "state_since",
              "reason", "armed", "cycle_start", "assigned_profile")
-UPSERT_NODE = (f"INSERT OR REPLACE INTO nodes ({', '.join(NODE_COLS)}) "
-               f"VALUES ({', '.join('?' * len(NODE_COLS))})")
+#: what a node row is written with: its columns, then ``search`` (see _m3_node_pages)
+UPSERT_NODE = (f"INSERT OR REPLACE INTO nodes ({', '.join(NODE_COLS)}, search) "
+               f"VALUES ({', '.join('?' * (len(NODE_COLS) + 1))})")
 UPSERT_MAC = ("INSERT INTO macs (mac, uuid, first_seen) VALUES (?, ?, ?) "
               "ON CONFLICT(mac) DO UPDATE SET uuid = excluded.uuid")
 INSERT_EVENT = ("INSERT INTO events (uuid, time, kind, state, prev, source, address, detail) "
