@@ -51,6 +51,10 @@ class DhcpSettings(_Strict):
     enabled: bool = True
     port: int = Field(67, ge=1, le=65535)
     proxy_port: int = Field(4011, ge=1, le=65535, description="PXE boot server port")
+    max_queue_age: float = Field(
+        0.25, ge=0.005, le=10.0,
+        description="seconds a request may wait in the socket queue; older ones are "
+        "dropped unanswered and counted (dhcp_overload_dropped_total)")
 
 
 class TftpSettings(_Strict):

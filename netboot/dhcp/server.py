@@ -3,6 +3,16 @@
 Every decision is made by :class:`ProxyDhcp`; this layer only moves bytes.
 Sockets are bound to the interface (SO_BINDTODEVICE) so broadcasts leave by
 the right link even in a namespace with no default route.
+
+Overload: the kernel stamps each datagram when it arrives (SO_TIMESTAMPNS). A
+request that waited in the socket queue longer than ``max_age`` is dropped
+before it is decoded and counted (``dhcp_overload_dropped_total``): after a
+stall the server sheds the stale part of its queue at the cost of a read
+instead of answering it late and in a burst, which a relay with default
+buffers (166 replies on Linux's 208 kB) would lose anyway. The stamp is read
+once per wake-up while the queue is fresh (a datagram behind a fresh one is
+fresher), and per datagram only while the head of the queue is stale.
+Replies leave one by one as they are decided, interleaved with the reads.
 """
 
 from __future__ import annotations
@@ -10,6 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import struct
+import time
+from collections.abc import Callable
 
 from .proxy import ProxyDhcp
 
@@ -18,7 +31,13 @@ log = logging.getLogger("netboot.dhcp")
 SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)  # SCM_TIMESTAMPNS, the same number
 BUFFER_BYTES = 4 << 20
+#: a request older than this when read is stale: its client has retried or given up
+#: (iPXE's first DHCP timer is 1 s) and an answer now would leave in a burst
+MAX_AGE = 0.25
+_TIMESPEC = struct.Struct("@ll")
+_ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
 
 
 def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
@@ -45,6 +64,8 @@ def udp_socket(host: str, port: int, interface: str | None,
         # default 208 kB, three silent "relays" stalled every other reply.
         _set_buffer(sock, SO_RCVBUFFORCE, socket.SO_RCVBUF, BUFFER_BYTES)
         _set_buffer(sock, SO_SNDBUFFORCE, socket.SO_SNDBUF, BUFFER_BYTES)
+        # the kernel's arrival time of each datagram, for the overload check
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.bind((host, port))
         sock.setblocking(False)
     except OSError:
@@ -57,28 +78,58 @@ def udp_socket(host: str, port: int, interface: str | None,
 BATCH = 64
 
 
+def _arrival(ancdata: list[tuple[int, int, bytes]]) -> float | None:
+    """The SCM_TIMESTAMPNS stamp (wall-clock seconds) in a recvmsg's ancillary data."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            return sec + nsec * 1e-9
+    return None
+
+
 class _Endpoint:
     """One port, driven by loop.add_reader with non-blocking recvfrom/sendto: one
     wake-up serves a burst, and no transport or protocol callback per packet
     (uvloop's transport sendto cost more than the ProxyDHCP decision itself)."""
 
-    def __init__(self, proxy: ProxyDhcp, port: int, sock: socket.socket):
+    def __init__(self, proxy: ProxyDhcp, port: int, sock: socket.socket, *,
+                 max_age: float = MAX_AGE, wall: Callable[[], float] = time.time):
         self.proxy = proxy
         self.port = port
         self.sock = sock
+        self.max_age = max_age
+        #: the clock the kernel stamps arrivals with (CLOCK_REALTIME)
+        self.wall = wall
+
+    def _fresh(self) -> tuple[bytes, tuple[str, int]]:
+        """Read past stale datagrams (counted) to the first fresh one; raises what
+        recvmsg raises (BlockingIOError once the queue is empty)."""
+        recvmsg = self.sock.recvmsg
+        while True:
+            data, ancdata, _flags, addr = recvmsg(2048, _ANC_SPACE)
+            stamp = _arrival(ancdata)
+            if stamp is None or self.wall() - stamp <= self.max_age:
+                return data, addr
+            self.proxy.counters.inc("dhcp_overload_dropped_total")
 
     def on_readable(self) -> None:
         recvfrom = self.sock.recvfrom
         sendto = self.sock.sendto
         handle = self.proxy.handle
         port = self.port
+        counters = self.proxy.counters
+        fresh = False  # the head of the queue was fresh: what follows it is fresher
         for _ in range(BATCH):
             try:
-                data, addr = recvfrom(2048)
+                if fresh:
+                    data, addr = recvfrom(2048)
+                else:
+                    data, addr = self._fresh()
+                    fresh = True
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. ICMP errors queued on the socket
-                self.proxy.counters.inc("dhcp_socket_errors_total")
+                counters.inc("dhcp_socket_errors_total")
                 log.debug("DHCP socket error: %s", exc)
                 continue
             try:
@@ -88,12 +139,12 @@ class _Endpoint:
             except (BlockingIOError, InterruptedError):
                 # The kernel is pushing back (send buffer full): drop, the client
                 # retransmits; never queue without bound in user space.
-                self.proxy.counters.inc("dhcp_send_dropped_total")
+                counters.inc("dhcp_send_dropped_total")
             except OSError as exc:  # unreachable giaddr and the like
-                self.proxy.counters.inc("dhcp_socket_errors_total")
+                counters.inc("dhcp_socket_errors_total")
                 log.debug("DHCP send to %s failed: %s", addr[0], exc)
             except Exception:  # a bug must cost one packet, not the server
-                self.proxy.counters.inc("dhcp_errors_total")
+                counters.inc("dhcp_errors_total")
                 log.exception("error handling a DHCP packet from %s:%d", addr[0], addr[1])
 
 
@@ -112,7 +163,8 @@ class DhcpServer:
 
 
 async def start_dhcp(proxy: ProxyDhcp, ports: list[int], *, host: str = "0.0.0.0",
-                     interface: str | None = None) -> DhcpServer:
+                     interface: str | None = None, max_age: float = MAX_AGE,
+                     wall: Callable[[], float] = time.time) -> DhcpServer:
     loop = asyncio.get_running_loop()
     server = DhcpServer()
     server._loop = loop
@@ -121,7 +173,8 @@ async def start_dhcp(proxy: ProxyDhcp, ports: list[int], *, host: str = "0.0.0.0
             sock = udp_socket(host, port, interface)
             server.sockets.append(sock)
             server.ports.append(sock.getsockname()[1])
-            loop.add_reader(sock.fileno(), _Endpoint(proxy, port, sock).on_readable)
+            endpoint = _Endpoint(proxy, port, sock, max_age=max_age, wall=wall)
+            loop.add_reader(sock.fileno(), endpoint.on_readable)
     except BaseException:
         server.close()
         raise
