@@ -50,21 +50,26 @@ def _requests(n: int, first: int = 0) -> list[bytes]:
             for i in range(first, first + n)]
 
 
-async def test_a_stalled_server_sheds_the_stale_queue_and_answers_the_fresh(
-        store: ConfigStore) -> None:
-    counters = Counters()
-    server, addr = await _serve(store, counters, max_age=0.25)
+async def _stall_between(server, addr: tuple[str, int]) -> list[bytes]:
+    """20 requests, the loop (and so the server) stalled 0.5 s, 3 more: the replies."""
     client = _client()
     try:
         for pkt in _requests(20):
             client.sendto(pkt, addr)
-        time.sleep(0.5)  # the loop (and so the server) is stalled with 20 queued
+        time.sleep(0.5)
         for pkt in _requests(3, first=20):
             client.sendto(pkt, addr)
-        replies = await _replies(client)
+        return await _replies(client)
     finally:
         client.close()
         server.close()
+
+
+async def test_a_stalled_server_sheds_the_stale_queue_and_answers_the_fresh(
+        store: ConfigStore) -> None:
+    counters = Counters()
+    server, addr = await _serve(store, counters, max_age=0.25)
+    replies = await _stall_between(server, addr)
     assert counters.get("dhcp_overload_dropped_total") == 20
     assert len(replies) == 3
     answered = {r[28:34].hex(":") for r in replies}  # chaddr
@@ -76,17 +81,7 @@ async def test_requests_within_the_age_are_all_answered(store: ConfigStore) -> N
     """The same stall under a larger limit: nothing is dropped, all 23 are answered."""
     counters = Counters()
     server, addr = await _serve(store, counters, max_age=5.0)
-    client = _client()
-    try:
-        for pkt in _requests(20):
-            client.sendto(pkt, addr)
-        time.sleep(0.5)
-        for pkt in _requests(3, first=20):
-            client.sendto(pkt, addr)
-        replies = await _replies(client)
-    finally:
-        client.close()
-        server.close()
+    replies = await _stall_between(server, addr)
     assert counters.get("dhcp_overload_dropped_total") == 0
     assert len(replies) == 23
 
