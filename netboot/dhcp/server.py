@@ -24,6 +24,7 @@ import struct
 import time
 from collections.abc import Callable
 
+from .pacer import Pacer
 from .proxy import ProxyDhcp
 
 log = logging.getLogger("netboot.dhcp")
@@ -90,16 +91,21 @@ def _arrival(ancdata: list[tuple[int, int, bytes]]) -> float | None:
 class _Endpoint:
     """One port, driven by loop.add_reader with non-blocking recvfrom/sendto: one
     wake-up serves a burst, and no transport or protocol callback per packet
-    (uvloop's transport sendto cost more than the ProxyDHCP decision itself)."""
+    (uvloop's transport sendto cost more than the ProxyDHCP decision itself).
+    Replies go through the :class:`Pacer`; held ones leave on a timer."""
 
     def __init__(self, proxy: ProxyDhcp, port: int, sock: socket.socket, *,
-                 max_age: float = MAX_AGE, wall: Callable[[], float] = time.time):
+                 loop: asyncio.AbstractEventLoop, max_age: float = MAX_AGE,
+                 wall: Callable[[], float] = time.time, pacer: Pacer | None = None):
         self.proxy = proxy
         self.port = port
         self.sock = sock
         self.max_age = max_age
         #: the clock the kernel stamps arrivals with (CLOCK_REALTIME)
         self.wall = wall
+        self.loop = loop
+        self.pacer = pacer or Pacer(max_age=max_age)
+        self._timer: asyncio.TimerHandle | None = None
 
     def _fresh(self) -> tuple[bytes, tuple[str, int]]:
         """Read past stale datagrams (counted) to the first fresh one; raises what
@@ -113,9 +119,15 @@ class _Endpoint:
             self.proxy.counters.inc("dhcp_overload_dropped_total")
 
     def on_readable(self) -> None:
+        self._read()
+        if self._timer is None:
+            self._schedule()
+
+    def _read(self) -> None:
         recvfrom = self.sock.recvfrom
-        sendto = self.sock.sendto
         handle = self.proxy.handle
+        offer = self.pacer.offer
+        now = self.loop.time
         port = self.port
         counters = self.proxy.counters
         fresh = False  # the head of the queue was fresh: what follows it is fresher
@@ -134,27 +146,57 @@ class _Endpoint:
                 continue
             try:
                 reply = handle(data, port, addr)
-                if reply is not None:
-                    sendto(reply.data, (reply.address, reply.port))
-            except (BlockingIOError, InterruptedError):
-                # The kernel is pushing back (send buffer full): drop, the client
-                # retransmits; never queue without bound in user space.
-                counters.inc("dhcp_send_dropped_total")
-            except OSError as exc:  # unreachable giaddr and the like
-                counters.inc("dhcp_socket_errors_total")
-                log.debug("DHCP send to %s failed: %s", addr[0], exc)
             except Exception:  # a bug must cost one packet, not the server
                 counters.inc("dhcp_errors_total")
                 log.exception("error handling a DHCP packet from %s:%d", addr[0], addr[1])
+                continue
+            if reply is not None:
+                dest = (reply.address, reply.port)
+                if offer(dest, reply.data, now()):
+                    self._send(reply.data, dest)
+
+    def _send(self, data: bytes, dest: tuple[str, int]) -> None:
+        try:
+            self.sock.sendto(data, dest)
+        except (BlockingIOError, InterruptedError):
+            # The kernel is pushing back (send buffer full): drop, the client
+            # retransmits; never queue without bound in user space.
+            self.proxy.counters.inc("dhcp_send_dropped_total")
+        except OSError as exc:  # unreachable giaddr and the like
+            self.proxy.counters.inc("dhcp_socket_errors_total")
+            log.debug("DHCP send to %s failed: %s", dest[0], exc)
+
+    def _schedule(self) -> None:
+        at = self.pacer.deadline()
+        if at is not None:
+            self._timer = self.loop.call_at(at, self._flush)
+
+    def _flush(self) -> None:
+        self._timer = None
+        dropped = self.pacer.dropped
+        for dest, data in self.pacer.due(self.loop.time()):
+            self._send(data, dest)
+        if self.pacer.dropped != dropped:
+            self.proxy.counters.inc("dhcp_paced_dropped_total", self.pacer.dropped - dropped)
+        self._schedule()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class DhcpServer:
     def __init__(self) -> None:
         self.sockets: list[socket.socket] = []
         self.ports: list[int] = []
+        self.endpoints: list[_Endpoint] = []
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def close(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.close()
+        self.endpoints.clear()
         for sock in self.sockets:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(sock.fileno())
@@ -164,7 +206,10 @@ class DhcpServer:
 
 async def start_dhcp(proxy: ProxyDhcp, ports: list[int], *, host: str = "0.0.0.0",
                      interface: str | None = None, max_age: float = MAX_AGE,
-                     wall: Callable[[], float] = time.time) -> DhcpServer:
+                     wall: Callable[[], float] = time.time,
+                     pacer: Callable[[], Pacer] | None = None) -> DhcpServer:
+    """Serve ``proxy`` on each of ``ports``; ``pacer`` makes each port's Pacer
+    (default: Pacer's defaults, holding replies no longer than ``max_age``)."""
     loop = asyncio.get_running_loop()
     server = DhcpServer()
     server._loop = loop
@@ -173,7 +218,9 @@ async def start_dhcp(proxy: ProxyDhcp, ports: list[int], *, host: str = "0.0.0.0
             sock = udp_socket(host, port, interface)
             server.sockets.append(sock)
             server.ports.append(sock.getsockname()[1])
-            endpoint = _Endpoint(proxy, port, sock, max_age=max_age, wall=wall)
+            endpoint = _Endpoint(proxy, port, sock, loop=loop, max_age=max_age, wall=wall,
+                                 pacer=pacer() if pacer is not None else None)
+            server.endpoints.append(endpoint)
             loop.add_reader(sock.fileno(), endpoint.on_readable)
     except BaseException:
         server.close()
