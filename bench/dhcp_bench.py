@@ -5,11 +5,17 @@ the same lab, under ISC's perfdhcp.
     ns <tag>-boot 10.77.0.2  netboot serve (uvloop)
     ns <tag>-pd   10.77.0.50 perfdhcp -4 -i (a relay: giaddr = its address, unicast replies)
 
-Only one server runs at a time. For each, the highest rate answered with under
-0.1% drops is found by stepping up by 25% until a run fails and then bisecting,
-and the latency is read at a moderate rate. Run as root:
+Both servers run at once (perfdhcp unicasts to one address, so the other idles),
+and the measurements alternate between them: warm-up, latency at a moderate rate,
+then each server's search for the highest rate answered with under 0.1% drops
+(stepping up by 25% until a run fails, then bisecting), one step of each in turn,
+so a change in the host's speed hits both alike.
 
-    .venv/bin/python bench/dhcp_bench.py [--duration 3] [--pin] [--clients 100000]
+perfdhcp keeps its own default socket buffers (208 kB: 166 replies), as a relay
+does. ``--shim-row`` adds a second, labelled pass in which an LD_PRELOAD shim
+gives perfdhcp 4 MB, which shows the servers' own ceiling. Run as root:
+
+    .venv/bin/python bench/dhcp_bench.py [--duration 3] [--pin] [--clients 100000] [--shim-row]
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import sys
 import tempfile
 import time
 import uuid as uuidlib
+from collections.abc import Generator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,10 +71,11 @@ def write_config(root: Path, log_level: str) -> Path:
     return cfg / "netboot.yaml"
 
 
-# perfdhcp keeps the kernel's default 208 kB receive buffer; a server that answers a
-# queued burst at full speed (after the host descheduled it) overflowed it, and those
-# drops were perfdhcp's, not the server's (UDP RcvbufErrors in its namespace). This
-# shim, preloaded into perfdhcp only, gives its UDP sockets 4 MB (SO_RCVBUFFORCE, root).
+# perfdhcp keeps the kernel's default 208 kB receive buffer, as a relay does; a server
+# that answers a queued burst at full speed (after the host descheduled it) overflows
+# it, and those drops are perfdhcp's (UDP RcvbufErrors in its namespace). The labelled
+# second row preloads this shim into perfdhcp only: its UDP sockets get 4 MB
+# (SO_RCVBUFFORCE, root), which shows what the servers themselves can answer.
 _SHIM_C = r"""
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -129,7 +137,8 @@ class Bench:
         self.lab = Lab(self.root)
         self.client_ns = ""
         self.local = f"{self.lab.net}.50"
-        self.shim = None if args.default_rcvbuf else rcvbuf_shim(self.root)
+        self.shim: Path | None = None  # set for the --shim-row pass
+        self.procs: dict[str, tuple[subprocess.Popen, str]] = {}
 
     def __enter__(self) -> Bench:
         try:
@@ -141,7 +150,26 @@ class Bench:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        for name in list(self.procs):
+            self.stop(name)
         self.lab.down_all()
+
+    #: the servers can run side by side: the load is unicast to one of them
+    exclusive = False
+
+    def server(self, name: str) -> str:
+        """The address of ``name``, started if need be (alone, when ``exclusive``)."""
+        if name not in self.procs:
+            if self.exclusive:
+                for other in list(self.procs):
+                    self.stop(other)
+            self.procs[name] = self.start(name)
+        return self.procs[name][1]
+
+    def stop(self, name: str) -> None:
+        proc, _ = self.procs.pop(name)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
 
     def _pin(self, cmd: list[str]) -> list[str]:
         return ["taskset", "-c", "1", *cmd] if self.args.pin else cmd
@@ -191,13 +219,14 @@ class Bench:
         run = self.measure(server, rate)
         return run if run.ok else self.measure(server, rate)
 
-    def max_rate(self, server: str) -> Run | None:
-        """Step up by 25% from --start until a rate fails, then bisect 4 times."""
+    def search(self) -> Generator[int, Run, Run | None]:
+        """Rates to try, each sent a result: step up by 25% from --start until a rate
+        fails, then bisect 4 times. Returns the best passing run."""
         best: Run | None = None
         rate = self.args.start
         fail = None
         while rate <= self.args.ceiling:
-            run = self.try_rate(server, rate)
+            run = yield rate
             if not run.ok:
                 fail = rate
                 break
@@ -209,24 +238,33 @@ class Bench:
             mid = (lo + hi) // 2
             if hi - lo < 250:
                 break
-            run = self.try_rate(server, mid)
+            run = yield mid
             if run.ok:
                 best, lo = run, mid
             else:
                 hi = mid
         return best
 
-    def bench(self, name: str) -> dict:
-        print(f"== {name}", flush=True)
-        proc, server = self.start(name)
-        try:
-            self.measure(server, 1000)  # warm-up: ARP, caches, first-client logging
-            lat = self.measure(server, self.args.latency_rate)
-            best = self.max_rate(server)
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        return {"latency": lat, "max": best}
+    def bench(self, names: list[str]) -> dict[str, dict]:
+        """Both servers' warm-up, latency and search, one step of each in turn."""
+        results: dict[str, dict] = {name: {} for name in names}
+        for name in names:
+            self.measure(self.server(name), 1000)  # warm-up: ARP, caches, first logging
+        for name in names:
+            print(f"== {name}: latency", flush=True)
+            results[name]["latency"] = self.measure(self.server(name), self.args.latency_rate)
+        searches = {name: self.search() for name in names}
+        pending = {name: next(gen) for name, gen in searches.items()}
+        while pending:
+            for name in list(pending):
+                print(f"== {name}", flush=True)
+                run = self.try_rate(self.server(name), pending[name])
+                try:
+                    pending[name] = searches[name].send(run)
+                except StopIteration as done:
+                    results[name]["max"] = done.value
+                    del pending[name]
+        return results
 
 
 def _wait_for(log: Path, marker: str, proc: subprocess.Popen) -> None:
@@ -256,32 +294,39 @@ def main(argv: list[str] | None = None, bench_class: type[Bench] = Bench,
                    help="server on CPU 1, load client on CPU 0 (taskset); perfdhcp's two "
                    "threads then share a CPU and its socket overflows sooner")
     p.add_argument("--servers", default="netboot,dnsmasq")
-    p.add_argument("--default-rcvbuf", action="store_true",
-                   help="leave the load client's receive buffer at the kernel default")
+    p.add_argument("--shim-row", action="store_true",
+                   help="a second pass with the load client's receive buffer raised to 4 MB "
+                   "(an LD_PRELOAD shim; needs cc): the servers' own ceiling")
     args = p.parse_args(argv)
     if os.geteuid() != 0 or shutil.which("perfdhcp") is None:
         print("needs root and perfdhcp (apt-get install kea-admin)", file=sys.stderr)
         return 2
-    results = {}
-    with bench_class(args) as b:
-        for name in args.servers.split(","):
-            results[name] = b.bench(name)
+    names = args.servers.split(",")
     title = title or (f"perfdhcp -4 -i, relay mode, -R {args.clients}, "
                       f"drops < {MAX_DROP_PCT}%")
-    print(f"\n== summary ({title}, {args.duration:g} s per run, netboot log level "
-          f"{args.log_level}{', pinned' if args.pin else ''}"
-          f"{'' if args.default_rcvbuf else ', client rcvbuf 4 MB'}; load average "
+    with bench_class(args) as b:
+        rows = [("client's default receive buffer", b.bench(names))]
+        if args.shim_row:
+            b.shim = rcvbuf_shim(b.root)
+            if b.shim is None:
+                print("--shim-row: no C compiler (cc), skipped", file=sys.stderr)
+            else:
+                rows.append(("client receive buffer 4 MB (shim)", b.bench(names)))
+    print(f"\n== summary ({title}, {args.duration:g} s per run, alternating, netboot log "
+          f"level {args.log_level}{', pinned' if args.pin else ''}; load average "
           f"{os.getloadavg()[0]:.1f})")
-    for name, r in results.items():
-        best, lat = r["max"], r["latency"]
-        print(f"{name:8} max rate {best.rate if best else 0:>6}/s  "
-              f"latency at {lat.rate}/s: avg {lat.avg_ms:.3f} ms, max {lat.max_ms:.1f} ms, "
-              f"drops {lat.drop_pct:.3f}%")
-    if "netboot" in results and "dnsmasq" in results:
-        nb, dm = results["netboot"]["max"], results["dnsmasq"]["max"]
-        if nb and dm:
-            print(f"ratio netboot/dnsmasq: {nb.rate / dm.rate:.2f}x "
-                  f"(target >= 1.0x, aim 1.5x)")
+    for label, results in rows:
+        print(f"-- {label}")
+        for name, r in results.items():
+            best, lat = r["max"], r["latency"]
+            print(f"{name:8} max rate {best.rate if best else 0:>6}/s  "
+                  f"latency at {lat.rate}/s: avg {lat.avg_ms:.3f} ms, max {lat.max_ms:.1f} ms, "
+                  f"drops {lat.drop_pct:.3f}%")
+        if "netboot" in results and "dnsmasq" in results:
+            nb, dm = results["netboot"]["max"], results["dnsmasq"]["max"]
+            if nb and dm:
+                print(f"ratio netboot/dnsmasq: {nb.rate / dm.rate:.2f}x "
+                      f"(target >= 1.0x, aim 1.5x)")
     return 0
 
 

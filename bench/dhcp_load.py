@@ -123,7 +123,11 @@ def run_client(interface: str, rate: int, duration: float, clients: int) -> dict
 
 
 class LoadBench(Bench):
-    """dhcp_bench's lab, servers and search, with the broadcast client as the load."""
+    """dhcp_bench's lab, servers and search, with the broadcast client as the load.
+    Broadcasts reach every server on the bridge, so only one runs at a time: the
+    alternation restarts them."""
+
+    exclusive = True
 
     def measure(self, server: str, rate: int) -> Run:
         before = self.rcvbuf_errors()
