@@ -247,3 +247,18 @@ def test_placeholder_option97_is_keyed_by_mac(proxy: ProxyDhcp) -> None:
                      ("0.0.0.0", 68))
     assert [c.uuid for c in seen] == [node_uuid(None, c.mac) for c in seen]
     assert len({c.uuid for c in seen}) == 2
+
+
+def test_the_segment_a_request_came_from(store: ConfigStore) -> None:
+    """What limits.new_nodes calls a DHCP source: the relay and its circuit (option 82),
+    or this link; never the client's own MAC or UUID."""
+    seen: list[Client] = []
+    proxy = ProxyDhcp(Booter(store, "10.0.0.2", 8080), "10.0.0.2", Counters(),
+                      report=lambda c, o: seen.append(c))
+    agent = P.encode_suboptions([(1, b"port7"), (2, b"sw1")])[:-1]
+    for kw in ({}, {"giaddr": "10.9.0.1"}, {"giaddr": "10.9.0.1", "relay": agent},
+               {"giaddr": "10.9.0.1", "relay": agent, "mac": "52:54:00:99:99:99"}):
+        assert proxy.handle(request(**kw), 67, ("10.9.0.1", 67)) is not None
+    assert [c.via for c in seen] == [
+        "", "relay 10.9.0.1", f"relay 10.9.0.1 82={(b'port7' + bytes(1) + b'sw1').hex()}",
+        f"relay 10.9.0.1 82={(b'port7' + bytes(1) + b'sw1').hex()}"]

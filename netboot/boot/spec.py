@@ -23,6 +23,8 @@ class Client:
     arch: Arch = Arch.BIOS
     http_boot: bool = False  # UEFI HTTP Boot (option 60 HTTPClient)
     ipxe: bool = False  # the request comes from iPXE, not from the ROM
+    #: the segment it came from: "" (this link) or "relay <giaddr>[ 82=<hex>]"
+    via: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +86,8 @@ class Refusal:
     hostname: str | None = None
     #: a failed Ignition render (remembered as issued, so a fetch says the same)
     oem: NodeArtifacts | None = None
+    #: not now: a new node over the limits, to ask again in this many seconds
+    retry: float | None = None
 
 
 Decision = BootSpec | LocalBoot | Refusal

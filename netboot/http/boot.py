@@ -1,5 +1,5 @@
 """Boot scripts: ``/boot.ipxe`` (chain with the hardware's identity) and the per-node
-``/ipxe/node`` script. Decide, render, record: three calls."""
+``/ipxe/node`` script. Admit (a new node), decide, render, record."""
 
 from __future__ import annotations
 
@@ -41,7 +41,9 @@ async def node_ipxe(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text=f"#!ipxe\necho netboot: {exc}\n") from None
     address = request.remote or ""
     uuid = node_uuid(uuid, mac)
-    decision = ctx.booter.decide(mac, uuid, "ipxe")
+    # a new machine over limits.new_nodes is told to ask again, before anything is decided
+    decision = ctx.lifecycle.admit(uuid, mac, address, "ipxe") or ctx.booter.decide(
+        mac, uuid, "ipxe")
     script = ipxe.render(decision, ctx.booter.base_url)
     ctx.lifecycle.served(decision, address, "ipxe",
                          {ours: _param(request, q) for q, ours in _IDENTITY.items()})
