@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 
 from ..boot import ipxe
+from ..boot.spec import Refusal
 from ..identity import IdentityError, node_uuid, normalise_mac, normalise_uuid
 from .context import ctx_of
 from .routes import Route
@@ -47,8 +48,9 @@ async def node_ipxe(request: web.Request) -> web.Response:
     script = ipxe.render(decision, ctx.booter.base_url)
     ctx.lifecycle.served(decision, address, "ipxe",
                          {ours: _param(request, q) for q, ours in _IDENTITY.items()})
-    log.info("boot script: mac=%s uuid=%s from %s -> %s %s", mac or "-", uuid or "-", address,
-             type(decision).__name__, getattr(decision, "profile", None) or "-")
+    if not (isinstance(decision, Refusal) and decision.retry is not None):  # the limiter's
+        log.info("boot script: mac=%s uuid=%s from %s -> %s %s", mac or "-", uuid or "-",
+                 address, type(decision).__name__, getattr(decision, "profile", None) or "-")
     return web.Response(text=script, content_type="text/plain")
 
 
