@@ -1,4 +1,5 @@
-"""A flood of made-up UUIDs while a real machine boots (issue 17).
+"""limits.new_nodes with real firmware (issue 17): a flood of made-up UUIDs while a
+real machine boots, and a machine told to ask again later that does.
 
 200,000 boot-script GETs with random UUIDs from one address on the lab bridge
 (bench/flood.py: aiohttp, keep-alive, 64 connections), against the lab's real
@@ -6,6 +7,10 @@
 registry may grow by no more than limits.new_nodes allows over the time the flood
 took (burst + rate x elapsed, from the server's own netboot.yaml), the guest must
 boot to its callback, and every other request must be counted as refused.
+
+A SeaBIOS guest whose boot script is refused (the total bucket is empty) runs
+netboot's ask-again script in its own iPXE ROM: it sleeps, fetches its script again
+in place of the refused one, and boots once it is let in.
 """
 
 from __future__ import annotations
@@ -13,15 +18,19 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import uuid as uuidlib
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bench.storm_probe import metric
 from netboot.config import load_server_config
-from tests.e2e.conftest import LabEnv
+from netboot.storage.registry import make_node_token
+from tests.e2e.conftest import LabEnv, build_demo_os, running_lab, write_lab_config
 from tests.e2e.test_boot import _boot, _registered
-from tests.lab import REPO, VENV_BIN, sh
+from tests.lab import REPO, VENV_BIN, can_run_lab, sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -96,3 +105,50 @@ def test_a_flood_of_new_uuids_is_bounded_and_a_real_guest_still_boots(
     # the guest got its boot script while the flood was on (else raise REQUESTS)
     boot_at = next(e["time"] for e in node["events"] if e["kind"] == "boot")
     assert boot_at < flood_end, figures
+
+
+# One token in total and almost no refill: a second new machine is refused for sure.
+STINGY = "limits:\n  new_nodes:\n    total: {rate: 0.001, burst: 1}\n"
+
+
+@pytest.fixture
+def stingy_lab(tmp_path: Path) -> Iterator[LabEnv]:
+    reason = can_run_lab()
+    if reason:
+        pytest.skip(reason)
+    config = write_lab_config(tmp_path, build_demo_os(), extra=STINGY)
+    with running_lab(tmp_path, config) as env:
+        yield env
+
+
+def _curl(env: LabEnv, *args: str) -> str:
+    return env.lab.ns(env.lab.ns_boot, "curl", "-sf", *args).stdout
+
+
+def test_a_refused_guest_asks_again_and_boots_once_let_in(stingy_lab: LabEnv) -> None:
+    env, lab = stingy_lab, stingy_lab.lab
+    base = f"http://{lab.boot_addr}:8080"
+    script = _curl(env, f"{base}/ipxe/node?uuid={uuidlib.uuid4()}")  # the one token
+    assert "\nkernel " in script
+    uuid = str(uuidlib.uuid4())
+    guest = lab.boot_guest("bios", uuid=uuid, serial="SN-RETRY", vendor="NetbootLab",
+                           product="QemuBlade")
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # its DHCP first contact and its script: refused
+        m = _curl(env, f"{base}/metrics")
+        if metric(m, "netboot_new_nodes_refused_total", path="ipxe", limit="total") >= 1:
+            break
+        time.sleep(1)
+    else:
+        raise AssertionError(f"the guest was never refused:\n{lab.netboot_log()[-3000:]}")
+    assert metric(m, "netboot_new_nodes_refused_total", path="dhcp", limit="total") >= 1
+    assert uuid not in {n["uuid"] for n in env.api("/api/v1/nodes")["nodes"]}
+    # an admin lets it in: a node token from the server's secret, as the API takes it
+    secret = (env.config.parent.parent / "data" / "secret").read_bytes().strip()
+    _curl(env, "-X", "POST", "-H", "Content-Type: application/json", "-d", "{}",
+          f"{base}/api/v1/nodes/{uuid}/register?token={make_node_token(secret, uuid)}")
+    console = lab.wait_guest(guest, timeout=240)  # its next ask (at most 60 s) boots it
+    assert "NETBOOT-TESTOS callback ok" in console, console[-2000:]
+    node = _registered(env, uuid, "SN-RETRY")
+    assert [e["state"] for e in node["events"] if e["kind"] == "state"][-3:] == [
+        "booting", "deploying", "installed"]
