@@ -88,6 +88,15 @@ class LabEnv:
         return json.loads(out.stdout)
 
 
+def lab_config(root: Path, extra: str = "") -> Path:
+    """Skip unless a lab can run here; else the demo OS built and the lab's netboot.yaml
+    written under ``root`` (``extra`` appended to it)."""
+    reason = can_run_lab()
+    if reason:
+        pytest.skip(reason)
+    return write_lab_config(root, build_demo_os(), extra=extra)
+
+
 @contextmanager
 def running_lab(root: Path, config: Path) -> Iterator[LabEnv]:
     """A lab in ``root``: the site's DHCP and netboot serving ``config``."""
@@ -106,10 +115,6 @@ def running_lab(root: Path, config: Path) -> Iterator[LabEnv]:
 
 @pytest.fixture(scope="session")
 def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
-    reason = can_run_lab()
-    if reason:
-        pytest.skip(reason)
-    images = build_demo_os()
     root = tmp_path_factory.mktemp("lab")
-    with running_lab(root, write_lab_config(root, images)) as env:
+    with running_lab(root, lab_config(root)) as env:
         yield env

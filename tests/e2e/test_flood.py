@@ -28,9 +28,9 @@ import pytest
 from bench.storm_probe import metric
 from netboot.config import load_server_config
 from netboot.storage.registry import make_node_token
-from tests.e2e.conftest import LabEnv, build_demo_os, running_lab, write_lab_config
+from tests.e2e.conftest import LabEnv, lab_config, running_lab
 from tests.e2e.test_boot import _boot, _registered
-from tests.lab import REPO, VENV_BIN, can_run_lab, sh
+from tests.lab import REPO, VENV_BIN, sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -113,11 +113,7 @@ STINGY = "limits:\n  new_nodes:\n    total: {rate: 0.001, burst: 1}\n"
 
 @pytest.fixture
 def stingy_lab(tmp_path: Path) -> Iterator[LabEnv]:
-    reason = can_run_lab()
-    if reason:
-        pytest.skip(reason)
-    config = write_lab_config(tmp_path, build_demo_os(), extra=STINGY)
-    with running_lab(tmp_path, config) as env:
+    with running_lab(tmp_path, lab_config(tmp_path, STINGY)) as env:
         yield env
 
 
