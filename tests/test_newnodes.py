@@ -19,6 +19,8 @@ from netboot.boot.spec import BootSpec, Client, Offer, Refusal
 from netboot.config import Bucket, NewNodeLimits, ServerConfig
 from netboot.metrics import Counters
 from netboot.storage.registry import Registry
+from netboot.tftp.packet import ERR_NOT_FOUND
+from netboot.tftp.provider import TftpError
 from netboot.util.tokenbucket import Buckets, TokenBucket
 from tests.nodes import Clock
 from tests.served import serving, write_config
@@ -257,3 +259,25 @@ async def test_boot_scripts_over_the_limit_ask_again_later(tmp_path: Path) -> No
         async with s.get(f"{srv.url}/metrics") as r:
             metrics = await r.text()
     assert 'netboot_new_nodes_refused_total{limit="source",path="ipxe"} 28' in metrics
+
+
+async def test_pxelinux_configs_over_the_limit_are_not_found(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg", tmp_path / "data", {
+        "classic": {"kernel": "demo/vmlinuz", "loader": "pxelinux", "cmdline": "quiet"}},
+        default_profile="classic", limits={"new_nodes": {
+            "per_source": {"rate": 0.001, "burst": 2}}})
+    async with serving(config) as srv:
+        router, counters = srv.services.tftp, srv.counters
+        found = 0
+        for i in range(5):
+            mac = f"52:54:00:00:03:{i:02x}"
+            srv.lifecycle.sightings.dhcp(mac, _uuid(i))  # DHCP told it the UUID
+            try:
+                router(f"pxelinux.cfg/01-{mac.replace(':', '-')}", (ADDR, 2000))
+                found += 1
+            except TftpError as exc:
+                assert exc.code == ERR_NOT_FOUND
+        assert found == 2 and len(await srv.registry.list()) == 2
+        assert counters.get("new_nodes_refused_total", path="tftp", limit="source") == 3
+        # a known node's config is always there
+        router("pxelinux.cfg/01-52-54-00-00-03-00", (ADDR, 2000))
