@@ -6,7 +6,9 @@ real machine boots, and a machine told to ask again later that does.
 ``netboot serve``, while a SeaBIOS + iPXE guest in QEMU boots through it. The
 registry may grow by no more than limits.new_nodes allows over the time the flood
 took (burst + rate x elapsed, from the server's own netboot.yaml), the guest must
-boot to its callback, and every other request must be counted as refused.
+boot to its callback (the flood starts once its ROM made its DHCP first contact, so
+its boot script and kernel come during the flood), and every other request must be
+counted as refused.
 
 A SeaBIOS guest whose boot script is refused (the total bucket is empty) runs
 netboot's ask-again script in its own iPXE ROM: it sleeps, fetches its script again
@@ -29,7 +31,7 @@ from bench.storm_probe import metric
 from netboot.config import load_server_config
 from netboot.storage.registry import make_node_token
 from tests.e2e.conftest import LabEnv, lab_config, running_lab
-from tests.e2e.test_boot import _boot, _registered
+from tests.e2e.test_boot import _booted, _registered
 from tests.lab import REPO, VENV_BIN, sh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -47,6 +49,14 @@ def _metrics(env: LabEnv) -> str:
                       f"http://{env.lab.boot_addr}:8080/metrics").stdout
 
 
+def _wait_discovered(env: LabEnv, uuid: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    url = f"http://{env.lab.boot_addr}:8080/api/v1/nodes/{uuid}"
+    while env.lab.ns(env.lab.ns_boot, "curl", "-sf", url, check=False).returncode != 0:
+        assert time.monotonic() < deadline, f"no DHCP first contact from the guest {uuid}"
+        time.sleep(0.2)
+
+
 def test_a_flood_of_new_uuids_is_bounded_and_a_real_guest_still_boots(
         lab_env: LabEnv) -> None:
     lab = lab_env.lab
@@ -58,13 +68,17 @@ def test_a_flood_of_new_uuids_is_bounded_and_a_real_guest_still_boots(
         before = {n["uuid"] for n in _nodes(lab_env)}
         refused_before = metric(_metrics(lab_env), "netboot_new_nodes_refused_total",
                                 path="ipxe")
+        uuid = str(uuidlib.uuid4())
+        guest_start = time.monotonic()
+        guest = lab.boot_guest("bios", uuid=uuid, serial="SN-FLOOD", vendor="NetbootLab",
+                               product="QemuBlade")
+        _wait_discovered(lab_env, uuid)  # its ROM's DHCP: the script comes seconds later
         start = time.monotonic()
         flood = lab.spawn(ns, str(VENV_BIN / "python"), str(REPO / "bench" / "flood.py"),
                           "--url", f"http://{lab.boot_addr}:8080", "-n", str(REQUESTS),
                           "-c", str(CONNECTIONS), "--json", str(out),
                           log=lab.workdir / "flood.log")
-        guest_start = time.monotonic()
-        uuid, _ = _boot(lab_env, "bios", profile="default", serial="SN-FLOOD")
+        _booted(lab_env, guest, uuid, "default")
         guest_seconds = time.monotonic() - guest_start
         flood_running_at_guest_end = flood.poll() is None
         try:
