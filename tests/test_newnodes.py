@@ -281,3 +281,14 @@ async def test_pxelinux_configs_over_the_limit_are_not_found(tmp_path: Path) -> 
         assert counters.get("new_nodes_refused_total", path="tftp", limit="source") == 3
         # a known node's config is always there
         router("pxelinux.cfg/01-52-54-00-00-03-00", (ADDR, 2000))
+
+
+async def test_refusals_not_yet_logged_are_said_at_shutdown(
+        life: tuple[Lifecycle, Registry, Clock], caplog: pytest.LogCaptureFixture) -> None:
+    lc, _, _ = life
+    with caplog.at_level(logging.WARNING, logger="netboot.lifecycle"):
+        for i in range(50):
+            lc.served(lc.admit(_uuid(i), None, ADDR, "ipxe") or _spec(_uuid(i)), ADDR, "ipxe")
+        await lc.drain()
+    lines = [r.getMessage() for r in caplog.records if "limits.new_nodes" in r.getMessage()]
+    assert len(lines) == 2 and "refused 46 new node(s)" in lines[1], lines

@@ -432,8 +432,11 @@ class Lifecycle:
         await asyncio.gather(self._note_consumer(), self._stuck_loop())
 
     async def drain(self) -> None:
-        """Record every queued first contact now, and commit (shutdown, tests)."""
+        """Record every queued first contact now, and commit (shutdown, tests); log the
+        new-node refusals not yet in a line."""
         self._apply_notes(None)
+        if self.limiter is not None:
+            self.limiter.flush()
         if self.registry is not None:
             with contextlib.suppress(RegistryError):
                 await self.registry.commit()

@@ -82,6 +82,10 @@ class NewNodeLimiter:
     def __repr__(self) -> str:
         return f"NewNodeLimiter(sources={self._sources!r}, segments={self._segments!r})"
 
+    def flush(self) -> None:
+        """Log the refusals not yet in a line (shutdown)."""
+        self._log.flush()
+
     def check(self, source: Source, path: str, uuid: str | None) -> float | None:
         """None if a new node from ``source`` may be created now (nothing taken), else
         the seconds to wait (the refusal is counted and logged)."""
