@@ -11,6 +11,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from netboot.boot.booter import Booter
+from netboot.boot.newnodes import Source
 from netboot.boot.spec import Client
 from netboot.config import ConfigStore
 from netboot.dhcp import packet as P
@@ -259,6 +260,9 @@ def test_the_segment_a_request_came_from(store: ConfigStore) -> None:
     for kw in ({}, {"giaddr": "10.9.0.1"}, {"giaddr": "10.9.0.1", "relay": agent},
                {"giaddr": "10.9.0.1", "relay": agent, "mac": "52:54:00:99:99:99"}):
         assert proxy.handle(request(**kw), 67, ("10.9.0.1", 67)) is not None
-    assert [c.via for c in seen] == [
-        "", "relay 10.9.0.1", f"relay 10.9.0.1 82={(b'port7' + bytes(1) + b'sw1').hex()}",
-        f"relay 10.9.0.1 82={(b'port7' + bytes(1) + b'sw1').hex()}"]
+    assert [Source.dhcp(c.giaddr, c.agent) for c in seen] == [
+        Source("dhcp on this link", segment=True), Source("dhcp relay 10.9.0.1", segment=True),
+        Source(f"dhcp relay 10.9.0.1 option 82 {agent.hex()}", segment=True),
+        Source(f"dhcp relay 10.9.0.1 option 82 {agent.hex()}", segment=True)]
+    # option 82 from a client on this link is its own claim: the link is one segment
+    assert Source.dhcp(bytes(4), agent) == Source.dhcp(bytes(4), None)

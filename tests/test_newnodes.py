@@ -26,6 +26,7 @@ from tests.nodes import Clock
 from tests.served import serving, write_config
 
 ADDR = "10.0.0.66"
+RELAY = bytes((10, 9, 0, 1))  # a giaddr
 
 
 def _uuid(i: int) -> str:
@@ -113,11 +114,11 @@ def test_a_dhcp_segment_has_its_own_larger_bucket() -> None:
     clock = Clock(0.0)
     lim = NewNodeLimiter(_limits(source=(0.001, 1), segment=(0.001, 4), total=(1, 100)),
                          Counters(), clock=clock)
-    relay = Source.dhcp("relay 10.9.0.1")
+    relay = Source.dhcp(bytes((10, 9, 0, 1)), None)
     assert sum(lim.take(relay, "dhcp", None) is None for _ in range(10)) == 4
     # the same text as an address is another source, another kind of bucket
-    assert lim.take(Source.address("dhcp relay 10.9.0.1"), "ipxe", None) is None
-    assert lim.take(Source.dhcp(""), "dhcp", None) is None  # this link: its own segment
+    assert lim.take(Source.address(relay.key), "ipxe", None) is None
+    assert lim.take(Source.dhcp(bytes(4), None), "dhcp", None) is None  # this link
 
 
 def test_the_per_source_table_is_bounded() -> None:
@@ -215,11 +216,10 @@ async def test_dhcp_over_the_limit_is_offered_but_not_recorded(
     offer = Offer("undionly.kpxe", profile="default")
     for i in range(10):
         for _ in range(3):  # repeated DISCOVERs: one token, once recorded
-            lc.offered(Client(f"52:54:00:00:02:{i:02x}", _uuid(i), via="relay 10.9.0.1"),
-                       offer)
+            lc.offered(Client(f"52:54:00:00:02:{i:02x}", _uuid(i), giaddr=RELAY), offer)
     for i in range(10, 13):  # another circuit of the same relay: its own segment
-        lc.offered(Client(f"52:54:00:00:02:{i:02x}", _uuid(i),
-                          via="relay 10.9.0.1 82=0102"), offer)
+        lc.offered(Client(f"52:54:00:00:02:{i:02x}", _uuid(i), giaddr=RELAY,
+                          agent=b"\x01\x02p7"), offer)
     await lc.drain()
     assert len(await reg.list()) == 4 + 3
     assert lc.sightings.uuid_for_mac("52:54:00:00:02:09") == _uuid(9)  # still sighted

@@ -149,8 +149,8 @@ class Lifecycle:
         if self._notes.full():
             self.counters.inc("registry_notes_dropped_total")
             return
-        if self.limiter is not None and self.limiter.take(Source.dhcp(client.via), "dhcp",
-                                                          uuid) is not None:
+        if self.limiter is not None and self.limiter.take(
+                Source.dhcp(client.giaddr, client.agent), "dhcp", uuid) is not None:
             return
         self._queued.add(uuid)
         self._notes.put_nowait((uuid, client.mac, offer.profile))

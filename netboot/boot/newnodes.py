@@ -8,8 +8,8 @@ must both have a token, and one is taken from each:
 - the source's own (:class:`Source`): the client address for boot scripts and
   pxelinux configs (HTTP's address is the TCP peer; by TFTP time a machine has its
   own address), or, for DHCP, the segment the packet came in on: the
-  local link, or a relay (giaddr) and its circuit (option 82) when the relay
-  adds one. A DISCOVER has no address of its own, and its MAC and UUID are the
+  local link, or a relay (giaddr) and its circuit (option 82, as received) when
+  the relay adds one. A DISCOVER has no address of its own, and its MAC and UUID are the
   client's claims, so they cannot be a source. A segment is a whole rack, so
   segments have their own, larger buckets (``per_segment``);
 - everyone's (``total``).
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,8 +58,14 @@ class Source:
         return cls(address or "-")
 
     @classmethod
-    def dhcp(cls, via: str) -> Source:
-        return cls(f"dhcp {via or 'local'}", segment=True)
+    def dhcp(cls, giaddr: bytes, agent: bytes | None) -> Source:
+        """The segment of a DHCP request: this link (giaddr zeros), or the relay at
+        giaddr and, if it added one, its option 82 (a circuit: a switch port). Option 82
+        counts only from a relay: on this link any client could make one up."""
+        if giaddr == b"\0\0\0\0":
+            return cls("dhcp on this link", segment=True)
+        return cls(f"dhcp relay {socket.inet_ntoa(giaddr)}"
+                   + (f" option 82 {agent.hex()}" if agent else ""), segment=True)
 
 
 class NewNodeLimiter:

@@ -23,8 +23,10 @@ class Client:
     arch: Arch = Arch.BIOS
     http_boot: bool = False  # UEFI HTTP Boot (option 60 HTTPClient)
     ipxe: bool = False  # the request comes from iPXE, not from the ROM
-    #: the segment it came from: "" (this link) or "relay <giaddr>[ 82=<hex>]"
-    via: str = ""
+    #: where it came from: a relay's address (giaddr; zeros: this link) and that
+    #: relay's option 82 as received (its circuit and remote ID), or None
+    giaddr: bytes = b"\0\0\0\0"
+    agent: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

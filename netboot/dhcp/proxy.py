@@ -136,7 +136,8 @@ class ProxyDhcp:
         user_class = pkt.options.get(P.OPT_USER_CLASS, b"")
         ipxe = user_class == b"iPXE" or P.OPT_IPXE_ENCAP in pkt.options
         return Client(mac=mac, uuid=uuid, arch=arch, http_boot=http_boot or is_http_arch,
-                      ipxe=ipxe, via=_via(pkt))
+                      ipxe=ipxe, giaddr=pkt.giaddr,
+                      agent=pkt.options.get(P.OPT_RELAY_AGENT))
 
     def _reply(self, req: P.DhcpPacket, offer: Offer, client: Client, mtype: int) -> bytes:
         """The reply's bytes: a cached per-decision template (sname, file and the
@@ -203,17 +204,3 @@ class ProxyDhcp:
 
 def _ip(b: bytes) -> str:
     return socket.inet_ntoa(b)
-
-
-def _via(pkt: P.DhcpPacket) -> str:
-    """The segment a request came from: "" (this link), or the relay (giaddr) and, when
-    it says, its circuit and remote ID (option 82 sub-options 1 and 2: the switch port).
-    The client's own MAC and UUID are claims, not where it is."""
-    if pkt.giaddr == b"\0\0\0\0":
-        return ""
-    relay = pkt.options.get(P.OPT_RELAY_AGENT)
-    if relay is None:
-        return f"relay {_ip(pkt.giaddr)}"
-    subs = P.decode_suboptions(relay)
-    port = b"\0".join(subs.get(k, b"") for k in (1, 2))
-    return f"relay {_ip(pkt.giaddr)} 82={port.hex()}"
