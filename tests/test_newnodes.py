@@ -292,3 +292,15 @@ async def test_refusals_not_yet_logged_are_said_at_shutdown(
         await lc.drain()
     lines = [r.getMessage() for r in caplog.records if "limits.new_nodes" in r.getMessage()]
     assert len(lines) == 2 and "refused 46 new node(s)" in lines[1], lines
+
+
+def test_dhcp_leaves_half_the_total_for_boot_scripts() -> None:
+    """Forged giaddrs make new segments, each with a full bucket: only the total holds
+    them, and DHCP may not take its last half."""
+    clock = Clock(0.0)
+    lim = NewNodeLimiter(_limits(segment=(0.001, 500), total=(0.001, 10)), Counters(),
+                         clock=clock)
+    forged = [Source.dhcp(bytes((10, 66, i // 256, i % 256)), None) for i in range(1000)]
+    assert sum(lim.take(s, "dhcp", None) is None for s in forged) == 5
+    scripts = [Source.address(f"10.0.2.{i}") for i in range(10)]
+    assert sum(lim.take(s, "ipxe", None) is None for s in scripts) == 5

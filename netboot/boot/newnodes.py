@@ -15,7 +15,12 @@ must both have a token, and one is taken from each:
 - everyone's (``total``).
 
 A source whose bucket is empty never takes from the total one, so one flooding
-address cannot starve the others. The per-source table is an LRU (``sources``).
+address cannot starve the others. DHCP is UDP: a sender on the link can forge
+giaddr and option 82 and so invent segments, and then only ``total`` holds it. So
+DHCP first contacts never take the last half of ``total``: that half is kept for
+boot scripts and pxelinux configs, which a machine needs to boot (a DHCP record is
+only an early 'discovered'; a machine not recorded at DHCP is recorded at its
+script). The per-source table is an LRU (``sources``).
 A refusal is counted (``new_nodes_refused_total{path, limit}``) and summed up in
 one log line a minute.
 """
@@ -75,6 +80,8 @@ class NewNodeLimiter:
         self.counters = counters
         self._clock = clock
         self._total = TokenBucket(limits.total.rate, limits.total.burst, stamp=clock())
+        #: total tokens DHCP leaves for boot scripts (see the module)
+        self._reserve = limits.total.burst // 2
         self._sources = Buckets(limits.per_source.rate, limits.per_source.burst,
                                 limits.sources, clock=clock)
         self._segments = Buckets(limits.per_segment.rate, limits.per_segment.burst,
@@ -109,7 +116,7 @@ class NewNodeLimiter:
         wait = own.wait(now)
         limit = "segment" if source.segment else "source"
         if wait == 0:
-            wait = self._total.wait(now)
+            wait = self._total.wait(now, 1 + (self._reserve if source.segment else 0))
             limit = "total"
         if wait == 0:
             if take:
