@@ -7,11 +7,11 @@ must both have a token, and one is taken from each:
 
 - the source's own (:class:`Source`): the client address for boot scripts and
   pxelinux configs (HTTP's address is the TCP peer; by TFTP time a machine has its
-  own address), or, for DHCP, the segment the packet came in on: the
-  local link, or a relay (giaddr) and its circuit (option 82, as received) when
-  the relay adds one. A DISCOVER has no address of its own, and its MAC and UUID are the
-  client's claims, so they cannot be a source. A segment is a whole rack, so
-  segments have their own, larger buckets (``per_segment``);
+  own address), or, for DHCP, the segment the packet came in on: the local link, or
+  a relay (giaddr) and its circuit (option 82, as received) when the relay adds
+  one. A DISCOVER has no address of its own, and its MAC and UUID are the client's
+  claims, so they cannot be a source. A segment is a whole rack, so segments have
+  their own, larger buckets (``per_segment``);
 - everyone's (``total``).
 
 A source whose bucket is empty never takes from the total one, so one flooding
