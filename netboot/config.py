@@ -202,6 +202,30 @@ class BmcSettings(_Strict):
         return v
 
 
+class Bucket(_Strict):
+    """A token bucket: ``burst`` at once, then ``rate`` a second."""
+
+    rate: float = Field(gt=0, description="tokens refilled a second")
+    burst: int = Field(ge=1, description="tokens when full")
+
+
+class NewNodeLimits(_Strict):
+    """How fast machines the registry does not know yet may become nodes. Known nodes
+    are never limited. ``per_source``: one client address (boot scripts, pxelinux
+    configs); ``per_segment``: DHCP first contacts, per relay circuit (giaddr and
+    option 82) or the local link, each a whole rack; ``total``: everyone together."""
+
+    per_source: Bucket = Field(default_factory=lambda: Bucket(rate=0.2, burst=10))
+    per_segment: Bucket = Field(default_factory=lambda: Bucket(rate=5, burst=500))
+    total: Bucket = Field(default_factory=lambda: Bucket(rate=10, burst=1000))
+    sources: int = Field(65536, ge=1, description="sources remembered (LRU); a forgotten "
+                         "one starts again full")
+
+
+class Limits(_Strict):
+    new_nodes: NewNodeLimits = Field(default_factory=NewNodeLimits)
+
+
 class ServerConfig(_Strict):
     """netboot.yaml. Relative paths are taken from the directory of the file."""
 
@@ -224,6 +248,7 @@ class ServerConfig(_Strict):
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     bmc: BmcSettings = Field(default_factory=BmcSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    limits: Limits = Field(default_factory=Limits)
     signed_url_ttl: float = Field(3600, gt=0, description="seconds a signed Ignition/OEM URL "
                                   "stays valid")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -20,6 +20,7 @@ from aiohttp import web
 from .boot.bmcs import Bmcs
 from .boot.booter import Booter
 from .boot.lifecycle import Lifecycle
+from .boot.newnodes import NewNodeLimiter
 from .boot.sightings import Sightings
 from .config import ConfigStore, ServerConfig
 from .dhcp.proxy import ProxyDhcp
@@ -169,9 +170,10 @@ def build(store: ConfigStore, address: str, *, registry: Registry | None, secret
     if registry is not None:  # BMC credentials live (sealed) in the registry
         power = PowerService(workers=cfg.bmc.workers, timeout=cfg.bmc.timeout)
         bmcs = Bmcs(registry, store, SecretBox(secret))
+    limiter = NewNodeLimiter(cfg.limits.new_nodes, counters)
     lifecycle = Lifecycle(registry, sightings, counters, booter=booter, artifacts=artifacts,
                           stuck_after=cfg.api.stuck_after, clock=clock,
-                          problem=registry_problem, bmcs=bmcs, power=power)
+                          problem=registry_problem, bmcs=bmcs, power=power, limiter=limiter)
     node_metrics = NodeMetrics()
     lifecycle.subscribe(node_metrics)
     hooks = None

@@ -62,3 +62,23 @@ def test_only_the_lifecycle_moves_nodes_between_states() -> None:
                     and node.func.attr in STATE_WRITES and "reg" in ast.unparse(node.func.value):
                 pytest.fail(f"{path.relative_to(PKG)}:{node.lineno} calls "
                             f".{node.func.attr}(): only boot/lifecycle.py moves nodes")
+
+
+def test_every_endpoint_that_records_a_boot_admits_new_nodes_first() -> None:
+    """lifecycle.served() creates nodes; the endpoint asks lifecycle.admit() before the
+    Booter decides, so a new machine over limits.new_nodes gets its ask-again answer
+    (served() alone would only skip the record)."""
+    callers = []
+    for path in PKG.rglob("*.py"):
+        if path == PKG / "boot" / "lifecycle.py":
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            calls = {n.func.attr for n in ast.walk(fn) if isinstance(n, ast.Call)
+                     and isinstance(n.func, ast.Attribute)
+                     and "lifecycle" in ast.unparse(n.func.value)}
+            if "served" in calls:
+                callers.append(f"{path.relative_to(PKG)}:{fn.name}")
+                assert "admit" in calls, f"{callers[-1]} calls served() without admit()"
+    assert sorted(callers) == ["http/boot.py:node_ipxe", "tftp/router.py:_pxelinux"]

@@ -11,6 +11,7 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from netboot.boot.booter import Booter
+from netboot.boot.newnodes import Source
 from netboot.boot.spec import Client
 from netboot.config import ConfigStore
 from netboot.dhcp import packet as P
@@ -247,3 +248,21 @@ def test_placeholder_option97_is_keyed_by_mac(proxy: ProxyDhcp) -> None:
                      ("0.0.0.0", 68))
     assert [c.uuid for c in seen] == [node_uuid(None, c.mac) for c in seen]
     assert len({c.uuid for c in seen}) == 2
+
+
+def test_the_segment_a_request_came_from(store: ConfigStore) -> None:
+    """What limits.new_nodes calls a DHCP source: the relay and its circuit (option 82),
+    or this link; never the client's own MAC or UUID."""
+    seen: list[Client] = []
+    proxy = ProxyDhcp(Booter(store, "10.0.0.2", 8080), "10.0.0.2", Counters(),
+                      report=lambda c, o: seen.append(c))
+    agent = P.encode_suboptions([(1, b"port7"), (2, b"sw1")])[:-1]
+    for kw in ({}, {"giaddr": "10.9.0.1"}, {"giaddr": "10.9.0.1", "relay": agent},
+               {"giaddr": "10.9.0.1", "relay": agent, "mac": "52:54:00:99:99:99"}):
+        assert proxy.handle(request(**kw), 67, ("10.9.0.1", 67)) is not None
+    assert [Source.dhcp(c.giaddr, c.agent) for c in seen] == [
+        Source("dhcp on this link", segment=True), Source("dhcp relay 10.9.0.1", segment=True),
+        Source(f"dhcp relay 10.9.0.1 option 82 {agent.hex()}", segment=True),
+        Source(f"dhcp relay 10.9.0.1 option 82 {agent.hex()}", segment=True)]
+    # option 82 from a client on this link is its own claim: the link is one segment
+    assert Source.dhcp(bytes(4), agent) == Source.dhcp(bytes(4), None)

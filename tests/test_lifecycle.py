@@ -132,8 +132,11 @@ async def test_dhcp_first_contacts_are_batched_and_bounded(world: World) -> None
     assert [e.kind for e in world.events] == ["discovered"] * 50
     assert world.lifecycle.sightings.uuid_for_mac("52:54:00:00:01:07") == (
         "00000000-0000-0000-0000-000000000007")
-    for _ in range(lifecycle_mod.NOTE_QUEUE_SIZE + 5):
+    for _ in range(100):  # one machine's repeated DISCOVERs: one note
         life.offered(Client(M1, U1), offer)
+    assert life._notes.qsize() == 1
+    for i in range(lifecycle_mod.NOTE_QUEUE_SIZE + 5):
+        life.offered(Client(M1, f"00000000-0000-0000-0001-{i:012x}"), offer)
     assert world.counters.get("registry_notes_dropped_total") >= 5
     await life.drain()
     assert reg.get(U1) is not None

@@ -5,15 +5,18 @@ from __future__ import annotations
 from ..ignition.artifacts import OEM_INITRD_NAME
 from .spec import BootSpec, Decision, LocalBoot, Refusal
 
+# What iPXE knows of the hardware, as the per-node script's query. uuid and mac
+# print URL-safe as they are; a ":uristring" type override would reinterpret their
+# raw bytes. Free-text SMBIOS strings need escaping.
+NODE_QUERY = "uuid=${uuid}&mac=${netX/mac}&" + "&".join(
+    f"{k}=${{{k}:uristring}}" for k in (
+        "serial", "manufacturer", "product", "asset", "platform", "buildarch"))
+
 
 def chain_script(base_url: str) -> str:
     """The first script iPXE fetches: it sends back what iPXE knows of the hardware."""
-    # uuid and mac print URL-safe as they are; a ":uristring" type override
-    # would reinterpret their raw bytes. Free-text SMBIOS strings need escaping.
-    q = "uuid=${uuid}&mac=${netX/mac}&" + "&".join(
-        f"{k}=${{{k}:uristring}}" for k in (
-            "serial", "manufacturer", "product", "asset", "platform", "buildarch"))
-    return f"#!ipxe\nchain --autofree {base_url}/ipxe/node?{q} || goto failed\nexit\n" \
+    return f"#!ipxe\nchain --autofree {base_url}/ipxe/node?{NODE_QUERY} || goto failed\n" \
+           "exit\n" \
            ":failed\necho netboot: no boot script for this machine; retrying in 10s\n" \
            "sleep 10\nreboot\n"
 
@@ -23,10 +26,19 @@ def render(decision: Decision, base_url: str) -> str:
     if isinstance(decision, LocalBoot):
         return "#!ipxe\necho netboot: installed, booting from local disk\nexit\n"
     if isinstance(decision, Refusal):
+        if decision.retry is not None:
+            return retry_script(decision, base_url)
         if not decision.failed:
             return f"#!ipxe\necho netboot: not booting this machine: {decision.reason}\nexit\n"
         return f"#!ipxe\n{refusal_lines(decision.reason, 'echo')}exit 1\n"
     return _boot(decision, f"{base_url}/images")
+
+
+def retry_script(refusal: Refusal, base_url: str) -> str:
+    """Not now: wait, then ask for this machine's script again, in place of this one
+    (``--replace``: however many times it is refused, the scripts do not nest)."""
+    return (f"#!ipxe\n{_say(refusal.reason)}sleep {refusal.retry:.0f}\n"
+            f"chain --replace --autofree {base_url}/ipxe/node?{NODE_QUERY}\n")
 
 
 def _boot(spec: BootSpec, images: str) -> str:
@@ -46,7 +58,12 @@ def _boot(spec: BootSpec, images: str) -> str:
 
 def refusal_lines(reason: str | None, say: str) -> str:
     """Two console lines (``say`` is iPXE's echo or pxelinux's SAY) telling why not."""
-    # One printable line: no iPXE ${...} expansion, nothing that ends the command.
-    text = "".join(c if " " <= c < "\x7f" and c != "$" else " " for c in reason or "")[:400]
     return (f"{say} netboot: NOT BOOTING this machine: its boot configuration failed\n"
-            f"{say} netboot: {text}\n")
+            f"{_say(reason, say)}")
+
+
+def _say(reason: str | None, say: str = "echo") -> str:
+    """One printable console line: no iPXE ${...} expansion, nothing that ends the
+    command."""
+    text = "".join(c if " " <= c < "\x7f" and c != "$" else " " for c in reason or "")[:400]
+    return f"{say} netboot: {text}\n"

@@ -2,6 +2,7 @@
 
 Protocols only report what happened; this module decides what it means::
 
+    a new node: may it be?        admit()     -> None, or a Refusal to ask again later
     DHCP offer to a new UUID      offered()   -> discovered   (queued, batched)
     boot script / pxelinux config served()    -> booting, or error (config broken)
     kernel, initrd or OEM fetched fetched()   -> deploying    (only from booting)
@@ -14,6 +15,15 @@ registry's in-memory index at once and queue the commit, never waiting for it,
 and each makes at most one registry write. ``reported``, ``patch`` and
 ``forget`` answer API calls whose caller needs to know it is kept: they wait
 for the commit.
+
+Only here are nodes created, and every creation is within ``limits.new_nodes``
+(:mod:`.newnodes`): a boot script or pxelinux config for a UUID the registry does
+not know is refused with :meth:`admit` (the endpoint asks before the Booter
+decides, so a flood costs no decision), and ``served`` takes the token when it
+creates the node; a DHCP first contact over the limit is not recorded (the offer
+still goes out: the machine is recorded when it asks for its script). An API
+report needs the node's token, which netboot hands out only in a boot script (so
+only to a node it admitted): reports are not limited.
 
 Every change is published as a :class:`LifecycleEvent` to the listeners
 (webhooks, metrics, the dashboard), after it is applied in memory.
@@ -37,6 +47,7 @@ from ..power.bmc import BmcConfig
 from ..power.driver import BmcError
 from ..storage.registry import Change, Node, Registry, RegistryError
 from ..util.ratelimit import RateLimitedLog
+from .newnodes import NewNodeLimiter, Source, retry_after
 from .sightings import Sightings
 from .spec import BootSpec, Client, Decision, LocalBoot, Offer, Refusal
 
@@ -91,8 +102,10 @@ class Lifecycle:
                  booter: Booter | None = None, artifacts: Artifacts | None = None,
                  stuck_after: float = 1800.0, clock: Callable[[], float] = time.time,
                  problem: str | None = None, bmcs: Bmcs | None = None,
-                 power: PowerService | None = None):
+                 power: PowerService | None = None, limiter: NewNodeLimiter | None = None):
         self.registry = registry
+        #: limits.new_nodes (None: unlimited)
+        self.limiter = limiter
         self.sightings = sightings
         self.counters = counters
         self.booter = booter
@@ -106,6 +119,7 @@ class Lifecycle:
         self.problem = problem
         self._listeners: list[Listener] = []
         self._notes: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue(NOTE_QUEUE_SIZE)
+        self._queued: set[str] = set()  # UUIDs in _notes: one token, one note each
         self._stuck: set[str] = set()
         self._write_errors = RateLimitedLog(
             log, "cannot record boots: %d failed registry commit(s) (%s), latest: %s; still "
@@ -128,12 +142,33 @@ class Lifecycle:
         """A DHCP offer went out. A new UUID is recorded as 'discovered', queued."""
         if client.uuid is None:
             return
-        self.sightings.dhcp(client.mac, client.uuid)
-        if self.registry is not None and self.registry.get(client.uuid) is None:
-            try:
-                self._notes.put_nowait((client.uuid, client.mac, offer.profile))
-            except asyncio.QueueFull:
-                self.counters.inc("registry_notes_dropped_total")
+        uuid = client.uuid
+        self.sightings.dhcp(client.mac, uuid)
+        if self.registry is None or uuid in self._queued or self.registry.get(uuid) is not None:
+            return
+        if self._notes.full():
+            self.counters.inc("registry_notes_dropped_total")
+            return
+        if self.limiter is not None and self.limiter.take(
+                Source.dhcp(client.giaddr, client.agent), "dhcp", uuid) is not None:
+            return
+        self._queued.add(uuid)
+        self._notes.put_nowait((uuid, client.mac, offer.profile))
+
+    def admit(self, uuid: str | None, mac: str | None, address: str,
+              path: str) -> Refusal | None:
+        """Before the Booter decides for ``uuid`` at ``address``: None if it may go on
+        (a known node always may), else a Refusal that asks it to come back later
+        (counted and logged). Takes nothing: :meth:`served` does, creating the node."""
+        if self.limiter is None or not uuid or self.registry is None \
+                or self.registry.get(uuid) is not None:
+            return None
+        wait = self.limiter.check(Source.address(address), path, uuid)
+        if wait is None:
+            return None
+        retry = retry_after(wait)
+        return Refusal(uuid, mac, f"too many new machines at once; asking again in {retry} s",
+                       retry=retry)
 
     def served(self, decision: Decision, address: str, source: str,
                identity: dict[str, str | None] | None = None) -> None:
@@ -160,6 +195,8 @@ class Lifecycle:
         if self.registry is None or not uuid:
             return
         reg = self.registry
+        if reg.get(uuid) is None and self._take(uuid, address, source) is not None:
+            return  # an endpoint that did not admit() first: not recorded, still bounded
         seen = reg.observe(uuid, mac=mac, address=address, source=source, boot=True,
                            hostname=decision.hostname, profile=decision.profile,
                            **(identity or {}))
@@ -395,8 +432,11 @@ class Lifecycle:
         await asyncio.gather(self._note_consumer(), self._stuck_loop())
 
     async def drain(self) -> None:
-        """Record every queued first contact now, and commit (shutdown, tests)."""
+        """Record every queued first contact now, and commit (shutdown, tests); log the
+        new-node refusals not yet in a line."""
         self._apply_notes(None)
+        if self.limiter is not None:
+            self.limiter.flush()
         if self.registry is not None:
             with contextlib.suppress(RegistryError):
                 await self.registry.commit()
@@ -423,6 +463,7 @@ class Lifecycle:
                     break
             n += 1
             uuid, mac, profile = item
+            self._queued.discard(uuid)
             if self.registry is None or self.registry.get(uuid) is not None:
                 continue
             change = self.registry.observe(uuid, mac=mac, address=None, source="dhcp",
@@ -439,6 +480,13 @@ class Lifecycle:
                 log.exception("stuck check failed")
 
     # -- internals --------------------------------------------------------------------
+    def _take(self, uuid: str, address: str | None, path: str) -> float | None:
+        """None once a new node's tokens are taken, else the seconds to wait (counted
+        and logged)."""
+        if self.limiter is None:
+            return None
+        return self.limiter.take(Source.address(address), path, uuid)
+
     def _registry(self) -> Registry:
         if self.registry is None:
             raise RegistryError(self.problem or "the registry is not open")

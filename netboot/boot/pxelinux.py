@@ -21,7 +21,7 @@ def render(decision: Decision) -> str | None:
     if isinstance(decision, LocalBoot):
         return LOCAL
     if isinstance(decision, Refusal):
-        if not decision.failed:
+        if not decision.failed:  # not served, or not now (pxelinux asks its next name)
             return None
         # LOCALBOOT -1 hands the failure back to the firmware, after saying why.
         return (f"{refusal_lines(decision.reason, 'SAY')}DEFAULT failed\nPROMPT 0\n"

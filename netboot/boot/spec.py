@@ -23,6 +23,10 @@ class Client:
     arch: Arch = Arch.BIOS
     http_boot: bool = False  # UEFI HTTP Boot (option 60 HTTPClient)
     ipxe: bool = False  # the request comes from iPXE, not from the ROM
+    #: where it came from: a relay's address (giaddr; zeros: this link) and that
+    #: relay's option 82 as received (its circuit and remote ID), or None
+    giaddr: bytes = b"\0\0\0\0"
+    agent: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +88,8 @@ class Refusal:
     hostname: str | None = None
     #: a failed Ignition render (remembered as issued, so a fetch says the same)
     oem: NodeArtifacts | None = None
+    #: not now: a new node over the limits, to ask again in this many seconds
+    retry: float | None = None
 
 
 Decision = BootSpec | LocalBoot | Refusal

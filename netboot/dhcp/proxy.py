@@ -136,7 +136,8 @@ class ProxyDhcp:
         user_class = pkt.options.get(P.OPT_USER_CLASS, b"")
         ipxe = user_class == b"iPXE" or P.OPT_IPXE_ENCAP in pkt.options
         return Client(mac=mac, uuid=uuid, arch=arch, http_boot=http_boot or is_http_arch,
-                      ipxe=ipxe)
+                      ipxe=ipxe, giaddr=pkt.giaddr,
+                      agent=pkt.options.get(P.OPT_RELAY_AGENT))
 
     def _reply(self, req: P.DhcpPacket, offer: Offer, client: Client, mtype: int) -> bytes:
         """The reply's bytes: a cached per-decision template (sname, file and the

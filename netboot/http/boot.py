@@ -1,5 +1,5 @@
 """Boot scripts: ``/boot.ipxe`` (chain with the hardware's identity) and the per-node
-``/ipxe/node`` script. Decide, render, record: three calls."""
+``/ipxe/node`` script. Admit (a new node), decide, render, record."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 from aiohttp import web
 
 from ..boot import ipxe
+from ..boot.spec import Refusal
 from ..identity import IdentityError, node_uuid, normalise_mac, normalise_uuid
 from .context import ctx_of
 from .routes import Route
@@ -41,12 +42,15 @@ async def node_ipxe(request: web.Request) -> web.Response:
         raise web.HTTPBadRequest(text=f"#!ipxe\necho netboot: {exc}\n") from None
     address = request.remote or ""
     uuid = node_uuid(uuid, mac)
-    decision = ctx.booter.decide(mac, uuid, "ipxe")
+    # a new machine over limits.new_nodes is told to ask again, before anything is decided
+    decision = ctx.lifecycle.admit(uuid, mac, address, "ipxe") or ctx.booter.decide(
+        mac, uuid, "ipxe")
     script = ipxe.render(decision, ctx.booter.base_url)
     ctx.lifecycle.served(decision, address, "ipxe",
                          {ours: _param(request, q) for q, ours in _IDENTITY.items()})
-    log.info("boot script: mac=%s uuid=%s from %s -> %s %s", mac or "-", uuid or "-", address,
-             type(decision).__name__, getattr(decision, "profile", None) or "-")
+    if not (isinstance(decision, Refusal) and decision.retry is not None):  # the limiter's
+        log.info("boot script: mac=%s uuid=%s from %s -> %s %s", mac or "-", uuid or "-",
+                 address, type(decision).__name__, getattr(decision, "profile", None) or "-")
     return web.Response(text=script, content_type="text/plain")
 
 

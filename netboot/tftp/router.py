@@ -1,7 +1,8 @@
 """What a TFTP path serves: generated pxelinux configs, OEM archives, images, loaders.
 
-Decide, render, record, as on the HTTP side: the Booter decides, :mod:`netboot.boot.pxelinux`
-renders, the lifecycle records.
+Admit (a new node), decide, render, record, as on the HTTP side: the lifecycle admits
+a new node, the Booter decides, :mod:`netboot.boot.pxelinux` renders, the lifecycle
+records.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ class TftpRouter:
             mac = normalise_mac(name[3:])
         except IdentityError:
             raise TftpError(ERR_NOT_FOUND, "file not found") from None
-        decision = self.booter.decide(mac, self.lifecycle.sightings.uuid_for_mac(mac),
-                                      "pxelinux")
+        uuid = self.lifecycle.sightings.uuid_for_mac(mac)
+        decision = self.lifecycle.admit(uuid, mac, address, "tftp") or self.booter.decide(
+            mac, uuid, "pxelinux")
         text = pxelinux.render(decision)
         if text is None:
             raise TftpError(ERR_NOT_FOUND, "file not found")

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .lru import Lru
+from .tokenbucket import TokenBucket
 
 
 @dataclass(slots=True, eq=False, repr=False)
@@ -53,10 +54,8 @@ class RateLimitedLog:
     quiet: float | None = None
     keys: int = 50_000
     on_held: Callable[[str], Any] | None = None
-    _rate: float = field(init=False)
+    _bucket: TokenBucket = field(init=False)
     _threshold: float = field(init=False)
-    _tokens: float = field(init=False)
-    _stamp: float = field(init=False)
     _counts: dict[str, int] = field(init=False, default_factory=dict)
     _latest: tuple[Any, ...] = field(init=False, default=())
     _recent: Lru[Hashable, float] | None = field(init=False)
@@ -65,19 +64,17 @@ class RateLimitedLog:
     def __post_init__(self) -> None:
         if self.every <= 0 or self.burst < 1:
             raise ValueError("a rate limit needs a positive interval and burst")
-        self._rate = self.burst / self.every
+        self._bucket = TokenBucket(self.burst / self.every, self.burst, stamp=self.clock())
         # a held-back summary waits until the bucket is half full again, so a
         # sustained flood does not turn into one summary line per refilled token
         self._threshold = max(1.0, self.burst / 2)
-        self._tokens = float(self.burst)
-        self._stamp = self.clock()
         self._recent = Lru(self.keys) if self.quiet is not None else None
 
     # -- the two entry points -----------------------------------------------------------
     def record(self, reason: str, *latest: Any) -> None:
         """Count one occurrence; log the summary now if the budget allows, else later."""
         self._hold(reason, latest)
-        if self._refill(self.clock()) >= 1:
+        if self._bucket.refill(self.clock()) >= 1:
             self._emit()
         else:
             self._arm()
@@ -96,12 +93,13 @@ class RateLimitedLog:
             if last is not None and now - last < self.quiet:  # type: ignore[operator]
                 return False
             recent.put(key, now)
-        tokens = self._refill(now)
+        bucket = self._bucket
+        tokens = bucket.refill(now)
         if self._counts and tokens >= self._threshold:
             self._emit()
-            tokens = self._tokens
+            tokens = bucket.tokens
         if tokens >= 1:
-            self._tokens = tokens - 1
+            bucket.tokens = tokens - 1
             return True
         counts = self._counts  # _hold() inline: this is the flood's path
         counts[reason] = counts.get(reason, 0) + 1
@@ -118,7 +116,7 @@ class RateLimitedLog:
             self._timer.cancel()
             self._timer = None
         if self._counts:
-            self._refill(self.clock())
+            self._bucket.refill(self.clock())
             self._emit()
 
     # -- for tests and /health-like callers ---------------------------------------------
@@ -133,19 +131,14 @@ class RateLimitedLog:
         counts[reason] = counts.get(reason, 0) + 1
         self._latest = latest
 
-    def _refill(self, now: float) -> float:
-        if now > self._stamp:  # a clock that steps back (a replaced one) refills nothing
-            self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self._rate)
-        self._stamp = now
-        return self._tokens
-
     def _emit(self) -> None:
         counts = self._counts
         text = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
         self.logger.log(self.level, self.summary, sum(counts.values()), text, *self._latest)
         self._counts = {}
         self._latest = ()
-        self._tokens = max(0.0, self._tokens - 1)  # a summary is a line like any other
+        bucket = self._bucket  # a summary is a line like any other
+        bucket.tokens = max(0.0, bucket.tokens - 1)
 
     def _arm(self) -> None:
         """Say the rest once the flood stops, even if nothing else happens."""
@@ -155,7 +148,7 @@ class RateLimitedLog:
         loop = asyncio._get_running_loop()
         if loop is None:  # no loop (tests, tools): the next occurrence or flush() says it
             return
-        wait = (self._threshold - self._tokens) / self._rate
+        wait = self._bucket.wait(self.clock(), self._threshold)
         self._timer = loop.call_later(max(0.0, wait), self._on_timer)
 
     def _on_timer(self) -> None:

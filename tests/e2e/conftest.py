@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,12 @@ LAB_SWARM = {"manager_addr": "10.77.0.2:2377",
              "manager_token": "SWMTKN-1-lab-manager-0123456789abcdef"}
 
 
-def write_lab_config(root: Path, images: Path, swarm: dict[str, Any] | None = None) -> Path:
+def write_lab_config(root: Path, images: Path, swarm: dict[str, Any] | None = None,
+                     extra: str = "") -> Path:
     """The bundled configs, with the lab's own machine files and data dir.
 
     ``swarm`` (default: LAB_SWARM) becomes netboot.yaml's ``swarm:`` block; profiles
-    without ``ignition:`` do not use it.
+    without ``ignition:`` do not use it. ``extra`` is appended to netboot.yaml.
     """
     cfg = root / "configs"
     shutil.copytree(REPO / "configs" / "profiles", cfg / "profiles")
@@ -50,7 +52,7 @@ def write_lab_config(root: Path, images: Path, swarm: dict[str, Any] | None = No
         f"ignition_dir: {REPO / 'ignition'}\ndefault_profile: default\n"
         "api:\n  admin_token: lab-admin-token\n"
         + ("swarm:\n" if swarm else "")
-        + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in swarm.items()))
+        + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in swarm.items()) + extra)
     return cfg / "netboot.yaml"
 
 
@@ -86,14 +88,18 @@ class LabEnv:
         return json.loads(out.stdout)
 
 
-@pytest.fixture(scope="session")
-def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
+def lab_config(root: Path, extra: str = "") -> Path:
+    """Skip unless a lab can run here; else the demo OS built and the lab's netboot.yaml
+    written under ``root`` (``extra`` appended to it)."""
     reason = can_run_lab()
     if reason:
         pytest.skip(reason)
-    images = build_demo_os()
-    root = tmp_path_factory.mktemp("lab")
-    config = write_lab_config(root, images)
+    return write_lab_config(root, build_demo_os(), extra=extra)
+
+
+@contextmanager
+def running_lab(root: Path, config: Path) -> Iterator[LabEnv]:
+    """A lab in ``root``: the site's DHCP and netboot serving ``config``."""
     lab = Lab(root)
     try:
         lab.up()
@@ -105,3 +111,10 @@ def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
         log = lab.netboot_log()
         if log:
             print("---- netboot log (tail) ----\n" + log[-6000:])
+
+
+@pytest.fixture(scope="session")
+def lab_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabEnv]:
+    root = tmp_path_factory.mktemp("lab")
+    with running_lab(root, lab_config(root)) as env:
+        yield env

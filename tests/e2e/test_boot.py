@@ -14,6 +14,7 @@ import uuid as uuidlib
 import pytest
 
 from tests.e2e.conftest import LabEnv
+from tests.lab import Guest
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -37,6 +38,12 @@ def _boot(env: LabEnv, firmware: str, *, profile: str, mac: str | None = None,
     uuid = str(uuidlib.uuid4())
     guest = env.lab.boot_guest(firmware, uuid=uuid, mac=mac, nic=nic, nic_rom=nic_rom,
                                serial=serial, vendor="NetbootLab", product="QemuBlade")
+    return uuid, _booted(env, guest, uuid, profile)
+
+
+def _booted(env: LabEnv, guest: Guest, uuid: str, profile: str) -> str:
+    """The guest's console once it ran the demo OS as ``uuid`` with ``profile`` and
+    called back (asserted)."""
     console = env.lab.wait_guest(guest, timeout=300)
     assert "NETBOOT-TESTOS-DONE" in console, f"guest did not finish booting:\n{console[-3000:]}"
     ident = _identity(console)
@@ -45,7 +52,7 @@ def _boot(env: LabEnv, firmware: str, *, profile: str, mac: str | None = None,
     cmdline = _cmdline(console)
     assert f"netboot.profile={profile}" in cmdline, cmdline
     assert "NETBOOT-TESTOS callback ok" in console, console[-2000:]
-    return uuid, console
+    return console
 
 
 def _registered(env: LabEnv, uuid: str, serial: str) -> dict:

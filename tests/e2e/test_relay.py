@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.e2e.conftest import build_demo_os, write_lab_config
-from tests.lab import VENV_BIN, Lab, can_run_lab, site_lease_in
+from tests.e2e.conftest import lab_config
+from tests.lab import VENV_BIN, Lab, site_lease_in
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
@@ -58,12 +58,8 @@ class RelayLab:
 
 @pytest.fixture(scope="module")
 def relay_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayLab]:
-    reason = can_run_lab()
-    if reason:
-        pytest.skip(reason)
-    images = build_demo_os()
     root = tmp_path_factory.mktemp("relay")
-    config = write_lab_config(root, images)
+    config = lab_config(root)
     lab = Lab(root)
     far: Lab | None = None
     try:
