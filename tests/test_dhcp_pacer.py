@@ -106,3 +106,21 @@ def test_held_replies_keep_their_order_behind_new_ones() -> None:
         p.offer(RELAY, b"%d" % i, 0.0)
     assert not p.offer(RELAY, b"late", 0.01)  # a token is due by now, the queue first
     assert p.due(0.01) == [(RELAY, b"%d" % BURST), (RELAY, b"late")]
+
+
+def test_a_busy_server_is_not_throttled_below_its_own_pace() -> None:
+    """A server answering flat out (64 replies per wake-up, 30 µs apart, the timer run
+    once between wake-ups): nothing is dropped, and once its first window told the
+    pacer its demand, the held queue stays within a wake-up's replies, though each
+    wake-up's replies exceed the bucket."""
+    p = Pacer(max_age=0.25)
+    t, most_held = 0.0, 0
+    for _ in range(2_000):  # 2,000 wake-ups, 128,000 replies over ~4 s
+        for _ in range(64):
+            p.offer(RELAY, b"r", t)
+            t += 3e-5
+        p.due(t)
+        if t > 3 * WINDOW:
+            most_held = max(most_held, p.held)
+    assert p.dropped == 0
+    assert most_held < 2 * 64

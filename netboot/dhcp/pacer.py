@@ -77,7 +77,10 @@ class Pacer:
             lane.rate = lane.count / elapsed
             lane.window_start, lane.count = now, 0
         pace = max(self.floor, self.headroom * lane.rate)
-        lane.tokens = min(float(self.burst), lane.tokens + (now - lane.stamp) * pace)
+        # The cap bounds what an idle lane saves up. While replies are held they leave
+        # at ``pace`` however the timer's wake-ups fall (a busy loop runs it late).
+        cap = float(self.burst + len(lane.held))
+        lane.tokens = min(cap, lane.tokens + (now - lane.stamp) * pace)
         lane.stamp = now
 
     def offer(self, dest: tuple[str, int], data: bytes, now: float) -> bool:
