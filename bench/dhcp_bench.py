@@ -164,6 +164,8 @@ class Bench:
                 for other in list(self.procs):
                     self.stop(other)
             self.procs[name] = self.start(name)
+            # warm-up: ARP, caches, the first clients' log lines
+            self.measure(self.procs[name][1], 1000)
         return self.procs[name][1]
 
     def stop(self, name: str) -> None:
@@ -248,8 +250,6 @@ class Bench:
     def bench(self, names: list[str]) -> dict[str, dict]:
         """Both servers' warm-up, latency and search, one step of each in turn."""
         results: dict[str, dict] = {name: {} for name in names}
-        for name in names:
-            self.measure(self.server(name), 1000)  # warm-up: ARP, caches, first logging
         for name in names:
             print(f"== {name}: latency", flush=True)
             results[name]["latency"] = self.measure(self.server(name), self.args.latency_rate)

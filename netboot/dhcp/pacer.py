@@ -8,11 +8,12 @@ tail of the burst is lost there, silently for the server.
 
 So each destination (a relay's address, or the broadcast address of this link)
 gets a token bucket: ``burst`` replies at once, refilled at ``headroom`` times
-the rate its replies were asked for in the last window of 0.1 s (never below
+the rate its replies were asked for in the last two windows of 25 ms (never below
 ``floor``). In a steady flow nothing waits; after a stall the backlog leaves at
 ``headroom`` times the usual rate instead of in one burst (a stall shorter than
-the window only delays demand within it, so it does not raise the estimate).
-A new flow faster than ``floor`` waits during its first window only. A reply that cannot
+the window, as a descheduled process's few milliseconds are, only delays demand
+within it, so it does not raise the estimate). A new flow faster than ``floor``
+waits during its first window only. A reply that cannot
 leave is held (in order) until its token is due; one held longer than
 ``max_age`` is dropped and counted: its client has retried by then.
 
@@ -29,14 +30,14 @@ from dataclasses import dataclass, field
 from ..util.lru import Lru
 
 #: replies one destination may receive back to back: well under a default socket's 166
-BURST = 48
+BURST = 64
 #: the bucket's rate, as a multiple of the destination's recent demand
 HEADROOM = 1.5
 #: the least rate a destination is paced at (replies/s): a new relay's first burst
-#: (a rack of 1,000 behind one relay leaves within 0.2 s, under the default max_age)
-FLOOR = 5000.0
-#: the demand estimate's window (seconds)
-WINDOW = 0.1
+#: (a rack of 1,000 behind one relay leaves within 0.1 s, under the default max_age)
+FLOOR = 10_000.0
+#: the demand estimate's window (seconds): longer than a deschedule's stall
+WINDOW = 0.025
 
 
 @dataclass(slots=True)
@@ -46,6 +47,7 @@ class _Lane:
     window_start: float
     count: int = 0
     rate: float = 0.0
+    previous: float = 0.0  # the last window's demand
     held: deque[tuple[float, bytes]] = field(default_factory=deque)
 
 
@@ -73,8 +75,11 @@ class Pacer:
 
     def _refill(self, lane: _Lane, now: float) -> None:
         elapsed = now - lane.window_start
-        if elapsed >= WINDOW:  # the demand over the window just ended
-            lane.rate = lane.count / elapsed
+        if elapsed >= WINDOW:
+            # the demand: the higher of the last two windows', so a stall that left one
+            # window short does not slow the backlog it made
+            last = lane.count / elapsed
+            lane.rate, lane.previous = max(last, lane.previous), last
             lane.window_start, lane.count = now, 0
         pace = max(self.floor, self.headroom * lane.rate)
         # The cap bounds what an idle lane saves up. While replies are held they leave
