@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -301,10 +302,12 @@ cmdline: >-
 """
 
 
-def stage_images(dest: Path, kernel_size: int | None = None) -> tuple[str, str]:
+def stage_images(dest: Path, kernel_size: int | None = None,
+                 initrd_size: int | None = None) -> tuple[str, str]:
     """Kernel and initrd under dest/storm/ (copies, so symlink confinement is not in play).
 
-    kernel_size: a generated kernel stand-in of that many bytes instead of the demo one.
+    kernel_size, initrd_size: generated stand-ins of that many bytes instead of the demo
+    OS's files (the same seed, so both stacks serve the same bytes).
     Returns the two paths relative to dest.
     """
     demo = REPO / "images" / "demo"
@@ -313,11 +316,11 @@ def stage_images(dest: Path, kernel_size: int | None = None) -> tuple[str, str]:
                        check=True)
     d = dest / "storm"
     d.mkdir(parents=True, exist_ok=True)
-    if kernel_size:
-        (d / "vmlinuz").write_bytes(os.urandom(kernel_size))
-    else:
-        shutil.copyfile(demo / "vmlinuz", d / "vmlinuz")
-    shutil.copyfile(demo / "initrd.cpio.gz", d / "initrd.cpio.gz")
+    for name, size, seed in (("vmlinuz", kernel_size, 1), ("initrd.cpio.gz", initrd_size, 2)):
+        if size:
+            (d / name).write_bytes(random.Random(seed).randbytes(size))
+        else:
+            shutil.copyfile(demo / name, d / name)
     return "storm/vmlinuz", "storm/initrd.cpio.gz"
 
 
@@ -329,6 +332,7 @@ class NetbootServer:
     root: Path
     data_dir: Path | None = None
     kernel_size: int | None = None
+    initrd_size: int | None = None
     extra_yaml: str = ""
     proc: subprocess.Popen | None = None
     starts: int = 0
@@ -343,7 +347,8 @@ class NetbootServer:
         self.images = self.root / "images"
         (self.cfg / "profiles").mkdir(parents=True, exist_ok=True)
         (self.cfg / "machines").mkdir(parents=True, exist_ok=True)
-        self.kernel, self.initrd = stage_images(self.images, self.kernel_size)
+        self.kernel, self.initrd = stage_images(self.images, self.kernel_size,
+                                                self.initrd_size)
         self.profile_path = self.cfg / "profiles" / "storm.yaml"
         self.profile_path.write_text(STORM_PROFILE.format(kernel=self.kernel, initrd=self.initrd))
         data = self.data_dir or self.root / "data"
