@@ -324,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if a.json:
             a.json.write_text(json.dumps(results, indent=1))
-        shutil.rmtree(work, ignore_errors=True)
+        if all(r["failed"] == 0 for r in results["runs"]):
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"logs of the runs with failures are kept in {work}", flush=True)
     return 0
 
 

@@ -821,6 +821,7 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     return {
         "n": len(machines), "completed": len(done), "failed": len(failed),
         "final_failures": dict(Counter(_generic(m.errors[-1]) for m in failed if m.errors)),
+        "failed_examples": [f"{m.kind} {m.ip}: {m.errors[-1]}" for m in failed[:10] if m.errors],
         "attempt_failures": dict(storm.attempt_failures),
         "retried_ok": sum(1 for m in done if m.attempts > 1),
         "t_last_s": round(max((m.done_at for m in done), default=float("nan")), 3),

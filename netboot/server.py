@@ -263,7 +263,8 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
             tftp = await start_tftp(services.tftp, "0.0.0.0", cfg.tftp.port, interface=iface,
                                     single_port=cfg.tftp.single_port, counters=counters,
                                     max_transfers=cfg.tftp.max_transfers,
-                                    max_per_client=cfg.tftp.max_per_client)
+                                    max_per_client=cfg.tftp.max_per_client,
+                                    workers=cfg.tftp.workers)
             closers.append(tftp.close)
             log.info("TFTP listening on udp/%d%s: %d loader(s) from %s; images/ from %s",
                      cfg.tftp.port, f" on {iface}" if iface else "", len(loaders.files),
