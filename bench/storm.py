@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -214,10 +215,15 @@ def one_run(stack: str, n: int, work: Path, a: argparse.Namespace) -> dict[str, 
             peer.start()
             pids = peer.pids
         time.sleep(0.5)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with Sampler(pids) as sampler:
             result = run_storm(lab, work / "storm.json", "-n", str(n), "--seed", str(a.seed),
                                "--mix", a.mix, "--require-callback",
+                               "--spread", str(a.spread), "--reboots", str(a.reboots),
                                *(["--hash"] if a.hash else []))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the client, waited for
+        result["client_cpu_s"] = round(after.ru_utime + after.ru_stime - before.ru_utime
+                                       - before.ru_stime, 2)
         result["server"] = {"cpu_s": round(sampler.cpu_seconds, 2),
                             "peak_cpu_pct": round(sampler.peak_cpu_pct),
                             "peak_rss_mib": round(sampler.peak_rss_kib / 1024, 1)}
@@ -235,7 +241,8 @@ def table(name: str, r: dict[str, Any]) -> str:
     rows = [f"{name}: N={r['n']} completed {r['completed']}, failed {r['failed']}"
             + (f" {r['final_failures']}" if r["failed"] else "")
             + f", last completion {r['t_last_s']:.2f} s; server CPU {s['cpu_s']} s "
-              f"(peak {s['peak_cpu_pct']}%), peak RSS {s['peak_rss_mib']} MiB",
+              f"(peak {s['peak_cpu_pct']}%), peak RSS {s['peak_rss_mib']} MiB; client CPU "
+              f"{r.get('client_cpu_s')} s",
             "| phase | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|"]
     for p in PHASES:
         ph = r["phases"][p]
@@ -274,8 +281,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="a generated initrd stand-in of this size (default: the demo initrd)")
     ap.add_argument("--mix", default=DEFAULT_MIX, help=f"machine kinds (default {DEFAULT_MIX})")
     ap.add_argument("--rounds", type=int, default=1, help="pairs per N, stacks alternating")
+    ap.add_argument("--spread", type=float, default=0.0,
+                    help="machines power on uniformly over this many seconds (0: at once)")
+    ap.add_argument("--reboots", type=int, default=0,
+                    help="a failed machine starts over this many times")
     ap.add_argument("--ref", help="run netboot as committed at this git ref (git archive)")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--peers-only", action="store_true", help="the peer stack alone")
     ap.add_argument("--hash", action="store_true", help="sha256 every file on the client")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write all results here")
@@ -305,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for n in a.n or [100, 1000]:
             for rnd in range(a.rounds):
-                stacks = ["netboot"] + ([] if a.no_peers else ["peers"])
+                stacks = ["peers"] if a.peers_only else \
+                    ["netboot"] + ([] if a.no_peers else ["peers"])
                 if rnd % 2:
                     stacks.reverse()  # alternate who goes first
                 pair = {}
@@ -319,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                     label = "netboot" if stack == "netboot" else "dnsmasq+nginx"
                     print(table(label, r) + "\n(load average before: "
                           + ", ".join(f"{x:.2f}" for x in load) + ")\n", flush=True)
-                if "peers" in pair:
+                if "peers" in pair and "netboot" in pair:
                     print(ratios(n, pair["netboot"], pair["peers"]) + "\n", flush=True)
     finally:
         if a.json:

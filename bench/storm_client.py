@@ -702,7 +702,8 @@ class Storm:
     async def machine(self, m: Machine) -> None:
         a = self.args
         if a.spread:
-            await asyncio.sleep(random.uniform(0, a.spread))
+            # the same power-on times for both stacks
+            await asyncio.sleep(random.Random(f"{a.seed}-{m.index}").uniform(0, a.spread))
         while True:
             m.attempts += 1
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 from aiohttp import hdrs, web
@@ -54,19 +55,50 @@ class ImageResponse(web.FileResponse):
 
 
 SENDFILE_CHUNK = 2 << 20  # per call, then yield: nginx's sendfile_max_chunk default
+#: threads that run the sendfile calls: the kernel's copy runs without the GIL, so the
+#: event loop (DHCP, TFTP decisions, boot scripts) goes on meanwhile, on the other core
+SENDFILE_THREADS = 4
+_pool: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(SENDFILE_THREADS, thread_name_prefix="sendfile")
+    return _pool
+
+
+def _send_some(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
+    """One sendfile call on the non-blocking socket; -1 if it would block."""
+    try:
+        return os.sendfile(sock_fd, file_fd, offset, count)
+    except BlockingIOError:
+        return -1
 
 
 async def _sendfile_fd(loop: asyncio.AbstractEventLoop, sock_fd: int, file_fd: int,
                        offset: int, count: int) -> None:
-    """os.sendfile on a non-blocking socket, waiting for writability on a dup of it:
-    uvloop refuses add_writer on a descriptor its transport owns, and the dup is its
-    own epoll entry, removed (remove_writer) before it is closed."""
+    """os.sendfile on a non-blocking socket, in a thread, waiting for writability on a
+    dup of it: uvloop refuses add_writer on a descriptor its transport owns, and the dup
+    is its own epoll entry, removed (remove_writer) before it is closed. The thread sends
+    through the dup too: if the client goes away meanwhile and the loop closes the
+    transport's descriptor (whose number may be reused at once), the dup still names
+    this connection's socket."""
     dup = os.dup(sock_fd)
     try:
+        file_dup = os.dup(file_fd)  # aiohttp closes its file when this coroutine ends
+    except OSError:
+        os.close(dup)
+        raise
+    pool = _executor()
+    pending: asyncio.Future[int] | None = None
+    try:
         while count > 0:
-            try:
-                sent = os.sendfile(sock_fd, file_fd, offset, min(count, SENDFILE_CHUNK))
-            except BlockingIOError:
+            pending = loop.run_in_executor(pool, _send_some, dup, file_dup, offset,
+                                           min(count, SENDFILE_CHUNK))
+            sent = await asyncio.shield(pending)
+            pending = None
+            if sent < 0:
                 ready = loop.create_future()
                 loop.add_writer(dup, _wake, ready)
                 try:
@@ -78,9 +110,16 @@ async def _sendfile_fd(loop: asyncio.AbstractEventLoop, sock_fd: int, file_fd: i
                 raise ConnectionResetError("image file shrank while it was being sent")
             offset += sent
             count -= sent
-            await asyncio.sleep(0)  # a fast client must not hold the loop DHCP and TFTP share
     finally:
-        os.close(dup)
+        if pending is not None and not pending.done():  # cancelled mid-call: close after it
+            pending.add_done_callback(lambda _f: _close(dup, file_dup))
+        else:
+            _close(dup, file_dup)
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

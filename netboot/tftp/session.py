@@ -79,13 +79,23 @@ _COMPLETED = Outcome.COMPLETED
 _FAILED = Outcome.FAILED
 _PROBE = Outcome.PROBE
 
-CHUNK = 256 * 1024  # bytes of content read (and framed as DATA packets) at a time
+CHUNK = 256 * 1024  # most content read (and framed as DATA packets) at a time
+#: least read at a time: a lock-step transfer needs one block in memory, and 10,000 of
+#: them at once with 256 KiB each were 2.5 GB (a UEFI storm); 16 KiB is a read per
+#: 11 blocks of 1468 bytes
+MIN_CHUNK = 16 * 1024
 MAX_CHUNK_BLOCKS = 512  # keeps a preadv under IOV_MAX (1024) for tiny blksizes
 # Byte k of these is the high/low byte of wire block number k & 0xFFFF, for k up to
 # 65535 + MAX_CHUNK_BLOCKS, so one slice gives the numbers of a whole chunk, rollover included.
 _BLOCK_HI = (b"".join(bytes([h]) * 256 for h in range(256)) * 2)[:65536 + MAX_CHUNK_BLOCKS]
 _BLOCK_LO = (bytes(range(256)) * 258)[:65536 + MAX_CHUNK_BLOCKS]
 _OPCODE_DATA = bytes([pk.DATA]) * MAX_CHUNK_BLOCKS
+
+
+def chunk_bytes(blksize: int, windowsize: int) -> int:
+    """Content framed at a time: four windows (so a window rarely spans two chunks),
+    between MIN_CHUNK and CHUNK."""
+    return min(CHUNK, max(MIN_CHUNK, 4 * windowsize * blksize))
 
 
 class ReadSession:
@@ -195,7 +205,7 @@ class ReadSession:
         """Frame the chunk of DATA packets that starts at block `first`."""
         bs = self.blksize
         step = bs + 4
-        count = max(1, min(CHUNK // bs, MAX_CHUNK_BLOCKS))
+        count = max(1, min(chunk_bytes(bs, self.windowsize) // bs, MAX_CHUNK_BLOCKS))
         offset = (first - 1) * bs
         size = self.provider.size()
         if size is not None:  # no bigger buffer than the rest of the content needs
