@@ -217,6 +217,7 @@ class _TftpClient(asyncio.DatagramProtocol):
         self.peer: tuple[str, int] | None = None
         self.expected, self.blk, self.size, self.tsize, self.tries = 1, 512, 0, None, 0
         self.window, self.unacked = 1, 0
+        self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -229,14 +230,19 @@ class _TftpClient(asyncio.DatagramProtocol):
         self.transport.sendto(data, dest or self.dest)
         if dest is None:
             self.last = data
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = self.loop.call_later(self.timeout * min(4, 2 ** self.tries),
-                                              self._on_timer)
+            # Lazy timer (as the server's): moving the deadline is a store; the one timer
+            # re-arms itself when it fires early. A new TimerHandle per ACK was a large
+            # share of the client's CPU, and the client shares the machine with the server.
+            self.deadline = self.loop.time() + self.timeout * min(4, 2 ** self.tries)
+            if self.timer is None:
+                self.timer = self.loop.call_at(self.deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self.timer = None
         if self.done.done():
+            return
+        if self.loop.time() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
             return
         self.tries += 1
         if self.tries > self.retries:
@@ -299,13 +305,13 @@ class _TftpClient(asyncio.DatagramProtocol):
                 return
             n = int.from_bytes(data[2:4], "big")
             if n == self.expected & 0xFFFF:
-                payload = data[4:]
+                got = len(data) - 4
                 if self.hasher is not None:
-                    self.hasher.update(payload)
-                self.size += len(payload)
+                    self.hasher.update(data[4:])
+                self.size += got
                 self.expected += 1
                 self.tries = 0
-                if len(payload) < self.blk:
+                if got < self.blk:
                     assert self.transport is not None
                     self.transport.sendto(b"\0\x04" + data[2:4], self.dest)
                     if self.tsize is not None and self.tsize != self.size:

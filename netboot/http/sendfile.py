@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
@@ -57,7 +58,8 @@ class ImageResponse(web.FileResponse):
 SENDFILE_CHUNK = 2 << 20  # per call, then yield: nginx's sendfile_max_chunk default
 #: threads that run the sendfile calls: the kernel's copy runs without the GIL, so the
 #: event loop (DHCP, TFTP decisions, boot scripts) goes on meanwhile, on the other core
-SENDFILE_THREADS = 4
+SENDFILE_THREADS = 8
+THREAD_WAIT_MS = 20  # a slow client gives its thread back after this, and waits on the loop
 _pool: ThreadPoolExecutor | None = None
 
 
@@ -69,11 +71,26 @@ def _executor() -> ThreadPoolExecutor:
 
 
 def _send_some(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
-    """One sendfile call on the non-blocking socket; -1 if it would block."""
-    try:
-        return os.sendfile(sock_fd, file_fd, offset, count)
-    except BlockingIOError:
-        return -1
+    """sendfile calls until ``count`` bytes are sent or the socket stays full for
+    THREAD_WAIT seconds, waiting in poll(2) meanwhile (no GIL, no loop round trip per
+    call). Returns the bytes sent (0: the file ended early), -1 if the socket stayed full
+    (the loop then waits for it)."""
+    sent = 0
+    poller: select.poll | None = None
+    while sent < count:
+        try:
+            n = os.sendfile(sock_fd, file_fd, offset + sent, count - sent)
+        except BlockingIOError:
+            if poller is None:
+                poller = select.poll()
+                poller.register(sock_fd, select.POLLOUT)
+            if not poller.poll(THREAD_WAIT_MS):
+                break
+            continue
+        if n == 0:  # end of file: it shrank (the caller's count came from its size)
+            return sent
+        sent += n
+    return sent if sent else -1
 
 
 async def _sendfile_fd(loop: asyncio.AbstractEventLoop, sock_fd: int, file_fd: int,
