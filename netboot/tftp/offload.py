@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -220,7 +221,11 @@ class _Host:
 
     def abort(self, tid: int, reason: str) -> None:
         t = self._by_id.get(tid)
-        if t is not None:
+        # Packets that came before the abort count first: a client that reuses its port
+        # sends the last ACK, then the next RRQ (which the main process saw first).
+        while t is not None and tid in self._by_id and _readable(t.sock):
+            t.on_readable()
+        if tid in self._by_id:
             t.session.abort(reason)
             self._finish(t)
 
@@ -294,6 +299,10 @@ class _Host:
     def shutdown(self) -> None:
         for tid in list(self._by_id):
             self.abort(tid, "shutdown")
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 async def _worker(fd: int) -> None:
