@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 from aiohttp import hdrs, web
@@ -56,66 +54,19 @@ class ImageResponse(web.FileResponse):
 
 
 SENDFILE_CHUNK = 2 << 20  # per call, then yield: nginx's sendfile_max_chunk default
-#: threads that run the sendfile calls: the kernel's copy runs without the GIL, so the
-#: event loop (DHCP, TFTP decisions, boot scripts) goes on meanwhile, on the other core
-SENDFILE_THREADS = 8
-THREAD_WAIT_MS = 20  # a slow client gives its thread back after this, and waits on the loop
-_pool: ThreadPoolExecutor | None = None
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(SENDFILE_THREADS, thread_name_prefix="sendfile")
-    return _pool
-
-
-def _send_some(sock_fd: int, file_fd: int, offset: int, count: int) -> int:
-    """sendfile calls until ``count`` bytes are sent or the socket stays full for
-    THREAD_WAIT seconds, waiting in poll(2) meanwhile (no GIL, no loop round trip per
-    call). Returns the bytes sent (0: the file ended early), -1 if the socket stayed full
-    (the loop then waits for it)."""
-    sent = 0
-    poller: select.poll | None = None
-    while sent < count:
-        try:
-            n = os.sendfile(sock_fd, file_fd, offset + sent, count - sent)
-        except BlockingIOError:
-            if poller is None:
-                poller = select.poll()
-                poller.register(sock_fd, select.POLLOUT)
-            if not poller.poll(THREAD_WAIT_MS):
-                break
-            continue
-        if n == 0:  # end of file: it shrank (the caller's count came from its size)
-            return sent
-        sent += n
-    return sent if sent else -1
 
 
 async def _sendfile_fd(loop: asyncio.AbstractEventLoop, sock_fd: int, file_fd: int,
                        offset: int, count: int) -> None:
-    """os.sendfile on a non-blocking socket, in a thread, waiting for writability on a
-    dup of it: uvloop refuses add_writer on a descriptor its transport owns, and the dup
-    is its own epoll entry, removed (remove_writer) before it is closed. The thread sends
-    through the dup too: if the client goes away meanwhile and the loop closes the
-    transport's descriptor (whose number may be reused at once), the dup still names
-    this connection's socket."""
+    """os.sendfile on a non-blocking socket, waiting for writability on a dup of it:
+    uvloop refuses add_writer on a descriptor its transport owns, and the dup is its
+    own epoll entry, removed (remove_writer) before it is closed."""
     dup = os.dup(sock_fd)
     try:
-        file_dup = os.dup(file_fd)  # aiohttp closes its file when this coroutine ends
-    except OSError:
-        os.close(dup)
-        raise
-    pool = _executor()
-    pending: asyncio.Future[int] | None = None
-    try:
         while count > 0:
-            pending = loop.run_in_executor(pool, _send_some, dup, file_dup, offset,
-                                           min(count, SENDFILE_CHUNK))
-            sent = await asyncio.shield(pending)
-            pending = None
-            if sent < 0:
+            try:
+                sent = os.sendfile(sock_fd, file_fd, offset, min(count, SENDFILE_CHUNK))
+            except BlockingIOError:
                 ready = loop.create_future()
                 loop.add_writer(dup, _wake, ready)
                 try:
@@ -127,16 +78,9 @@ async def _sendfile_fd(loop: asyncio.AbstractEventLoop, sock_fd: int, file_fd: i
                 raise ConnectionResetError("image file shrank while it was being sent")
             offset += sent
             count -= sent
+            await asyncio.sleep(0)  # a fast client must not hold the loop DHCP and TFTP share
     finally:
-        if pending is not None and not pending.done():  # cancelled mid-call: close after it
-            pending.add_done_callback(lambda _f: _close(dup, file_dup))
-        else:
-            _close(dup, file_dup)
-
-
-def _close(*fds: int) -> None:
-    for fd in fds:
-        os.close(fd)
+        os.close(dup)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:
