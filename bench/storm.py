@@ -201,6 +201,33 @@ def netboot_stack(lab: StormLab, root: Path, a: argparse.Namespace, n: int,
     return server
 
 
+#: netboot's own counters worth keeping beside a storm's figures
+COUNTERS = ("tftp_handed_off", "tftp_hand_off_skipped", "tftp_transfers_completed",
+            "tftp_transfers_failed", "tftp_size_probes", "tftp_retransmits",
+            "tftp_refused", "dhcp_offers_total", "dhcp_acks_total")
+
+
+def netboot_counters(server: NetbootServer) -> dict[str, float]:
+    """Totals of COUNTERS from /metrics (labels summed), or {} if it does not answer."""
+    try:
+        status, body = server.http("GET", "/metrics",
+                                   headers={"Authorization": "Bearer storm-admin-token"})
+    except OSError:
+        return {}
+    if status != 200:
+        return {}
+    out: dict[str, float] = {}
+    for line in body.decode(errors="replace").splitlines():
+        name, _, value = line.partition(" ")
+        base = name.split("{", 1)[0].removeprefix("netboot_")
+        if base in COUNTERS and not line.startswith("#"):
+            try:
+                out[base] = out.get(base, 0) + float(value.split()[-1])
+            except (ValueError, IndexError):
+                pass
+    return out
+
+
 def one_run(stack: str, n: int, work: Path, a: argparse.Namespace) -> dict[str, Any]:
     machines = make_machines(n, a.seed, a.mix)
     with StormLab(work / "lab", machines=n) as lab:
@@ -229,6 +256,7 @@ def one_run(stack: str, n: int, work: Path, a: argparse.Namespace) -> dict[str, 
                             "peak_rss_mib": round(sampler.peak_rss_kib / 1024, 1)}
         if stack == "netboot":
             result["server"]["alive"] = server.alive()
+            result["server"]["counters"] = netboot_counters(server)
     result.pop("acked", None)
     result.pop("uuids", None)
     if result["failed"] == 0:
@@ -249,6 +277,9 @@ def table(name: str, r: dict[str, Any]) -> str:
         rows.append(f"| {p} | {ph['p50_ms']} | {ph['p99_ms']} | {ph['max_ms']} |")
     if r["attempt_failures"]:
         rows.append(f"(failed attempts, retried: {r['attempt_failures']})")
+    if s.get("counters"):
+        rows.append("netboot counters: " + ", ".join(f"{k} {v:g}"
+                                                    for k, v in s["counters"].items()))
     for kind, k in r.get("kinds", {}).items():
         rows.append(f"- {kind}: {k['completed']}/{k['n']} completed, last {k['t_last_s']} s, "
                     f"median {k['p50_s']} s")

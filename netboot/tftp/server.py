@@ -62,6 +62,8 @@ _HELP = {
     "tftp_bytes_sent": "payload bytes sent, retransmissions included",
     "tftp_retransmits": "DATA/OACK packets sent again after a timeout",
     "tftp_send_errors": "packets the kernel refused to send",
+    "tftp_handed_off": "file transfers given to the worker process",
+    "tftp_hand_off_skipped": "file transfers served here although a worker runs, by reason",
 }
 
 
@@ -403,7 +405,11 @@ class TftpServer:
                                         max_blksize=self._max_blksize(addr[0]),
                                         max_windowsize=self._max_windowsize,
                                         timeout=self._timeout, retries=self._retries)
-            if tid is not None:  # the worker has its own copies of the three descriptors
+            if tid is None:
+                self.counters.inc("tftp_hand_off_skipped",
+                                  reason="worker busy" if self.offload.alive else "worker lost")
+            else:  # the worker has its own copies of the three descriptors
+                self.counters.inc("tftp_handed_off")
                 sock.close()
                 catcher.close()
                 provider.close()
