@@ -190,7 +190,9 @@ def netboot_stack(lab: StormLab, root: Path, a: argparse.Namespace, n: int,
     each pxelinux machine (as a site would tell it which machines boot pxelinux)."""
     transfers = limits(n)[0]
     server = NetbootServer(lab, root, kernel_size=a.kernel_size, initrd_size=a.initrd_size,
-                           src=a.src, extra_yaml=f"tftp:\n  max_transfers: {transfers}\n")
+                           src=a.src, extra_yaml=f"tftp:\n  max_transfers: {transfers}\n"
+                           + (f"  workers: {a.tftp_workers}\n" if a.tftp_workers is not None
+                              else ""))
     profile = server.profile_path.read_text().replace("loader: ipxe", "loader: pxelinux")
     (server.cfg / "profiles" / f"{STORM_PXELINUX_PROFILE}.yaml").write_text(profile)
     for m in machines:
@@ -319,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ref", help="run netboot as committed at this git ref (git archive)")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--peers-only", action="store_true", help="the peer stack alone")
+    ap.add_argument("--tftp-workers", type=int, choices=(0, 1), default=None,
+                    help="netboot's tftp.workers (default: netboot's own default)")
     ap.add_argument("--hash", action="store_true", help="sha256 every file on the client")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write all results here")
