@@ -206,7 +206,7 @@ class _Host:
         provider = FileProvider("", fd=file_fd)
         session = ReadSession(provider, msg["options"], max_blksize=msg["max_blksize"],
                               max_windowsize=msg["max_windowsize"], timeout=msg["timeout"],
-                              retries=msg["retries"])
+                              retries=msg["retries"], concurrent=len(self._by_id) + 1)
         peer = (msg["peer"][0], msg["peer"][1])
         t = _Transfer(self, session, sock, catcher, peer, "", "")  # type: ignore[arg-type]
         self._by_id[msg["id"]] = t

@@ -389,7 +389,7 @@ class TftpServer:
         try:
             session = ReadSession(provider, req.options, max_blksize=self._max_blksize(addr[0]),
                                   max_windowsize=self._max_windowsize, timeout=self._timeout,
-                                  retries=self._retries)
+                                  retries=self._retries, concurrent=len(self._by_peer) + 1)
             if self._single_port:
                 sock = self._sock
             else:
