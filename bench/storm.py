@@ -5,6 +5,13 @@ nginx for scripts, images and the callback).
     .venv/bin/python bench/storm.py -n 100 -n 1000            # both stacks, tables, ratio
     .venv/bin/python bench/storm.py -n 1000 --ref HEAD        # netboot as committed
     .venv/bin/python bench/storm.py -n 1000 --kernel-size 1M  # a 1 MB stand-in kernel
+    .venv/bin/python bench/storm.py -n 1000 --mix bios=1      # the old all-BIOS storm
+
+The machines are a mix (--mix, default bios=40,uefi=40,pxelinux=10,direct=10; kinds in
+bench/storm_client.py): the peers are told which are which the way a site would tell
+them (dnsmasq tags the pxelinux machines by a MAC pattern and gets a
+pxelinux.cfg/01-<mac> file for each; netboot gets a machine file for each, naming a
+pxelinux profile). --rounds R runs the pair R times, alternating the stacks.
 
 Every run gets fresh namespaces (bench/storm_lab.py, 10.79.0.0/16 only); the
 machines are bench/storm_client.py in the client namespace. Server CPU and
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -27,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.storm_client import PHASES  # noqa: E402
+from bench.storm_client import DEFAULT_MIX, PHASES, Machine, make_machines  # noqa: E402
 from bench.storm_lab import (  # noqa: E402
     REPO,
     SERVER_ADDR,
@@ -85,23 +93,51 @@ http {{
         }}
         location /images/ {{ }}
         location /api/ {{ return 200; }}
+        location /loader/ {{ root {tftp}; }}
     }}
 }}
 """
 
 
+PXELINUX_CFG = ("DEFAULT netboot\nPROMPT 0\nTIMEOUT 0\nLABEL netboot\n  KERNEL images/{kernel}\n"
+                "  INITRD images/{initrd}\n  APPEND console=ttyS0 panic=-1 quiet "
+                "netboot.profile=storm-pxelinux netboot.host=node netboot.callback="
+                "http://{addr}:8080/api/v1/nodes/{uuid}/installed?token=peer\n")
+STORM_PXELINUX_PROFILE = "storm-pxelinux"
+LOADERS = {"undionly.kpxe": "/usr/lib/ipxe/undionly.kpxe", "ipxe.efi": "/usr/lib/ipxe/ipxe.efi",
+           "pxelinux.0": "/usr/lib/PXELINUX/pxelinux.0",
+           "ldlinux.c32": "/usr/lib/syslinux/modules/bios/ldlinux.c32"}
+
+
+def limits(n: int) -> tuple[int, int]:
+    """(TFTP transfers at once, nginx connections) for N machines: the defaults the
+    earlier storms used (dnsmasq --tftp-max=5000, nginx 8192; netboot's own default is
+    1,000), raised to N when N is larger so no stack refuses the rack."""
+    return max(5000, n), max(8192, 2 * n)
+
+
 class PeerStack:
     """dnsmasq (ProxyDHCP + TFTP) and nginx in the server namespace."""
 
-    def __init__(self, lab: StormLab, root: Path, kernel_size: int | None):
+    def __init__(self, lab: StormLab, root: Path, a: argparse.Namespace, n: int,
+                 machines: list[Machine]):
         self.lab = lab
         self.root = root
+        self.n = n
         root.mkdir(parents=True, exist_ok=True)
         self.tftp = root / "tftp"
         self.tftp.mkdir(exist_ok=True)
-        shutil.copyfile("/usr/lib/ipxe/undionly.kpxe", self.tftp / "undionly.kpxe")
+        for name, src in LOADERS.items():
+            shutil.copyfile(src, self.tftp / name)
         self.www = root / "www"
-        kernel, initrd = stage_images(self.www / "images", kernel_size)
+        kernel, initrd = stage_images(self.www / "images", a.kernel_size, a.initrd_size)
+        stage_images(self.tftp / "images", a.kernel_size, a.initrd_size)  # for pxelinux
+        cfg = self.tftp / "pxelinux.cfg"
+        cfg.mkdir(exist_ok=True)
+        for m in machines:
+            if m.kind == "pxelinux":
+                (cfg / ("01-" + m.mac_text.replace(":", "-"))).write_text(PXELINUX_CFG.format(
+                    kernel=kernel, initrd=initrd, addr=SERVER_ADDR, uuid=m.uuid))
         (self.www / "boot.ipxe").write_text(BOOT_IPXE.replace("{addr}", SERVER_ADDR))
         for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (root / d).mkdir(exist_ok=True)
@@ -109,18 +145,23 @@ class PeerStack:
         node = NODE_SCRIPT.format(addr=SERVER_ADDR, kernel=kernel, initrd=initrd,
                                   initrd_name=initrd.rsplit("/", 1)[-1])
         self.conf.write_text(NGINX_CONF.format(work=root, addr=SERVER_ADDR, root=self.www,
-                                               node_script=node))
+                                               node_script=node, tftp=self.tftp,
+                                               connections=limits(n)[1]))
         self.dnsmasq: subprocess.Popen | None = None
         self.nginx: subprocess.Popen | None = None
 
     def start(self) -> None:
+        script = f"http://{SERVER_ADDR}:8080/boot.ipxe"
         self.dnsmasq = self.lab.spawn(
             self.lab.ns_srv, "dnsmasq", "--no-daemon", "--conf-file=/dev/null", "--port=0",
             "--interface=eth0", "--bind-interfaces", "--dhcp-range=10.79.0.0,proxy,255.255.0.0",
-            "--dhcp-userclass=set:ipxe,iPXE",
-            "--pxe-service=tag:!ipxe,x86PC,netboot,undionly.kpxe",
-            f"--pxe-service=tag:ipxe,x86PC,netboot,http://{SERVER_ADDR}:8080/boot.ipxe",
-            "--enable-tftp", f"--tftp-root={self.tftp}", "--tftp-max=5000",
+            "--dhcp-userclass=set:ipxe,iPXE", "--dhcp-mac=set:pxl,52:54:7a:*:*:*",
+            "--pxe-service=tag:!ipxe,tag:!pxl,x86PC,netboot,undionly.kpxe",
+            "--pxe-service=tag:!ipxe,tag:pxl,x86PC,netboot,pxelinux",
+            "--pxe-service=tag:!ipxe,X86-64_EFI,netboot,ipxe.efi",
+            f"--pxe-service=tag:ipxe,x86PC,netboot,{script}",
+            f"--pxe-service=tag:ipxe,X86-64_EFI,netboot,{script}",
+            "--enable-tftp", f"--tftp-root={self.tftp}", f"--tftp-max={limits(self.n)[0]}",
             f"--dhcp-leasefile={self.root / 'leases'}", f"--pid-file={self.root / 'dnsmasq.pid'}",
             log=self.root / "dnsmasq.log")
         self.nginx = self.lab.spawn(self.lab.ns_srv, "nginx", "-c", str(self.conf),
@@ -143,30 +184,93 @@ class PeerStack:
         return out
 
 
+def netboot_stack(lab: StormLab, root: Path, a: argparse.Namespace, n: int,
+                  machines: list[Machine]) -> NetbootServer:
+    """netboot serve with the storm profile, a pxelinux profile and a machine file for
+    each pxelinux machine (as a site would tell it which machines boot pxelinux)."""
+    transfers = limits(n)[0]
+    server = NetbootServer(lab, root, kernel_size=a.kernel_size, initrd_size=a.initrd_size,
+                           src=a.src, extra_yaml=f"tftp:\n  max_transfers: {transfers}\n"
+                           + (f"  workers: {a.tftp_workers}\n" if a.tftp_workers is not None
+                              else ""))
+    profile = server.profile_path.read_text().replace("loader: ipxe", "loader: pxelinux")
+    (server.cfg / "profiles" / f"{STORM_PXELINUX_PROFILE}.yaml").write_text(profile)
+    for m in machines:
+        if m.kind == "pxelinux":
+            (server.cfg / "machines" / f"storm-{m.index:05d}.yaml").write_text(
+                f'mac: "{m.mac_text}"\nprofile: {STORM_PXELINUX_PROFILE}\n')
+    server.start(timeout=120)
+    return server
+
+
+#: netboot's own counters worth keeping beside a storm's figures
+COUNTERS = ("tftp_handed_off", "tftp_hand_off_skipped", "tftp_transfers_completed",
+            "tftp_transfers_failed", "tftp_size_probes", "tftp_retransmits",
+            "tftp_refused", "dhcp_offers_total", "dhcp_acks_total")
+
+
+def netboot_counters(server: NetbootServer) -> dict[str, float]:
+    """Totals of COUNTERS from /metrics (labels summed), or {} if it does not answer."""
+    try:
+        status, body = server.http("GET", "/metrics",
+                                   headers={"Authorization": "Bearer storm-admin-token"})
+    except OSError:
+        return {}
+    if status != 200:
+        return {}
+    out: dict[str, float] = {}
+    for line in body.decode(errors="replace").splitlines():
+        name, _, value = line.partition(" ")
+        base = name.split("{", 1)[0].removeprefix("netboot_")
+        if base in COUNTERS and not line.startswith("#"):
+            try:
+                out[base] = out.get(base, 0) + float(value.split()[-1])
+            except (ValueError, IndexError):
+                pass
+    return out
+
+
+#: what one_run assumes when a caller's namespace lacks an option (tests/test_faults.py
+#: passes only a few): the earlier all-BIOS storm
+RUN_DEFAULTS: dict[str, Any] = {"mix": "bios=1", "initrd_size": None, "spread": 0.0,
+                                "reboots": 0, "tftp_workers": None, "kernel_size": None,
+                                "src": None, "seed": 1, "hash": False}
+
+
 def one_run(stack: str, n: int, work: Path, a: argparse.Namespace) -> dict[str, Any]:
+    a = argparse.Namespace(**{**RUN_DEFAULTS, **vars(a)})
+    machines = make_machines(n, a.seed, a.mix)
     with StormLab(work / "lab", machines=n) as lab:
         if stack == "netboot":
-            server = NetbootServer(lab, work / "netboot", kernel_size=a.kernel_size,
-                                   src=a.src)
-            server.start()
+            server = netboot_stack(lab, work / "netboot", a, n, machines)
 
             def pids() -> list[int]:
-                return [server.proc.pid] if server.alive() else []  # type: ignore[union-attr]
+                return [server.proc.pid] + children(server.proc.pid) \
+                    if server.alive() else []  # type: ignore[union-attr]
         else:
-            peer = PeerStack(lab, work / "peer", a.kernel_size)
+            peer = PeerStack(lab, work / "peer", a, n, machines)
             peer.start()
             pids = peer.pids
         time.sleep(0.5)
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with Sampler(pids) as sampler:
             result = run_storm(lab, work / "storm.json", "-n", str(n), "--seed", str(a.seed),
-                               "--require-callback", *(["--hash"] if a.hash else []))
+                               "--mix", a.mix, "--require-callback",
+                               "--spread", str(a.spread), "--reboots", str(a.reboots),
+                               *(["--hash"] if a.hash else []))
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the client, waited for
+        result["client_cpu_s"] = round(after.ru_utime + after.ru_stime - before.ru_utime
+                                       - before.ru_stime, 2)
         result["server"] = {"cpu_s": round(sampler.cpu_seconds, 2),
                             "peak_cpu_pct": round(sampler.peak_cpu_pct),
                             "peak_rss_mib": round(sampler.peak_rss_kib / 1024, 1)}
         if stack == "netboot":
             result["server"]["alive"] = server.alive()
+            result["server"]["counters"] = netboot_counters(server)
     result.pop("acked", None)
     result.pop("uuids", None)
+    if result["failed"] == 0:
+        shutil.rmtree(work, ignore_errors=True)  # else keep the logs to look at
     return result
 
 
@@ -175,14 +279,31 @@ def table(name: str, r: dict[str, Any]) -> str:
     rows = [f"{name}: N={r['n']} completed {r['completed']}, failed {r['failed']}"
             + (f" {r['final_failures']}" if r["failed"] else "")
             + f", last completion {r['t_last_s']:.2f} s; server CPU {s['cpu_s']} s "
-              f"(peak {s['peak_cpu_pct']}%), peak RSS {s['peak_rss_mib']} MiB",
+              f"(peak {s['peak_cpu_pct']}%), peak RSS {s['peak_rss_mib']} MiB; client CPU "
+              f"{r.get('client_cpu_s')} s",
             "| phase | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|"]
     for p in PHASES:
         ph = r["phases"][p]
         rows.append(f"| {p} | {ph['p50_ms']} | {ph['p99_ms']} | {ph['max_ms']} |")
     if r["attempt_failures"]:
         rows.append(f"(failed attempts, retried: {r['attempt_failures']})")
+    if s.get("counters"):
+        rows.append("netboot counters: " + ", ".join(f"{k} {v:g}"
+                                                    for k, v in s["counters"].items()))
+    for kind, k in r.get("kinds", {}).items():
+        rows.append(f"- {kind}: {k['completed']}/{k['n']} completed, last {k['t_last_s']} s, "
+                    f"median {k['p50_s']} s")
     return "\n".join(rows)
+
+
+def ratios(n: int, nb: dict[str, Any], pe: dict[str, Any]) -> str:
+    t = nb["t_last_s"] / pe["t_last_s"] if pe["t_last_s"] else float("nan")
+    cpu = nb["server"]["cpu_s"] / pe["server"]["cpu_s"] if pe["server"]["cpu_s"] else float("nan")
+    return (f"N={n}: time to last completion netboot/peers = {t:.2f} "
+            f"({nb['t_last_s']:.2f} s / {pe['t_last_s']:.2f} s); server CPU netboot/peers = "
+            f"{cpu:.2f} ({nb['server']['cpu_s']} s / {pe['server']['cpu_s']} s); failures "
+            f"{nb['failed']} / {pe['failed']}; netboot peak RSS "
+            f"{nb['server']['peak_rss_mib']} MiB")
 
 
 def parse_size(text: str) -> int:
@@ -197,8 +318,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", type=int, action="append", help="machines (repeat); default 100, 1000")
     ap.add_argument("--kernel-size", type=parse_size, default=None,
                     help="a generated kernel stand-in of this size (default: the demo kernel)")
+    ap.add_argument("--initrd-size", type=parse_size, default=None,
+                    help="a generated initrd stand-in of this size (default: the demo initrd)")
+    ap.add_argument("--mix", default=DEFAULT_MIX, help=f"machine kinds (default {DEFAULT_MIX})")
+    ap.add_argument("--rounds", type=int, default=1, help="pairs per N, stacks alternating")
+    ap.add_argument("--spread", type=float, default=0.0,
+                    help="machines power on uniformly over this many seconds (0: at once)")
+    ap.add_argument("--reboots", type=int, default=0,
+                    help="a failed machine starts over this many times")
     ap.add_argument("--ref", help="run netboot as committed at this git ref (git archive)")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--peers-only", action="store_true", help="the peer stack alone")
+    ap.add_argument("--tftp-workers", type=int, choices=(0, 1), default=None,
+                    help="netboot's tftp.workers (default: netboot's own default)")
     ap.add_argument("--hash", action="store_true", help="sha256 every file on the client")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write all results here")
@@ -227,25 +359,31 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"commit": commit + dirty, "runs": []}
     try:
         for n in a.n or [100, 1000]:
-            pair = {}
-            for stack in ("netboot",) + (() if a.no_peers else ("peers",)):
-                load = os.getloadavg()[0]
-                r = one_run(stack, n, work / f"{stack}-{n}", a)
-                r["load_before"] = round(load, 2)
-                pair[stack] = r
-                results["runs"].append({"stack": stack, **r})
-                label = "netboot" if stack == "netboot" else "dnsmasq+nginx"
-                print(table(label, r) + f"\n(load average before: {load:.2f})\n", flush=True)
-            if "peers" in pair:
-                nb, pe = pair["netboot"], pair["peers"]
-                ratio = nb["t_last_s"] / pe["t_last_s"] if pe["t_last_s"] else float("nan")
-                print(f"N={n}: time to last completion netboot/peers = {ratio:.2f} "
-                      f"({nb['t_last_s']:.2f} s / {pe['t_last_s']:.2f} s); failures "
-                      f"{nb['failed']} / {pe['failed']}\n", flush=True)
+            for rnd in range(a.rounds):
+                stacks = ["peers"] if a.peers_only else \
+                    ["netboot"] + ([] if a.no_peers else ["peers"])
+                if rnd % 2:
+                    stacks.reverse()  # alternate who goes first
+                pair = {}
+                for stack in stacks:
+                    load = os.getloadavg()
+                    r = one_run(stack, n, work / f"{stack}-{n}-{rnd}", a)
+                    r["load_before"] = [round(x, 2) for x in load]
+                    r["round"] = rnd
+                    pair[stack] = r
+                    results["runs"].append({"stack": stack, **r})
+                    label = "netboot" if stack == "netboot" else "dnsmasq+nginx"
+                    print(table(label, r) + "\n(load average before: "
+                          + ", ".join(f"{x:.2f}" for x in load) + ")\n", flush=True)
+                if "peers" in pair and "netboot" in pair:
+                    print(ratios(n, pair["netboot"], pair["peers"]) + "\n", flush=True)
     finally:
         if a.json:
             a.json.write_text(json.dumps(results, indent=1))
-        shutil.rmtree(work, ignore_errors=True)
+        if all(r["failed"] == 0 for r in results["runs"]):
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"logs of the runs with failures are kept in {work}", flush=True)
     return 0
 
 

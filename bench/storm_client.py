@@ -1,11 +1,26 @@
 """Boot-storm client: N simulated PXE machines through the whole exchange, all at once.
 
-Each machine does what SeaBIOS + iPXE do, in order:
+The machines are a mix of kinds (--mix, default bios=40,uefi=40,pxelinux=10,direct=10,
+assigned in an even interleave by index):
+
+  bios      SeaBIOS + iPXE, DHCP through the relay (below)
+  uefi      EDK2 + ipxe.efi: DHCP arch 7; TFTP the EDK2 way (RRQ with tsize, blksize
+            1468, windowsize 4 -> OACK -> ERROR 8 from the client, then a new RRQ with
+            blksize 1468 and windowsize 4, one ACK per window); then iPXE as bios
+  pxelinux  PXE ROM fetches pxelinux.0 (blksize 1468), then pxelinux itself fetches
+            ldlinux.c32, pxelinux.cfg/<uuid> (not found), pxelinux.cfg/01-<mac>, and the
+            KERNEL and INITRD it names over TFTP (tsize, blksize 1408, lock-step), then the
+            OS calls back over HTTP
+  direct    bios, but with no relay: DISCOVERs broadcast from udp/68, offers broadcast
+            back to udp/68 (one socket for all of them, demultiplexed by xid)
+
+A bios machine does what SeaBIOS + iPXE do, in order:
 
   dhcp     ProxyDHCP DISCOVER (option 60 PXEClient:Arch:00000:UNDI:002001, 93, 94, 97
            with its own SMBIOS UUID, its own MAC); if the offer carries no boot file,
            a DHCPREQUEST to the boot server's port 4011, as a PXE ROM does
-  tftp     the offered first-stage loader over TFTP (blksize 1468, tsize), lock-step
+  tftp     the offered first-stage loader over TFTP (blksize 1468, lock-step; iPXE ROMs
+           ask no tsize)
   dhcp2    iPXE's own DISCOVER (user class "iPXE", option 175)
   script   HTTP GET of the offered script, then of the URL in its `chain` line with
            ${uuid}, ${netX/mac}, ${serial:uristring}... substituted as iPXE does
@@ -46,9 +61,15 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 
 PHASES = ("dhcp", "tftp", "dhcp2", "script", "images", "callback")
+KINDS = ("bios", "uefi", "pxelinux", "direct")
+DEFAULT_MIX = "bios=40,uefi=40,pxelinux=10,direct=10"
 MAGIC = b"\x63\x82\x53\x63"
 DISCOVER, OFFER, REQUEST, ACK = 1, 2, 3, 5
 VENDOR_BIOS = b"PXEClient:Arch:00000:UNDI:002001"
+VENDOR_UEFI = b"PXEClient:Arch:00007:UNDI:003016"
+SO_BINDTODEVICE = getattr(socket, "SO_BINDTODEVICE", 25)
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+PXELINUX_BLKSIZE = 1408  # pxelinux's own TFTP client (core/fs/pxe)
 DHCP_TIMEOUTS = (1.0, 2.0, 4.0, 8.0)  # iPXE-like: start at 1 s, double
 
 
@@ -174,20 +195,30 @@ async def dhcp_exchange(mux: DhcpMux, xid: int, packet: bytes, dest: tuple[str, 
 # -- TFTP ----------------------------------------------------------------------------------
 
 class _TftpClient(asyncio.DatagramProtocol):
-    """One lock-step RRQ as a callback state machine: no task or queue per packet, so a
-    thousand of them in one process stay cheap and ACK on time."""
+    """One RRQ as a callback state machine: no task or queue per packet, so a thousand
+    of them in one process stay cheap and ACK on time. Lock-step, or windowed (RFC 7440:
+    one ACK per window, the last in-order block acknowledged after a gap), and EDK2's
+    size probe (``probe``: OACK -> ERROR 8, the result is the OACK's tsize)."""
 
     def __init__(self, server: str, port: int, filename: str, blksize: int, timeout: float,
-                 retries: int, hasher: Any):
+                 retries: int, hasher: Any, *, tsize: bool, windowsize: int, probe: bool):
         self.loop = asyncio.get_running_loop()
         self.done: asyncio.Future[int] = self.loop.create_future()
         self.server, self.filename, self.timeout, self.retries = server, filename, timeout, retries
         self.hasher = hasher
-        self.rrq = (b"\0\x01" + filename.encode() + b"\0octet\0blksize\0"
-                    + str(blksize).encode() + b"\0tsize\0" + b"0\0")
+        self.probe = probe
+        opts = [("blksize", str(blksize))]
+        if tsize:
+            opts.append(("tsize", "0"))
+        if windowsize > 1:
+            opts.append(("windowsize", str(windowsize)))
+        self.rrq = (b"\0\x01" + filename.encode() + b"\0octet\0"
+                    + b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in opts))
         self.last, self.dest = self.rrq, (server, port)
         self.peer: tuple[str, int] | None = None
         self.expected, self.blk, self.size, self.tsize, self.tries = 1, 512, 0, None, 0
+        self.window, self.unacked = 1, 0
+        self.deadline = 0.0
         self.timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -200,14 +231,19 @@ class _TftpClient(asyncio.DatagramProtocol):
         self.transport.sendto(data, dest or self.dest)
         if dest is None:
             self.last = data
-            if self.timer is not None:
-                self.timer.cancel()
-            self.timer = self.loop.call_later(self.timeout * min(4, 2 ** self.tries),
-                                              self._on_timer)
+            # Lazy timer (as the server's): moving the deadline is a store; the one timer
+            # re-arms itself when it fires early. A new TimerHandle per ACK was a large
+            # share of the client's CPU, and the client shares the machine with the server.
+            self.deadline = self.loop.time() + self.timeout * min(4, 2 ** self.tries)
+            if self.timer is None:
+                self.timer = self.loop.call_at(self.deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self.timer = None
         if self.done.done():
+            return
+        if self.loop.time() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._on_timer)
             return
         self.tries += 1
         if self.tries > self.retries:
@@ -219,11 +255,11 @@ class _TftpClient(asyncio.DatagramProtocol):
         if not self.done.done():
             self.done.set_exception(StepFailed("tftp", why))
 
-    def _finish(self) -> None:
+    def _finish(self, result: int) -> None:
         if self.timer is not None:
             self.timer.cancel()
         if not self.done.done():
-            self.done.set_result(self.size)
+            self.done.set_result(result)
 
     def error_received(self, exc: Exception) -> None:  # ICMP port unreachable etc.
         pass
@@ -250,41 +286,64 @@ class _TftpClient(asyncio.DatagramProtocol):
                         for i in range(0, len(parts) - 1, 2)}
                 self.blk = int(opts.get("blksize", 512))
                 self.tsize = int(opts["tsize"]) if "tsize" in opts else None
+                self.window = int(opts.get("windowsize", 1))  # a server may decline it
             except (ValueError, UnicodeDecodeError):
                 self._fail(f"bad OACK {data[:60]!r}")
+                return
+            if self.probe:  # EDK2: the size is all it wanted; decline the transfer
+                assert self.transport is not None
+                self.transport.sendto(b"\0\x05\0\x08size probe\0", self.dest)
+                if self.tsize is None:
+                    self._fail("the size probe's OACK has no tsize")
+                else:
+                    self._finish(self.tsize)
                 return
             self.tries = 0
             self._send(b"\0\x04\0\0")
         elif op == 3 and len(data) >= 4:
+            if self.probe:
+                self._fail("DATA instead of an OACK to the size probe")
+                return
             n = int.from_bytes(data[2:4], "big")
             if n == self.expected & 0xFFFF:
-                payload = data[4:]
+                got = len(data) - 4
                 if self.hasher is not None:
-                    self.hasher.update(payload)
-                self.size += len(payload)
+                    self.hasher.update(data[4:])
+                self.size += got
                 self.expected += 1
                 self.tries = 0
-                if len(payload) < self.blk:
+                if got < self.blk:
                     assert self.transport is not None
                     self.transport.sendto(b"\0\x04" + data[2:4], self.dest)
                     if self.tsize is not None and self.tsize != self.size:
                         self._fail(f"got {self.size} bytes, tsize said {self.tsize}")
                     else:
-                        self._finish()
+                        self._finish(self.size)
                     return
-                self._send(b"\0\x04" + data[2:4])
-            elif n == (self.expected - 1) & 0xFFFF:  # our ACK was lost: say it again
+                self.unacked += 1
+                if self.unacked >= self.window:
+                    self.unacked = 0
+                    self._send(b"\0\x04" + data[2:4])
+            elif self.window > 1 and (n - self.expected) & 0xFFFF < 0x8000:
+                # a gap in the window: acknowledge the last block we have (RFC 7440)
+                self.unacked = 0
+                self._send(b"\0\x04" + ((self.expected - 1) & 0xFFFF).to_bytes(2, "big"))
+            elif n == (self.expected - 1) & 0xFFFF and self.window == 1:
+                # our ACK was lost: say it again
                 assert self.transport is not None
                 self.transport.sendto(self.last, self.dest)
 
 
 async def tftp_get(local_ip: str, server: str, filename: str, *, port: int = 69,
                    blksize: int = 1468, timeout: float = 1.0, retries: int = 8,
-                   hasher: Any = None) -> int:
-    """Fetch one file; returns its size. Raises StepFailed('tftp', why)."""
+                   hasher: Any = None, tsize: bool = False, windowsize: int = 1,
+                   probe: bool = False) -> int:
+    """Fetch one file; returns its size (with ``probe``, the size the OACK announced).
+    Raises StepFailed('tftp', why)."""
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_datagram_endpoint(
-        lambda: _TftpClient(server, port, filename, blksize, timeout, retries, hasher),
+        lambda: _TftpClient(server, port, filename, blksize, timeout, retries, hasher,
+                            tsize=tsize or probe, windowsize=windowsize, probe=probe),
         local_addr=(local_ip, 0))
     try:
         return await proto.done
@@ -350,6 +409,16 @@ async def http_fetch(local_ip: str, url: str, phase: str, *, timeout: float,
         sock.close()
 
 
+class Collect:
+    """A hasher stand-in that keeps the bytes (a pxelinux config)."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def update(self, data: bytes) -> None:
+        self.buf += data
+
+
 # -- iPXE scripts --------------------------------------------------------------------------
 
 _SETTING = re.compile(r"\$\{([^}:]+)(?::([^}]+))?\}")
@@ -380,6 +449,7 @@ class Machine:
     mac: bytes
     uuid: str
     serial: str
+    kind: str = "bios"
     phases: dict[str, float] = field(default_factory=dict)
     done_at: float | None = None
     attempts: int = 0
@@ -390,10 +460,16 @@ class Machine:
     def mac_text(self) -> str:
         return ":".join(f"{b:02x}" for b in self.mac)
 
+    @property
+    def uefi(self) -> bool:
+        return self.kind == "uefi"
+
     def settings(self) -> dict[str, str]:
         s = {"uuid": self.uuid, "netX/mac": self.mac_text, "net0/mac": self.mac_text,
              "mac": self.mac_text, "serial": self.serial, "manufacturer": "StormLab",
-             "product": "Blade 9000", "asset": "", "platform": "pcbios", "buildarch": "i386",
+             "product": "Blade 9000", "asset": "",
+             "platform": "efi" if self.uefi else "pcbios",
+             "buildarch": "x86_64" if self.uefi else "i386",
              "ip": self.ip, "netX/ip": self.ip, "net0/ip": self.ip}
         return s
 
@@ -406,6 +482,7 @@ class Storm:
     files: dict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
     attempt_failures: Counter = field(default_factory=Counter)
     sems: dict[str, asyncio.Semaphore] = field(default_factory=dict)
+    direct: DhcpMux | None = None  # the shared udp/68 socket of the relay-less machines
 
     def sem(self, phase: str) -> asyncio.Semaphore | None:
         return self.sems.get(phase)
@@ -429,13 +506,22 @@ class Storm:
         a = self.args
         xid = (m.index << 8 | (m.attempts & 0x7F) << 1 | int(ipxe)) & 0xFFFFFFFF
         xid ^= a.xid_salt
-        opts = [(60, VENDOR_BIOS), (93, b"\0\0"), (94, b"\x01\x02\x01"),
+        opts = [(60, VENDOR_UEFI if m.uefi else VENDOR_BIOS),
+                (93, b"\0\x07" if m.uefi else b"\0\0"),
+                (94, b"\x01\x03\x10" if m.uefi else b"\x01\x02\x01"),
                 (97, b"\0" + uuidlib.UUID(m.uuid).bytes_le), (57, b"\x05\xc0"),
                 (55, bytes((1, 3, 6, 43, 54, 60, 66, 67, 97, 128, 129, 175)))]
         if ipxe:
             opts += [(77, b"iPXE"), (175, b"\x13\x01\x01\x11\x01\x01\x24\x01\x01")]
-        pkt = build_dhcp(xid, m.mac, DISCOVER, opts, giaddr=socket.inet_aton(a.relay))
-        offer = await dhcp_exchange(self.mux, xid, pkt, (a.server, a.dhcp_port), OFFER, phase)
+        if m.kind == "direct":  # no relay: broadcast from udp/68, offers broadcast back
+            assert self.direct is not None
+            pkt = build_dhcp(xid, m.mac, DISCOVER, opts)
+            offer = await dhcp_exchange(self.direct, xid, pkt, ("255.255.255.255", a.dhcp_port),
+                                        OFFER, phase)
+        else:
+            pkt = build_dhcp(xid, m.mac, DISCOVER, opts, giaddr=socket.inet_aton(a.relay))
+            offer = await dhcp_exchange(self.mux, xid, pkt, (a.server, a.dhcp_port), OFFER,
+                                        phase)
         if offer.bootfile:
             return offer
         # No file in the offer: ask the boot server on 4011, as a PXE ROM does, naming
@@ -485,20 +571,22 @@ class Storm:
         loader = offer.bootfile
         if "://" in loader:
             raise StepFailed("dhcp", f"offered a URL to the PXE ROM: {loader}")
+        server = offer.siaddr if offer.siaddr != "0.0.0.0" else offer.server_id
+        if m.kind == "pxelinux":
+            await self.pxelinux(m, server, loader)
+            return
         hasher = hashlib.sha256() if a.hash else None
-        size = await self.phase(m, "tftp", tftp_get(m.ip, offer.siaddr if offer.siaddr != "0.0.0.0"
-                                                    else offer.server_id, loader,
-                                                    port=a.tftp_port, hasher=hasher))
+        if m.uefi:  # EDK2: the size first, declined with ERROR 8, then the windowed read
+            size = await self.phase(m, "tftp", self.edk2_get(m, server, loader, hasher))
+        else:
+            size = await self.phase(m, "tftp", tftp_get(m.ip, server, loader, port=a.tftp_port,
+                                                        hasher=hasher))
         self.note_file(loader, size, hasher)
         offer2 = await self.phase(m, "dhcp2", self.dhcp(m, True, "dhcp2"))
         script_url = offer2.bootfile
         if not script_url.startswith("http"):
             raise StepFailed("dhcp2", f"iPXE was offered {script_url!r}, not a script URL")
-        conn = aiohttp.TCPConnector(local_addr=(m.ip, 0), limit=2)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=a.http_timeout,
-                                        sock_read=a.http_timeout)
-        async with aiohttp.ClientSession(connector=conn, timeout=timeout,
-                                         headers={"User-Agent": "iPXE/1.0.0+ (storm)"}) as http:
+        async with self.session(m) as http:
             kernel, initrds = await self.phase(m, "script", self.scripts(m, http, script_url))
             t = time.monotonic()
             sem = self.sem("images")
@@ -514,24 +602,89 @@ class Storm:
                 if sem is not None:
                     sem.release()
             m.phases["images"] = time.monotonic() - t
-            callback = next((w.split("=", 1)[1] for w in kernel[1:]
-                             if w.startswith("netboot.callback=")), None)
-            if callback is None:
-                if a.require_callback:
-                    raise StepFailed("callback", "no netboot.callback= on the kernel line")
-                return
-            t = time.monotonic()
-            try:
-                async with http.post(callback, data=b"") as r:
-                    await r.read()
-                    if r.status != 200:
-                        raise StepFailed("callback", f"HTTP {r.status}")
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                raise StepFailed("callback", f"{type(exc).__name__}: {exc}") from None
-            m.phases["callback"] = time.monotonic() - t
-            m.acked = True
-            if a.progress:
-                print(f"ACK {m.uuid}", flush=True)
+            await self.callback(m, http, kernel[1:])
+
+    def session(self, m: Machine) -> aiohttp.ClientSession:
+        a = self.args
+        conn = aiohttp.TCPConnector(local_addr=(m.ip, 0), limit=2)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=a.http_timeout,
+                                        sock_read=a.http_timeout)
+        return aiohttp.ClientSession(connector=conn, timeout=timeout,
+                                     headers={"User-Agent": "iPXE/1.0.0+ (storm)"})
+
+    async def callback(self, m: Machine, http: aiohttp.ClientSession, args: list[str]) -> None:
+        """What the booted OS does: POST to the netboot.callback= URL of its command line."""
+        url = next((w.split("=", 1)[1] for w in args if w.startswith("netboot.callback=")),
+                   None)
+        if url is None:
+            if self.args.require_callback:
+                raise StepFailed("callback", "no netboot.callback= on the kernel line")
+            return
+        t = time.monotonic()
+        try:
+            async with http.post(url, data=b"") as r:
+                await r.read()
+                if r.status != 200:
+                    raise StepFailed("callback", f"HTTP {r.status}")
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise StepFailed("callback", f"{type(exc).__name__}: {exc}") from None
+        m.phases["callback"] = time.monotonic() - t
+        m.acked = True
+        if self.args.progress:
+            print(f"ACK {m.uuid}", flush=True)
+
+    async def edk2_get(self, m: Machine, server: str, name: str, hasher: Any) -> int:
+        port = self.args.tftp_port
+        size = await tftp_get(m.ip, server, name, port=port, probe=True, windowsize=4)
+        got = await tftp_get(m.ip, server, name, port=port, windowsize=4, hasher=hasher)
+        if got != size:
+            raise StepFailed("tftp", f"{name}: got {got} bytes, the size probe said {size}")
+        return got
+
+    async def pxelinux(self, m: Machine, server: str, loader: str) -> None:
+        """pxelinux.0 from the PXE ROM, then what pxelinux fetches itself, all over TFTP."""
+        a = self.args
+        port = a.tftp_port
+
+        async def stage1() -> str:
+            hasher = hashlib.sha256() if a.hash else None
+            self.note_file(loader, await tftp_get(m.ip, server, loader, port=port,
+                                                  hasher=hasher), hasher)
+            hasher = hashlib.sha256() if a.hash else None
+            self.note_file("ldlinux.c32", await tftp_get(
+                m.ip, server, "ldlinux.c32", port=port, tsize=True, blksize=PXELINUX_BLKSIZE,
+                hasher=hasher), hasher)
+            try:  # pxelinux asks for its UUID's config first: neither stack has one
+                await tftp_get(m.ip, server, f"pxelinux.cfg/{m.uuid}", port=port, tsize=True,
+                               blksize=PXELINUX_BLKSIZE)
+            except StepFailed as exc:
+                if "ERROR 1" not in exc.why:
+                    raise
+            else:
+                raise StepFailed("tftp", "a config for the UUID: the storm expects none")
+            cfg = Collect()
+            await tftp_get(m.ip, server, "pxelinux.cfg/01-" + m.mac_text.replace(":", "-"),
+                           port=port, tsize=True, blksize=PXELINUX_BLKSIZE, hasher=cfg)
+            return cfg.buf.decode(errors="replace")
+
+        text = await self.phase(m, "tftp", stage1())
+        words = {ln.split(None, 1)[0].upper(): ln.split(None, 1)[1] for ln in
+                 (x.strip() for x in text.splitlines()) if len(ln.split(None, 1)) == 2}
+        if "KERNEL" not in words:
+            raise StepFailed("tftp", f"pxelinux config boots nothing: {text[:100]!r}")
+
+        async def images() -> None:
+            for name in [words["KERNEL"], *words.get("INITRD", "").split(",")]:
+                if not name:
+                    continue
+                hasher = hashlib.sha256() if a.hash else None
+                self.note_file(name, await tftp_get(m.ip, server, name, port=port, tsize=True,
+                                                    blksize=PXELINUX_BLKSIZE, hasher=hasher),
+                               hasher)
+
+        await self.phase(m, "images", images())
+        async with self.session(m) as http:
+            await self.callback(m, http, words.get("APPEND", "").split())
 
     async def scripts(self, m: Machine, http: aiohttp.ClientSession,
                       url: str) -> tuple[list[str], list[str]]:
@@ -556,7 +709,8 @@ class Storm:
     async def machine(self, m: Machine) -> None:
         a = self.args
         if a.spread:
-            await asyncio.sleep(random.uniform(0, a.spread))
+            # the same power-on times for both stacks
+            await asyncio.sleep(random.Random(f"{a.seed}-{m.index}").uniform(0, a.spread))
         while True:
             m.attempts += 1
             try:
@@ -587,14 +741,68 @@ def percentile(values: list[float], p: float) -> float:
     return s[k]
 
 
-def make_machines(n: int, seed: int) -> list[Machine]:
+def parse_mix(text: str) -> dict[str, int]:
+    """'bios=40,uefi=40,pxelinux=10,direct=10' -> weights by kind."""
+    mix: dict[str, int] = {}
+    for part in text.split(","):
+        kind, _, weight = part.partition("=")
+        if kind.strip() not in KINDS:
+            raise ValueError(f"unknown machine kind {kind!r} (kinds: {', '.join(KINDS)})")
+        mix[kind.strip()] = int(weight or 1)
+    if sum(mix.values()) <= 0:
+        raise ValueError(f"mix {text!r} has no machines")
+    return mix
+
+
+def kinds_for(n: int, mix: dict[str, int]) -> list[str]:
+    """n kinds in the mix's proportions, evenly interleaved (machine i's kind depends
+    only on i and the mix, so the server side can be told which are which)."""
+    total = sum(mix.values())
+    given = dict.fromkeys(mix, 0)
     out = []
     for i in range(n):
-        ip = f"10.79.{10 + i // 250}.{1 + i % 250}"
-        mac = bytes((0x52, 0x54, 0x79, seed & 0xFF, i >> 8 & 0xFF, i & 0xFF))
-        uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, f"storm-{seed}-{i}"))
-        out.append(Machine(i, ip, mac, uuid, f"STORM-{seed}-{i:05d}"))
+        kind = max(mix, key=lambda k: mix[k] * (i + 1) / total - given[k])
+        given[kind] += 1
+        out.append(kind)
     return out
+
+
+def machine_mac(i: int, seed: int, kind: str) -> bytes:
+    """pxelinux machines get their own OUI byte, so dnsmasq can tag them by MAC pattern."""
+    return bytes((0x52, 0x54, 0x7A if kind == "pxelinux" else 0x79, seed & 0xFF,
+                  i >> 8 & 0xFF, i & 0xFF))
+
+
+def make_machines(n: int, seed: int, mix: str = "bios=1") -> list[Machine]:
+    out = []
+    for i, kind in enumerate(kinds_for(n, parse_mix(mix))):
+        ip = f"10.79.{10 + i // 250}.{1 + i % 250}"
+        uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, f"storm-{seed}-{i}"))
+        out.append(Machine(i, ip, machine_mac(i, seed, kind), uuid, f"STORM-{seed}-{i:05d}",
+                           kind))
+    return out
+
+
+def big_receive_buffer(sock: socket.socket, size: int = 16 << 20) -> None:
+    """Every offer of the storm lands on one socket (the relay's, or udp/68): as root
+    past net.core.rmem_max (SO_RCVBUF alone was capped at ~200 kB and dropped offers
+    at N=10,000 while the client was busy)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def direct_socket(interface: str) -> socket.socket:
+    """udp/68 on every address of the interface: where broadcast offers arrive."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    sock.setsockopt(socket.SOL_SOCKET, SO_BINDTODEVICE, interface.encode() + b"\0")
+    big_receive_buffer(sock)
+    sock.bind(("0.0.0.0", 68))
+    return sock
 
 
 async def run(a: argparse.Namespace) -> dict[str, Any]:
@@ -602,18 +810,24 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     mux = DhcpMux()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+    big_receive_buffer(sock)
     sock.bind((a.relay, a.relay_port))
     await loop.create_datagram_endpoint(lambda: mux, sock=sock)
     storm = Storm(a, mux)
     if a.phase_limit:
         storm.sems = {p: asyncio.Semaphore(a.phase_limit) for p in PHASES}
-    machines = make_machines(a.n, a.seed)[a.first:]
+    machines = make_machines(a.n, a.seed, a.mix)[a.first:]
+    if any(m.kind == "direct" for m in machines):
+        storm.direct = DhcpMux()
+        await loop.create_datagram_endpoint(lambda: storm.direct,  # type: ignore[arg-type,return-value]
+                                            sock=direct_socket(a.interface))
     storm.t0 = time.monotonic()
     await asyncio.gather(*(storm.machine(m) for m in machines))
     wall = time.monotonic() - storm.t0
     assert mux.transport is not None
     mux.transport.close()
+    if storm.direct is not None and storm.direct.transport is not None:
+        storm.direct.transport.close()
     done = [m for m in machines if m.done_at is not None]
     failed = [m for m in machines if m.done_at is None]
     phases = {}
@@ -625,6 +839,7 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
     return {
         "n": len(machines), "completed": len(done), "failed": len(failed),
         "final_failures": dict(Counter(_generic(m.errors[-1]) for m in failed if m.errors)),
+        "failed_examples": [f"{m.kind} {m.ip}: {m.errors[-1]}" for m in failed[:10] if m.errors],
         "attempt_failures": dict(storm.attempt_failures),
         "retried_ok": sum(1 for m in done if m.attempts > 1),
         "t_last_s": round(max((m.done_at for m in done), default=float("nan")), 3),
@@ -633,7 +848,17 @@ async def run(a: argparse.Namespace) -> dict[str, Any]:
         "acked": [m.uuid for m in machines if m.acked],
         "uuids": [m.uuid for m in machines],
         "stray_dhcp": mux.stray,
+        "kinds": {k: kind_summary([m for m in machines if m.kind == k])
+                  for k in KINDS if any(m.kind == k for m in machines)},
     }
+
+
+def kind_summary(machines: list[Machine]) -> dict[str, Any]:
+    done = [m for m in machines if m.done_at is not None]
+    return {"n": len(machines), "completed": len(done),
+            "failed": len(machines) - len(done),
+            "t_last_s": round(max((m.done_at for m in done), default=float("nan")), 3),
+            "p50_s": round(percentile([m.done_at for m in done], 50), 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -660,6 +885,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--require-callback", action="store_true",
                     help="a kernel line without netboot.callback= is a failure")
     ap.add_argument("--progress", action="store_true", help="print 'ACK <uuid>' per callback")
+    ap.add_argument("--mix", default="bios=1",
+                    help=f"machine kinds and weights (e.g. {DEFAULT_MIX}); default all bios")
+    ap.add_argument("--interface", default="eth0", help="where direct machines broadcast")
     ap.add_argument("--json", help="write the result here")
     a = ap.parse_args(argv)
     a.xid_salt = random.getrandbits(32) & 0xFF000000

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import random
 import shutil
 import signal
 import socket
@@ -185,6 +186,7 @@ class StormLab(Lab):
     wire: bool = False  # tap devices joined by bench/storm_wire.py instead of a veth pair
     tag: str = field(default_factory=lambda: "st" + uuidlib.uuid4().hex[:6])
     mounts: list[Path] = field(default_factory=list)
+    sysctl_restore: list[tuple[Path, int, int]] = field(default_factory=list)
 
     @property
     def ns_srv(self) -> str:
@@ -235,10 +237,23 @@ class StormLab(Lab):
                             for i in range(self.machines))
             subprocess.run(["ip", "-n", self.ns_cli, "-batch", "-"], input=batch, text=True,
                            check=True, capture_output=True)
-        # Neighbour tables sized for a rack: 1,000 machines overflow the default gc_thresh.
-        for ns in (self.ns_srv, self.ns_cli):
-            for k, v in (("gc_thresh1", "4096"), ("gc_thresh2", "8192"), ("gc_thresh3", "16384")):
-                self.ns(ns, "sysctl", "-qw", f"net.ipv4.neigh.default.{k}={v}", check=False)
+        # Neighbour tables sized for a rack: past gc_thresh2 (512 by default) the kernel
+        # drops entries it still needs, and replies to machines go unanswered (at N=10,000
+        # only ~512 machines booted, on either stack). On this kernel the thresholds exist
+        # only in the initial namespace and apply to all: raised there while the lab is up
+        # (only ever raised), restored by down().
+        if self.machines > 256:
+            need = {"gc_thresh1": 2 * self.machines, "gc_thresh2": 4 * self.machines,
+                    "gc_thresh3": 8 * self.machines}
+            for k, v in need.items():
+                path = Path(f"/proc/sys/net/ipv4/neigh/default/{k}")
+                try:
+                    old = int(path.read_text())
+                    if old < v:
+                        path.write_text(str(v))
+                        self.sysctl_restore.append((path, old, v))
+                except (OSError, ValueError):
+                    pass
 
     def impair(self, loss: float = 0, reorder: float = 0, delay_ms: float = 0) -> None:
         """netem's 'loss L% reorder R% delay Dms' on both ends: tc netem where the kernel
@@ -284,6 +299,13 @@ class StormLab(Lab):
         super().down()
         for m in reversed(self.mounts):
             sh("umount", "-l", str(m), check=False)
+        for path, old, ours in reversed(self.sysctl_restore):
+            try:
+                if int(path.read_text()) == ours:  # unless someone changed it since
+                    path.write_text(str(old))
+            except (OSError, ValueError):
+                pass
+        self.sysctl_restore.clear()
 
 
 # -- netboot as a subprocess ------------------------------------------------------------
@@ -301,10 +323,12 @@ cmdline: >-
 """
 
 
-def stage_images(dest: Path, kernel_size: int | None = None) -> tuple[str, str]:
+def stage_images(dest: Path, kernel_size: int | None = None,
+                 initrd_size: int | None = None) -> tuple[str, str]:
     """Kernel and initrd under dest/storm/ (copies, so symlink confinement is not in play).
 
-    kernel_size: a generated kernel stand-in of that many bytes instead of the demo one.
+    kernel_size, initrd_size: generated stand-ins of that many bytes instead of the demo
+    OS's files (the same seed, so both stacks serve the same bytes).
     Returns the two paths relative to dest.
     """
     demo = REPO / "images" / "demo"
@@ -313,11 +337,11 @@ def stage_images(dest: Path, kernel_size: int | None = None) -> tuple[str, str]:
                        check=True)
     d = dest / "storm"
     d.mkdir(parents=True, exist_ok=True)
-    if kernel_size:
-        (d / "vmlinuz").write_bytes(os.urandom(kernel_size))
-    else:
-        shutil.copyfile(demo / "vmlinuz", d / "vmlinuz")
-    shutil.copyfile(demo / "initrd.cpio.gz", d / "initrd.cpio.gz")
+    for name, size, seed in (("vmlinuz", kernel_size, 1), ("initrd.cpio.gz", initrd_size, 2)):
+        if size:
+            (d / name).write_bytes(random.Random(seed).randbytes(size))
+        else:
+            shutil.copyfile(demo / name, d / name)
     return "storm/vmlinuz", "storm/initrd.cpio.gz"
 
 
@@ -329,6 +353,7 @@ class NetbootServer:
     root: Path
     data_dir: Path | None = None
     kernel_size: int | None = None
+    initrd_size: int | None = None
     extra_yaml: str = ""
     proc: subprocess.Popen | None = None
     starts: int = 0
@@ -343,7 +368,8 @@ class NetbootServer:
         self.images = self.root / "images"
         (self.cfg / "profiles").mkdir(parents=True, exist_ok=True)
         (self.cfg / "machines").mkdir(parents=True, exist_ok=True)
-        self.kernel, self.initrd = stage_images(self.images, self.kernel_size)
+        self.kernel, self.initrd = stage_images(self.images, self.kernel_size,
+                                                self.initrd_size)
         self.profile_path = self.cfg / "profiles" / "storm.yaml"
         self.profile_path.write_text(STORM_PROFILE.format(kernel=self.kernel, initrd=self.initrd))
         data = self.data_dir or self.root / "data"

@@ -64,6 +64,8 @@ class TftpSettings(_Strict):
     roots: list[Path] = Field(default_factory=lambda: [Path(p) for p in DEFAULT_TFTP_ROOTS])
     max_transfers: int = Field(1000, ge=1)
     max_per_client: int = Field(16, ge=1)
+    workers: int = Field(1, ge=0, le=1, description="file transfers in a second process "
+                         "(1) or on the main event loop (0)")
 
 
 class WebhookSettings(_Strict):

@@ -30,9 +30,11 @@ def root(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.fixture
-async def server(root: Path) -> AsyncIterator[TftpServer]:
-    srv = await start_tftp(RootResolver([root]), "127.0.0.1", 0)
+@pytest.fixture(params=[0, 1], ids=["in-process", "worker"])
+async def server(root: Path, request: pytest.FixtureRequest) -> AsyncIterator[TftpServer]:
+    """Every test on this fixture runs twice: file transfers on this loop, and in the
+    worker process (netboot/tftp/offload.py), which `netboot serve` uses by default."""
+    srv = await start_tftp(RootResolver([root]), "127.0.0.1", 0, workers=request.param)
     yield srv
     await srv.close()
 
@@ -102,9 +104,10 @@ async def test_loopback_mtu_allows_big_blocks(server: TftpServer) -> None:
         c.close()
 
 
-async def test_uefi_size_probe_sequence(root: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 1])
+async def test_uefi_size_probe_sequence(root: Path, workers: int) -> None:
     seen: list[tuple[str, bool]] = []
-    server = await start_tftp(RootResolver([root]), "127.0.0.1", 0,
+    server = await start_tftp(RootResolver([root]), "127.0.0.1", 0, workers=workers,
                               on_transfer=lambda path, client, ok: seen.append((path, ok)))
     c = RawClient()
     try:
@@ -351,3 +354,39 @@ async def test_curl_missing_file_fails(server: TftpServer, tmp_path: Path) -> No
     rc, _ = await run("curl", "-sS", "-o", str(tmp_path / "x"),
                       f"tftp://127.0.0.1:{server.port}/does-not-exist")
     assert rc != 0
+
+
+async def test_worker_runs_file_transfers_and_its_loss_falls_back(root: Path) -> None:
+    """With workers=1 a file transfer runs in the worker process and is reported back
+    (counters, on_transfer); a transfer in flight when the worker dies is counted as
+    failed, and later requests are served by the main process."""
+    seen: list[tuple[str, bool]] = []
+    server = await start_tftp(RootResolver([root]), "127.0.0.1", 0, workers=1,
+                              on_transfer=lambda path, client, ok: seen.append((path, ok)))
+    assert server.offload is not None
+    c = RawClient()
+    try:
+        assert await c.fetch(addr(server), "medium", {"blksize": "1468"}) == MEDIUM
+        await wait_for(lambda: seen == [("medium", True)])
+        assert server.active == 0
+        assert server.counters.get("tftp_bytes_sent") == len(MEDIUM)
+        # a transfer left hanging at its OACK, then the worker dies
+        await c.send(pk.encode_request(pk.RRQ, "small", "octet", {"blksize": "512"}),
+                     addr(server))
+        data, _tid = await c.recv()
+        assert pk.opcode_of(data) == pk.OACK
+        assert server.active == 1
+        os.kill(server.offload.pid, 9)
+        await wait_for(lambda: not server.offload.alive)  # type: ignore[union-attr]
+        await wait_for(lambda: server.active == 0)
+        assert server.counters.get("tftp_transfers_failed", reason="worker lost") == 1
+        assert seen[-1] == ("small", False)
+        c2 = RawClient()
+        try:
+            assert await c2.fetch(addr(server), "small", {"blksize": "1468"}) == SMALL
+        finally:
+            c2.close()
+        await wait_for(lambda: seen[-1] == ("small", True))
+    finally:
+        c.close()
+        await server.close()

@@ -443,3 +443,34 @@ def test_atftp_receiver_stalls_when_resends_never_leave_it_silence() -> None:
         else:
             assert bytes(c.data) == content
     assert stalled > 0
+
+
+def test_chunk_size_follows_the_window_and_the_memory_budget() -> None:
+    """Four windows of content, at least MIN_CHUNK, at most CHUNK; with many transfers
+    at once each gets its share of CHUNK_BUDGET, down to FLOOR_CHUNK."""
+    from netboot.tftp.session import (
+        CHUNK,
+        CHUNK_BUDGET,
+        FLOOR_CHUNK,
+        MIN_CHUNK,
+        chunk_bytes,
+    )
+
+    assert chunk_bytes(1468, 1) == MIN_CHUNK  # lock-step
+    assert chunk_bytes(1468, 16) == 4 * 16 * 1468
+    assert chunk_bytes(65464, 64) == CHUNK
+    assert chunk_bytes(1468, 1, concurrent=CHUNK_BUDGET // MIN_CHUNK) == MIN_CHUNK
+    assert chunk_bytes(1468, 4, concurrent=4000) == CHUNK_BUDGET // 4000
+    assert chunk_bytes(1468, 1, concurrent=100_000) == FLOOR_CHUNK
+    # a session framed under pressure still sends every byte (small chunks, many loads)
+    data = bytes(range(256)) * 100
+    s = ReadSession(BytesProvider(data), {"blksize": "1468"}, concurrent=100_000)
+    assert s._chunk == FLOOR_CHUNK
+    assert pk.opcode_of(bytes(s.start(0.0)[0])) == pk.OACK
+    got, block, out = bytearray(), 0, s.receive(pk.encode_ack(0), 0.0)
+    while out:
+        for p in out:
+            block, payload = pk.parse_data(bytes(p))
+            got += payload
+        out = s.on_ack(block, 0.0)
+    assert bytes(got) == data and s.outcome is Outcome.COMPLETED

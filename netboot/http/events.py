@@ -46,6 +46,8 @@ class EventHub:
         return len(self._clients)
 
     def publish(self, kind: str, data: dict[str, Any]) -> None:
+        if not self._clients:  # nobody watching: a storm's events cost no JSON
+            return
         text = json.dumps(data, default=str)
         for q in self._clients:
             if q.full():  # too slow: drop what it has not read, and say so

@@ -93,6 +93,10 @@ class FileProvider:
     def size(self) -> int:
         return self._size
 
+    def fileno(self) -> int:
+        """The open file (handed to the TFTP worker process, see offload.py)."""
+        return self._fd
+
     def read_at(self, offset: int, n: int) -> bytes:
         end = offset + n
         if offset < self._chunk_off or end > self._chunk_end:

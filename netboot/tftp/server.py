@@ -21,7 +21,9 @@ from pathlib import Path
 
 from netboot.metrics import Counters
 from netboot.tftp import packet as pk
+from netboot.tftp.offload import Ended, Offload
 from netboot.tftp.provider import (
+    FileProvider,
     NetasciiProvider,
     Provider,
     Resolver,
@@ -60,6 +62,8 @@ _HELP = {
     "tftp_bytes_sent": "payload bytes sent, retransmissions included",
     "tftp_retransmits": "DATA/OACK packets sent again after a timeout",
     "tftp_send_errors": "packets the kernel refused to send",
+    "tftp_handed_off": "file transfers given to the worker process",
+    "tftp_hand_off_skipped": "file transfers served here although a worker runs, by reason",
 }
 
 
@@ -97,6 +101,9 @@ class _Transfer:
         else:
             sendto = sock.sendto
             self.send = lambda p: sendto(p, peer)
+
+    def abort(self, reason: str) -> None:
+        self.session.abort(reason)
 
     def on_readable(self) -> None:
         # The per-packet path. One datagram per wake-up: in lock-step there is never a
@@ -173,13 +180,50 @@ class _Transfer:
         self.arm()
 
 
+class _Remote:
+    """A transfer the worker process runs (offload.py): what the limits, duplicate RRQs
+    and the report at its end need to know of it here."""
+
+    __slots__ = ("filename", "ip", "offload", "path", "peer", "tid")
+
+    def __init__(self, offload: Offload, tid: int, peer: tuple[str, int], path: str,
+                 filename: str):
+        self.offload = offload
+        self.tid = tid
+        self.peer = peer
+        self.ip = peer[0]
+        self.path = path
+        self.filename = filename
+
+    def abort(self, reason: str) -> None:
+        self.offload.abort(self.tid, reason)
+
+
+def send_error(counters: Counters, sock: socket.socket, addr: tuple[str, int], code: int,
+               msg: str) -> None:
+    counters.inc("tftp_errors_sent", code=str(code))
+    try:
+        sock.sendto(pk.encode_error(code, msg), addr)
+    except OSError:
+        counters.inc("tftp_send_errors")
+
+
+def answer_wrong_tid(counters: Counters, sock: socket.socket, data: bytes,
+                     addr: tuple[str, int]) -> None:
+    """A packet from a stranger to a transfer's port: ERROR 5, unless it is an ERROR
+    itself (never answer one: two servers could loop)."""
+    counters.inc("tftp_wrong_tid")
+    if pk.opcode_of(data) != pk.ERROR:
+        send_error(counters, sock, addr, pk.ERR_UNKNOWN_TID, "unknown transfer ID")
+
+
 class TftpServer:
     """A running TFTP server; create it with start_tftp()."""
 
     def __init__(self, sock: socket.socket, resolver: Resolver, *, counters: Counters,
                  interface: str | None, single_port: bool, max_transfers: int,
                  max_per_client: int, on_transfer: OnTransfer | None, timeout: float,
-                 retries: int, max_windowsize: int):
+                 retries: int, max_windowsize: int, workers: int = 0):
         self._loop = asyncio.get_running_loop()
         # The clock of the loop's timers. Stock asyncio's loop.time() is a Python method
         # around time.monotonic(): call that directly (one frame less per packet).
@@ -204,7 +248,11 @@ class TftpServer:
             log, "TFTP refused %d request(s) since the last report (%s); latest: %r from %s (%s)",
             every=REFUSAL_LOG_EVERY)
         self._max_windowsize = max_windowsize
-        self._by_peer: dict[tuple[str, int], _Transfer] = {}
+        self._by_peer: dict[tuple[str, int], _Transfer | _Remote] = {}
+        self._remote: dict[int, _Remote] = {}  # transfers the worker runs, by id
+        self.offload: Offload | None = None
+        if workers and not single_port:
+            self.offload = Offload.start(counters, self._remote_ended)
         self._per_ip: dict[str, int] = {}
         self._mtu_cache: dict[str, int] = {}
         self._iface_mtu = self._interface_mtu(interface) if interface else None
@@ -234,9 +282,13 @@ class TftpServer:
         self.refusals.flush()
         self._loop.remove_reader(self._sock.fileno())
         for t in list(self._by_peer.values()):
-            t.session.abort("shutdown")
-            self._finish(t)
+            if isinstance(t, _Transfer):
+                t.abort("shutdown")
+                self._finish(t)
         self._sock.close()
+        if self.offload is not None:
+            await self.offload.close()  # the worker aborts the rest; their reports are lost
+            self._remote.clear()
 
     # -- listening socket -------------------------------------------------
 
@@ -293,8 +345,11 @@ class TftpServer:
             if existing.filename == req.filename:
                 c.inc("tftp_duplicate_requests")
                 return
-            existing.session.abort("superseded")
-            self._finish(existing)
+            existing.abort("superseded")
+            if isinstance(existing, _Transfer):
+                self._finish(existing)
+            else:  # the worker's report comes later and is counted then
+                self._release(existing)
         if req.mode not in ("octet", "netascii"):
             self._refused("mode", req.filename, addr)
             self._send_error(self._sock, addr, pk.ERR_ILLEGAL, "unsupported mode")
@@ -334,7 +389,7 @@ class TftpServer:
         try:
             session = ReadSession(provider, req.options, max_blksize=self._max_blksize(addr[0]),
                                   max_windowsize=self._max_windowsize, timeout=self._timeout,
-                                  retries=self._retries)
+                                  retries=self._retries, concurrent=len(self._by_peer) + 1)
             if self._single_port:
                 sock = self._sock
             else:
@@ -344,6 +399,25 @@ class TftpServer:
             self.counters.inc("tftp_refused", reason="internal")
             self._send_error(self._sock, addr, pk.ERR_UNDEFINED, "internal error")
             return
+        if (self.offload is not None and catcher is not None
+                and type(provider) is FileProvider):
+            tid = self.offload.hand_off(provider, sock, catcher, addr, req.options,
+                                        max_blksize=self._max_blksize(addr[0]),
+                                        max_windowsize=self._max_windowsize,
+                                        timeout=self._timeout, retries=self._retries)
+            if tid is None:
+                self.counters.inc("tftp_hand_off_skipped",
+                                  reason="worker busy" if self.offload.alive else "worker lost")
+            else:  # the worker has its own copies of the three descriptors
+                self.counters.inc("tftp_handed_off")
+                sock.close()
+                catcher.close()
+                provider.close()
+                r = self._remote[tid] = _Remote(self.offload, tid, addr, path, req.filename)
+                self._by_peer[addr] = r
+                self._per_ip[addr[0]] = self._per_ip.get(addr[0], 0) + 1
+                self.counters.inc("tftp_transfers_started")
+                return
         t = _Transfer(self, session, sock, catcher, addr, path, req.filename)
         self._by_peer[addr] = t
         self._per_ip[addr[0]] = self._per_ip.get(addr[0], 0) + 1
@@ -385,15 +459,21 @@ class TftpServer:
             raise
         return sock, catcher
 
-    def _finish(self, t: _Transfer) -> None:
+    def _release(self, t: _Transfer | _Remote) -> bool:
+        """Forget a transfer in the limits and the peer table; False if already gone."""
         if self._by_peer.get(t.peer) is not t:
-            return
+            return False
         del self._by_peer[t.peer]
         n = self._per_ip.get(t.ip, 1) - 1
         if n > 0:
             self._per_ip[t.ip] = n
         else:
             self._per_ip.pop(t.ip, None)
+        return True
+
+    def _finish(self, t: _Transfer) -> None:
+        if not self._release(t):
+            return
         if t.timer is not None:
             t.timer.cancel()
             t.timer = None
@@ -406,6 +486,21 @@ class TftpServer:
             s.provider.close()
         except Exception:  # noqa: BLE001 - caller-supplied provider
             self.counters.inc("tftp_internal_errors")
+        self._account(t.path, t.peer, Ended(s.outcome, s.reason, s.bytes_sent, s.retransmits,
+                                            s.error_code))
+
+    def _remote_ended(self, tid: int, ended: Ended) -> None:
+        """The worker's report of one transfer (tid 0: the worker is gone, and with it
+        every transfer it ran)."""
+        gone = [self._remote.pop(tid)] if tid in self._remote else []
+        if tid == 0:
+            gone = list(self._remote.values())
+            self._remote.clear()
+        for r in gone:
+            self._release(r)
+            self._account(r.path, r.peer, ended)
+
+    def _account(self, path: str, peer: tuple[str, int], s: Ended) -> None:
         c = self.counters
         c.inc("tftp_bytes_sent", s.bytes_sent)
         if s.retransmits:
@@ -422,26 +517,17 @@ class TftpServer:
             c.inc("tftp_transfers_failed", reason=s.reason)
         if self._on_transfer is not None:
             try:
-                self._on_transfer(t.path, t.peer, ok)
+                self._on_transfer(path, peer, ok)
             except Exception:  # noqa: BLE001 - caller-supplied callback
                 c.inc("tftp_callback_errors")
 
     # -- helpers ----------------------------------------------------------
 
-    def _send(self, sock: socket.socket, data: bytes | memoryview, addr: tuple[str, int]) -> None:
-        try:
-            sock.sendto(data, addr)
-        except OSError:
-            self.counters.inc("tftp_send_errors")
-
     def _send_error(self, sock: socket.socket, addr: tuple[str, int], code: int, msg: str) -> None:
-        self.counters.inc("tftp_errors_sent", code=str(code))
-        self._send(sock, pk.encode_error(code, msg), addr)
+        send_error(self.counters, sock, addr, code, msg)
 
     def _wrong_tid(self, sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
-        self.counters.inc("tftp_wrong_tid")
-        if pk.opcode_of(data) != pk.ERROR:  # never answer an ERROR: two servers could loop
-            self._send_error(sock, addr, pk.ERR_UNKNOWN_TID, "unknown transfer ID")
+        answer_wrong_tid(self.counters, sock, data, addr)
 
     @staticmethod
     def _interface_mtu(interface: str) -> int | None:
@@ -478,11 +564,12 @@ async def start_tftp(resolver: Resolver, host: str = "0.0.0.0", port: int = 69, 
                      counters: Counters | None = None, max_transfers: int = 1000,
                      max_per_client: int = 16, on_transfer: OnTransfer | None = None,
                      timeout: float = 1.0, retries: int = 5,
-                     max_windowsize: int = 64) -> TftpServer:
+                     max_windowsize: int = 64, workers: int = 0) -> TftpServer:
     """Bind the listening socket and start serving on the running loop.
 
     timeout/retries: retransmission timer when the client did not set one, and how many
     timeouts in a row end a transfer. max_windowsize caps RFC 7440 windows (bursts).
+    workers: 1 runs file transfers in a second process (offload.py); 0 all in this one.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -498,7 +585,8 @@ async def start_tftp(resolver: Resolver, host: str = "0.0.0.0", port: int = 69, 
         return TftpServer(sock, resolver, counters=counters or Counters(), interface=interface,
                           single_port=single_port, max_transfers=max_transfers,
                           max_per_client=max_per_client, on_transfer=on_transfer,
-                          timeout=timeout, retries=retries, max_windowsize=max_windowsize)
+                          timeout=timeout, retries=retries, max_windowsize=max_windowsize,
+                          workers=workers)
     except BaseException:
         sock.close()
         raise

@@ -79,13 +79,30 @@ _COMPLETED = Outcome.COMPLETED
 _FAILED = Outcome.FAILED
 _PROBE = Outcome.PROBE
 
-CHUNK = 256 * 1024  # bytes of content read (and framed as DATA packets) at a time
+CHUNK = 256 * 1024  # most content read (and framed as DATA packets) at a time
+#: least read at a time: a lock-step transfer needs one block in memory, and 10,000 of
+#: them at once with 256 KiB each were 2.5 GB (a UEFI storm); 32 KiB is a read per
+#: 22 blocks of 1468 bytes (16 KiB cost 0.2-0.4 µs more per ACK, measured)
+MIN_CHUNK = 32 * 1024
+#: what all transfers' chunks of one process may hold together: with more transfers at
+#: once than that allows at MIN_CHUNK each, chunks shrink (to FLOOR_CHUNK at least), so
+#: 10,000 machines at once do not need 10,000 x 32 KiB (the storm's peak RSS was 398 MiB)
+CHUNK_BUDGET = 64 << 20
+FLOOR_CHUNK = 8 * 1024
 MAX_CHUNK_BLOCKS = 512  # keeps a preadv under IOV_MAX (1024) for tiny blksizes
 # Byte k of these is the high/low byte of wire block number k & 0xFFFF, for k up to
 # 65535 + MAX_CHUNK_BLOCKS, so one slice gives the numbers of a whole chunk, rollover included.
 _BLOCK_HI = (b"".join(bytes([h]) * 256 for h in range(256)) * 2)[:65536 + MAX_CHUNK_BLOCKS]
 _BLOCK_LO = (bytes(range(256)) * 258)[:65536 + MAX_CHUNK_BLOCKS]
 _OPCODE_DATA = bytes([pk.DATA]) * MAX_CHUNK_BLOCKS
+
+
+def chunk_bytes(blksize: int, windowsize: int, concurrent: int = 1) -> int:
+    """Content framed at a time: four windows (so a window rarely spans two chunks),
+    between MIN_CHUNK and CHUNK, but no more than this transfer's share of CHUNK_BUDGET
+    among ``concurrent`` transfers (and never under FLOOR_CHUNK)."""
+    want = min(CHUNK, max(MIN_CHUNK, 4 * windowsize * blksize))
+    return max(FLOOR_CHUNK, min(want, CHUNK_BUDGET // max(1, concurrent)))
 
 
 class ReadSession:
@@ -106,6 +123,7 @@ class ReadSession:
 
     __slots__ = (
         "_acked",
+        "_chunk",
         "_fast",
         "_last",
         "_last_len",
@@ -133,7 +151,7 @@ class ReadSession:
 
     def __init__(self, provider: Provider, options: dict[str, str] | None = None, *,
                  max_blksize: int = MAX_BLKSIZE, max_windowsize: int = 64,
-                 timeout: float = 1.0, retries: int = 5):
+                 timeout: float = 1.0, retries: int = 5, concurrent: int = 1):
         neg = negotiate(options or {}, provider.size(), max_blksize=max_blksize,
                         max_windowsize=max_windowsize)
         self.provider = provider
@@ -144,6 +162,7 @@ class ReadSession:
         # Apprentice bug), while curl's default ask of several seconds per loss would stall.
         self.timeout = min(neg.timeout, timeout) if neg.timeout is not None else timeout
         self.retries = retries
+        self._chunk = chunk_bytes(self.blksize, self.windowsize, concurrent)
         self.oack = neg.oack
         self.deadline: float | None = None
         self.outcome = _RUNNING
@@ -195,7 +214,7 @@ class ReadSession:
         """Frame the chunk of DATA packets that starts at block `first`."""
         bs = self.blksize
         step = bs + 4
-        count = max(1, min(CHUNK // bs, MAX_CHUNK_BLOCKS))
+        count = max(1, min(self._chunk // bs, MAX_CHUNK_BLOCKS))
         offset = (first - 1) * bs
         size = self.provider.size()
         if size is not None:  # no bigger buffer than the rest of the content needs

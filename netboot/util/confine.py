@@ -71,10 +71,33 @@ def normalise(rel: str) -> str:
     return "/".join(parts)
 
 
+_O_PATH = getattr(os, "O_PATH", 0)
+
+
+def realpath(path: str | os.PathLike[str]) -> str:
+    """``os.path.realpath``, resolved by the kernel when the path exists: an O_PATH open
+    and a readlink of /proc/self/fd instead of an lstat per component in Python (the
+    largest Python cost of serving an image in a storm, measured)."""
+    if _O_PATH:
+        try:
+            fd = os.open(path, _O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return os.path.realpath(path)  # missing: the lexical answer, as realpath gives
+        try:
+            real = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            real = ""
+        finally:
+            os.close(fd)
+        if real.startswith("/") and not real.endswith(" (deleted)"):
+            return real
+    return os.path.realpath(path)
+
+
 def _resolve(root: str | os.PathLike[str], rel: str) -> str:
     """The real path ``rel`` names under ``root``, refused unless it stays inside."""
-    real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(real_root, normalise(rel)))
+    real_root = realpath(root)
+    real = realpath(os.path.join(real_root, normalise(rel)))
     if real != real_root and not real.startswith(real_root.rstrip("/") + "/"):
         raise ConfineError(ESCAPE, rel)
     return real
