@@ -55,6 +55,10 @@ class DhcpSettings(_Strict):
         0.25, ge=0.005, le=10.0,
         description="seconds a request may wait in the socket queue; older ones are "
         "dropped unanswered and counted (dhcp_overload_dropped_total)")
+    pacing: bool = Field(
+        True, description="pace replies per destination (a relay, or this link's broadcast) "
+        "at 1.5x its recent demand, so a backlog does not leave in one burst; false sends "
+        "each reply as soon as it is decided")
 
 
 class TftpSettings(_Strict):

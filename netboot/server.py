@@ -296,7 +296,7 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
             proxy = ProxyDhcp(booter, addr, counters, dhcp_port=cfg.dhcp.port,
                               report=services.lifecycle.offered)
             dhcp = await start_dhcp(proxy, [cfg.dhcp.port, cfg.dhcp.proxy_port], interface=iface,
-                                    max_age=cfg.dhcp.max_queue_age)
+                                    max_age=cfg.dhcp.max_queue_age, pacing=cfg.dhcp.pacing)
             closers.append(dhcp.close)
             log.info("ProxyDHCP listening on udp/%d and udp/%d%s, advertising %s",
                      cfg.dhcp.port, cfg.dhcp.proxy_port, f" on {iface}" if iface else "", addr)

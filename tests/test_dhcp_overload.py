@@ -10,6 +10,7 @@ import time
 
 from netboot.boot.booter import Booter
 from netboot.config import ConfigStore
+from netboot.dhcp.pacer import Pacer
 from netboot.dhcp.proxy import ProxyDhcp
 from netboot.dhcp.server import start_dhcp
 from netboot.metrics import Counters
@@ -101,3 +102,40 @@ async def test_the_age_is_read_on_the_kernel_stamp_against_the_injected_wall_clo
         client.close()
         server.close()
     assert replies == [] and counters.get("dhcp_overload_dropped_total") == 5
+
+
+async def _burst(store: ConfigStore, counters: Counters, n: int, **kw) -> list[bytes]:
+    """``n`` requests at once to a server started with ``kw``: the replies."""
+    server, addr = await _serve(store, counters, **kw)
+    client = _client()
+    try:
+        for pkt in _requests(n):
+            client.sendto(pkt, addr)
+        return await _replies(client)
+    finally:
+        client.close()
+        server.close()
+
+
+async def test_replies_over_the_bucket_leave_on_the_pacers_timer(store: ConfigStore) -> None:
+    counters = Counters()
+    replies = await _burst(store, counters, 20, max_age=5.0,
+                           pacer=lambda: Pacer(burst=4, floor=50.0, max_age=5.0))
+    assert len(replies) == 20  # 4 at once, 16 held and sent by the timer
+    assert [r[28:34].hex(":") for r in replies] == [f"52:54:00:00:10:{i:02x}"
+                                                     for i in range(20)]  # in order
+    assert counters.get("dhcp_paced_dropped_total") == 0
+
+
+async def test_a_reply_held_too_long_is_dropped_and_pacing_off_holds_none(
+        store: ConfigStore) -> None:
+    def tight() -> Pacer:  # 4 at once, then 20/s, and a held reply expires in 1 ms
+        return Pacer(burst=4, floor=20.0, headroom=1e-6, max_age=0.001)
+
+    counters = Counters()
+    paced = await _burst(store, counters, 20, pacer=tight)
+    assert len(paced) < 20
+    assert len(paced) + counters.get("dhcp_paced_dropped_total") == 20
+    counters = Counters()
+    unpaced = await _burst(store, counters, 20, pacer=tight, pacing=False)
+    assert len(unpaced) == 20 and counters.get("dhcp_paced_dropped_total") == 0

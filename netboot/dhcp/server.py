@@ -96,7 +96,8 @@ class _Endpoint:
 
     def __init__(self, proxy: ProxyDhcp, port: int, sock: socket.socket, *,
                  loop: asyncio.AbstractEventLoop, max_age: float = MAX_AGE,
-                 wall: Callable[[], float] = time.time, pacer: Pacer | None = None):
+                 wall: Callable[[], float] = time.time, pacer: Pacer | None = None,
+                 pacing: bool = True):
         self.proxy = proxy
         self.port = port
         self.sock = sock
@@ -105,6 +106,8 @@ class _Endpoint:
         self.wall = wall
         self.loop = loop
         self.pacer = pacer or Pacer(max_age=max_age)
+        #: off: every reply leaves as soon as it is decided (dhcp.pacing: false)
+        self.pacing = pacing
         self._timer: asyncio.TimerHandle | None = None
 
     def _fresh(self) -> tuple[bytes, tuple[str, int]]:
@@ -126,7 +129,7 @@ class _Endpoint:
     def _read(self) -> None:
         recvfrom = self.sock.recvfrom
         handle = self.proxy.handle
-        offer = self.pacer.offer
+        offer = self.pacer.offer if self.pacing else None
         now = self.loop.time
         port = self.port
         counters = self.proxy.counters
@@ -152,7 +155,7 @@ class _Endpoint:
                 continue
             if reply is not None:
                 dest = (reply.address, reply.port)
-                if offer(dest, reply.data, now()):
+                if offer is None or offer(dest, reply.data, now()):
                     self._send(reply.data, dest)
 
     def _send(self, data: bytes, dest: tuple[str, int]) -> None:
@@ -207,9 +210,11 @@ class DhcpServer:
 async def start_dhcp(proxy: ProxyDhcp, ports: list[int], *, host: str = "0.0.0.0",
                      interface: str | None = None, max_age: float = MAX_AGE,
                      wall: Callable[[], float] = time.time,
-                     pacer: Callable[[], Pacer] | None = None) -> DhcpServer:
+                     pacer: Callable[[], Pacer] | None = None,
+                     pacing: bool = True) -> DhcpServer:
     """Serve ``proxy`` on each of ``ports``; ``pacer`` makes each port's Pacer
-    (default: Pacer's defaults, holding replies no longer than ``max_age``)."""
+    (default: Pacer's defaults, holding replies no longer than ``max_age``);
+    ``pacing=False`` sends every reply at once."""
     loop = asyncio.get_running_loop()
     server = DhcpServer()
     server._loop = loop
@@ -219,7 +224,7 @@ async def start_dhcp(proxy: ProxyDhcp, ports: list[int], *, host: str = "0.0.0.0
             server.sockets.append(sock)
             server.ports.append(sock.getsockname()[1])
             endpoint = _Endpoint(proxy, port, sock, loop=loop, max_age=max_age, wall=wall,
-                                 pacer=pacer() if pacer is not None else None)
+                                 pacer=pacer() if pacer is not None else None, pacing=pacing)
             server.endpoints.append(endpoint)
             loop.add_reader(sock.fileno(), endpoint.on_readable)
     except BaseException:
