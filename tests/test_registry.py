@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from netboot.storage.registry import MIGRATIONS, STATES, Registry, RegistryError
+from netboot.storage.registry import EVENTS_SHOWN, MIGRATIONS, STATES, Registry, RegistryError
 from tests.nodes import Clock, forget, observe, patch, transition
 
 SECRET = b"test-secret"
@@ -228,5 +228,25 @@ async def test_lookups_accept_any_spelling_and_miss_cheaply(tmp_path: Path) -> N
             assert reg.by_mac(spelling) is node, spelling
         assert reg.get(U2) is None and reg.get("not-a-uuid") is None
         assert reg.by_mac("52:54:00:aa:bb:02") is None and reg.by_mac("zz:zz") is None
+    finally:
+        await reg.close()
+
+
+async def test_a_nodes_history_is_read_as_its_latest_page(tmp_path: Path) -> None:
+    """A node with a long history (one that boots in a loop) shows its latest
+    EVENTS_SHOWN events, oldest first, not all of them."""
+    reg = await _open(tmp_path)
+    try:
+        await observe(reg, U1, mac="52:54:00:aa:bb:01", address="10.0.0.5", source="dhcp")
+        for i in range(EVENTS_SHOWN + 50):
+            reg.patch(U1, hostname=f"h{i}")
+        await reg.commit()
+        events = await reg.events(U1)
+        assert len(events) == EVENTS_SHOWN
+        ids = [e["id"] for e in events]
+        assert ids == sorted(ids)
+        assert events[-1]["kind"] == "patch" and "h249" in (events[-1]["detail"] or "")
+        assert all(e["kind"] == "patch" for e in events)  # the oldest ('discovered') left out
+        assert len(await reg.events(U1, limit=5)) == 5
     finally:
         await reg.close()

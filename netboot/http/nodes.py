@@ -114,7 +114,7 @@ class EventOut(BaseModel):
 
 
 class NodeWithEvents(NodeOut):
-    events: list[EventOut]
+    events: list[EventOut] = Field(description="the latest 200 events, oldest first")
 
 
 class NodeList(BaseModel):

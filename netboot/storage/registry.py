@@ -178,6 +178,10 @@ class RegistryStats:
     prune_batches: int = 0
 
 
+#: how many of a node's events its detail (API, dashboard page) shows: the latest
+EVENTS_SHOWN = 200
+
+
 def make_node_token(secret: bytes, uuid: str) -> str:
     """HMAC-SHA256(secret, uuid), 32 hex chars: proves a caller speaks for that node only."""
     return hmac.new(secret, uuid.encode(), hashlib.sha256).hexdigest()[:32]
@@ -581,16 +585,18 @@ class Registry:
             prev_cursor=(Cursor(rows[0][1], rows[0][0], "prev").encode()
                          if has_prev and rows else None))
 
-    async def events(self, uuid: str) -> list[dict[str, Any]]:
-        """A node's history, oldest first (committed first, so nothing pending is missed)."""
+    async def events(self, uuid: str, limit: int = EVENTS_SHOWN) -> list[dict[str, Any]]:
+        """A node's latest ``limit`` events, oldest first (committed first, so nothing
+        pending is missed). A node that boots in a loop has a long history; the answer
+        stays a page (the events_uuid index, newest first)."""
         uuid = normalise_uuid(uuid)
         with contextlib.suppress(RegistryError):
             await self.commit()
         async with self._reader.execute(
                 "SELECT id, time, kind, state, prev, source, address, detail FROM events "
-                "WHERE uuid = ? ORDER BY id", (uuid,)) as cur:
+                "WHERE uuid = ? ORDER BY id DESC LIMIT ?", (uuid, limit)) as cur:
             rows = await cur.fetchall()
-        return [dict(zip(EVENT_COLS, r)) for r in rows]
+        return [dict(zip(EVENT_COLS, r)) for r in reversed(rows)]
 
     async def inventory(self, uuid: str) -> tuple[float, dict[str, Any]] | None:
         """(when, inventory) last reported for the node, or None."""
