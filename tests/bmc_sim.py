@@ -97,10 +97,22 @@ def keep_root_logs() -> Iterator[LogKeeper]:
         root.setLevel(old)
 
 
+_handed_out: set[tuple[int, int]] = set()
+
+
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 that this process never handed out before. pyghmi keeps
+    its sessions per (host, port) for the life of the process (docs/bmc.md, the
+    session-table traps): a simulator started on the port of an earlier test's BMC
+    would meet that BMC's stale session and hang on it."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, kind) as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if (kind, port) not in _handed_out:
+            _handed_out.add((kind, port))
+            return port
+    raise RuntimeError("no port on 127.0.0.1 that this process has not used yet")
 
 
 def eventually(check: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:

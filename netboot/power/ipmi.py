@@ -16,6 +16,14 @@ seen against ipmi_sim (docs/bmc.md), that this module steps around:
   would never recover. `_end` removes the entry by the str key.
 - `Command(...)` logs in at once and blocks; it is created lazily, in the
   worker thread, on the first call.
+- Its two process-wide table locks are taken in both orders:
+  `Session.send_payload` holds KEEPALIVE_SESSIONS and then takes
+  WAITING_SESSIONS in `_xmit_packet`; `wait_for_rsp` and the timeout path take
+  them the other way. Logins to two BMCs in two threads deadlocked for good
+  (seen in tests/test_power.py beside test_bmc_api.py: every worker stuck in
+  `protect.__enter__`, a hung pytest). Both names are made one RLock here, at
+  import, so no order can invert; each holds it only around table updates and
+  a sendto.
 """
 
 from __future__ import annotations
@@ -27,9 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyghmi.exceptions import IpmiException
+from pyghmi.ipmi.private import session as _pyghmi_session
 
 from netboot.power.bmc import IPMI_PORT, BmcConfig
 from netboot.power.driver import DEFAULT_TIMEOUT, BmcError, BootDevice, PowerState, scrub
+
+# one lock for both of pyghmi's session tables (see the module docstring); the
+# functions look the names up at call time, so rebinding the module globals is enough
+_pyghmi_session.WAITING_SESSIONS = _pyghmi_session.KEEPALIVE_SESSIONS
 
 _BOOTDEV = {BootDevice.NETWORK: "network", BootDevice.DISK: "hd"}
 _SessionKey = tuple[str, str, str, int]

@@ -154,8 +154,13 @@ def test_wrong_bmc_credentials_are_unknown_with_the_reason(bl: BmcLab, tmp_path:
         yaml.safe_dump({"uuid": other, "mac": "52:54:00:aa:aa:01", "hostname": "wrong",
                         "bmc": {"driver": "ipmi", "address": g.first_addr,
                                 "username": g.username, "password": "not-the-password"}}))
-    node = _until("the wrong one enrolled and polled", lambda: (
-        n := _try_api(bl, f"/api/v1/nodes/{other}")) and n["power"]["checked"] and n, 60)
+    try:
+        node = _until("the wrong one enrolled and polled", lambda: (
+            n := _try_api(bl, f"/api/v1/nodes/{other}")) and n["power"]["checked"] and n, 60)
+    except AssertionError as exc:  # seen once in a full run, never alone: say what it did
+        node = _try_api(bl, f"/api/v1/nodes/{other}")
+        raise AssertionError(f"{exc}\nnode: {node}\nnetboot log (tail):\n"
+                             f"{lab.netboot_log()[-4000:]}") from None
     assert node["power"]["state"] == "unknown" and node["power"]["reason"]
     r = _cli(bl, "power", "on", "wrong", check=False)
     assert r.returncode == 1 and "HTTP 502" in r.stderr, r.stderr
