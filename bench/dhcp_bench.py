@@ -61,13 +61,14 @@ class Run:
         return self.drop_pct < MAX_DROP_PCT and self.achieved >= 0.95 * self.rate
 
 
-def write_config(root: Path, log_level: str) -> Path:
+def write_config(root: Path, log_level: str, pacing: bool = True) -> Path:
     cfg = root / "configs"
     (cfg / "machines").mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO / "configs" / "profiles", cfg / "profiles", dirs_exist_ok=True)
     (cfg / "netboot.yaml").write_text(
         f"data_dir: {root / 'data'}\nimages_dir: {REPO / 'images'}\n"
-        f"default_profile: default\nlog_level: {log_level}\n")
+        f"default_profile: default\nlog_level: {log_level}\n"
+        f"dhcp:\n  pacing: {'true' if pacing else 'false'}\n")
     return cfg / "netboot.yaml"
 
 
@@ -179,7 +180,8 @@ class Bench:
     def start(self, name: str) -> tuple[subprocess.Popen, str]:
         lab = self.lab
         if name == "netboot":
-            cfg = write_config(self.root / "netboot", self.args.log_level)
+            cfg = write_config(self.root / "netboot", self.args.log_level,
+                               pacing=not self.args.no_pacing)
             log = self.root / "netboot.log"
             proc = lab.spawn(lab.ns_boot, *self._pin(
                 [str(VENV_BIN / "netboot"), "serve", "--config", str(cfg), "--interface",
@@ -294,6 +296,8 @@ def main(argv: list[str] | None = None, bench_class: type[Bench] = Bench,
                    help="server on CPU 1, load client on CPU 0 (taskset); perfdhcp's two "
                    "threads then share a CPU and its socket overflows sooner")
     p.add_argument("--servers", default="netboot,dnsmasq")
+    p.add_argument("--no-pacing", action="store_true",
+                   help="run netboot with dhcp.pacing: false (an A/B row; label it)")
     p.add_argument("--shim-row", action="store_true",
                    help="a second pass with the load client's receive buffer raised to 4 MB "
                    "(an LD_PRELOAD shim; needs cc): the servers' own ceiling")
@@ -313,7 +317,8 @@ def main(argv: list[str] | None = None, bench_class: type[Bench] = Bench,
             else:
                 rows.append(("client receive buffer 4 MB (shim)", b.bench(names)))
     print(f"\n== summary ({title}, {args.duration:g} s per run, alternating, netboot log "
-          f"level {args.log_level}{', pinned' if args.pin else ''}; load average "
+          f"level {args.log_level}{', pinned' if args.pin else ''}"
+          f"{', netboot dhcp.pacing: false' if args.no_pacing else ''}; load average "
           f"{os.getloadavg()[0]:.1f})")
     for label, results in rows:
         print(f"-- {label}")
