@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..util.lru import Lru
+from ..util.tokenbucket import TokenBucket
 
 #: replies one destination may receive back to back: well under a default socket's 166
 BURST = 64
@@ -42,11 +43,11 @@ WINDOW = 0.025
 
 @dataclass(slots=True)
 class _Lane:
-    tokens: float
-    stamp: float
+    #: its rate and cap are set from the demand on each refill (:meth:`Pacer._refill`)
+    bucket: TokenBucket
     window_start: float
     count: int = 0
-    rate: float = 0.0
+    rate: float = 0.0  # the demand estimate
     previous: float = 0.0  # the last window's demand
     held: deque[tuple[float, bytes]] = field(default_factory=deque)
 
@@ -69,7 +70,7 @@ class Pacer:
     def _lane(self, dest: tuple[str, int], now: float) -> _Lane:
         lane = self._lanes.get(dest)
         if lane is None:
-            lane = _Lane(float(self.burst), now, now)
+            lane = _Lane(TokenBucket(self.floor, self.burst, stamp=now), now)
             self._lanes.put(dest, lane)
         return lane
 
@@ -81,20 +82,19 @@ class Pacer:
             last = lane.count / elapsed
             lane.rate, lane.previous = max(last, lane.previous), last
             lane.window_start, lane.count = now, 0
-        pace = max(self.floor, self.headroom * lane.rate)
+        bucket = lane.bucket
+        bucket.rate = max(self.floor, self.headroom * lane.rate)
         # The cap bounds what an idle lane saves up. While replies are held they leave
-        # at ``pace`` however the timer's wake-ups fall (a busy loop runs it late).
-        cap = float(self.burst + len(lane.held))
-        lane.tokens = min(cap, lane.tokens + (now - lane.stamp) * pace)
-        lane.stamp = now
+        # at the lane's rate however the timer's wake-ups fall (a busy loop runs it late).
+        bucket.burst = self.burst + len(lane.held)
+        bucket.refill(now)
 
     def offer(self, dest: tuple[str, int], data: bytes, now: float) -> bool:
         """One reply for ``dest``: True to send it now, else it is held."""
         lane = self._lane(dest, now)
         lane.count += 1
         self._refill(lane, now)
-        if lane.tokens >= 1.0 and not lane.held:
-            lane.tokens -= 1.0
+        if not lane.held and lane.bucket.take(now):
             return True
         lane.held.append((now, data))
         self._waiting[dest] = lane
@@ -104,8 +104,8 @@ class Pacer:
         """When the next held reply may leave; None when nothing is held."""
         best: float | None = None
         for lane in self._waiting.values():
-            pace = max(self.floor, self.headroom * lane.rate)
-            at = lane.stamp + max(0.0, 1.0 - lane.tokens) / pace
+            bucket = lane.bucket  # as of its last refill: its stamp and rate
+            at = bucket.stamp + bucket.wait(bucket.stamp)
             best = at if best is None or at < best else best
         return best
 
@@ -117,8 +117,7 @@ class Pacer:
             while lane.held and now - lane.held[0][0] > self.max_age:
                 lane.held.popleft()
                 self.dropped += 1
-            while lane.held and lane.tokens >= 1.0:
-                lane.tokens -= 1.0
+            while lane.held and lane.bucket.take(now):
                 out.append((dest, lane.held.popleft()[1]))
             if not lane.held:
                 del self._waiting[dest]

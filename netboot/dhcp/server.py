@@ -92,12 +92,12 @@ class _Endpoint:
     """One port, driven by loop.add_reader with non-blocking recvfrom/sendto: one
     wake-up serves a burst, and no transport or protocol callback per packet
     (uvloop's transport sendto cost more than the ProxyDHCP decision itself).
-    Replies go through the :class:`Pacer`; held ones leave on a timer."""
+    Replies go through the :class:`Pacer` (None: pacing off); held ones leave on a
+    timer."""
 
     def __init__(self, proxy: ProxyDhcp, port: int, sock: socket.socket, *,
                  loop: asyncio.AbstractEventLoop, max_age: float = MAX_AGE,
-                 wall: Callable[[], float] = time.time, pacer: Pacer | None = None,
-                 pacing: bool = True):
+                 wall: Callable[[], float] = time.time, pacer: Pacer | None = None):
         self.proxy = proxy
         self.port = port
         self.sock = sock
@@ -105,9 +105,8 @@ class _Endpoint:
         #: the clock the kernel stamps arrivals with (CLOCK_REALTIME)
         self.wall = wall
         self.loop = loop
-        self.pacer = pacer or Pacer(max_age=max_age)
-        #: off: every reply leaves as soon as it is decided (dhcp.pacing: false)
-        self.pacing = pacing
+        #: None: every reply leaves as soon as it is decided (dhcp.pacing: false)
+        self.pacer = pacer
         self._timer: asyncio.TimerHandle | None = None
 
     def _fresh(self) -> tuple[bytes, tuple[str, int]]:
@@ -123,13 +122,13 @@ class _Endpoint:
 
     def on_readable(self) -> None:
         self._read()
-        if self._timer is None:
+        if self.pacer is not None and self._timer is None:
             self._schedule()
 
     def _read(self) -> None:
         recvfrom = self.sock.recvfrom
         handle = self.proxy.handle
-        offer = self.pacer.offer if self.pacing else None
+        offer = self.pacer.offer if self.pacer is not None else None
         now = self.loop.time
         port = self.port
         counters = self.proxy.counters
@@ -170,11 +169,13 @@ class _Endpoint:
             log.debug("DHCP send to %s failed: %s", dest[0], exc)
 
     def _schedule(self) -> None:
+        assert self.pacer is not None
         at = self.pacer.deadline()
         if at is not None:
             self._timer = self.loop.call_at(at, self._flush)
 
     def _flush(self) -> None:
+        assert self.pacer is not None
         self._timer = None
         dropped = self.pacer.dropped
         for dest, data in self.pacer.due(self.loop.time()):
@@ -223,8 +224,10 @@ async def start_dhcp(proxy: ProxyDhcp, ports: list[int], *, host: str = "0.0.0.0
             sock = udp_socket(host, port, interface)
             server.sockets.append(sock)
             server.ports.append(sock.getsockname()[1])
+            paced = None if not pacing else pacer() if pacer is not None else Pacer(
+                max_age=max_age)
             endpoint = _Endpoint(proxy, port, sock, loop=loop, max_age=max_age, wall=wall,
-                                 pacer=pacer() if pacer is not None else None, pacing=pacing)
+                                 pacer=paced)
             server.endpoints.append(endpoint)
             loop.add_reader(sock.fileno(), endpoint.on_readable)
     except BaseException:
