@@ -47,12 +47,10 @@ from bench.storm_lab import (  # noqa: E402
     run_storm,
     stage_images,
 )
+from netboot.boot.ipxe import NODE_QUERY  # noqa: E402
 
-_QUERY = "uuid=${uuid}&mac=${netX/mac}&" + "&".join(
-    f"{k}=${{{k}:uristring}}" for k in ("serial", "manufacturer", "product", "asset",
-                                       "platform", "buildarch"))
 # what netboot serves as /boot.ipxe (netboot.boot.ipxe.chain_script), as a static file
-BOOT_IPXE = ("#!ipxe\nchain --autofree http://{addr}:8080/ipxe/node?" + _QUERY
+BOOT_IPXE = ("#!ipxe\nchain --autofree http://{addr}:8080/ipxe/node?" + NODE_QUERY
              + " || goto failed\nexit\n:failed\n"
              "echo no boot script for this machine; retrying in 10s\nsleep 10\nreboot\n")
 # the per-node script, as nginx's return string (nginx turns \\n into a newline)
