@@ -8,6 +8,7 @@ with file and line, and the previous version of that one file keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from .identity import Arch, IdentityError, normalise_mac, normalise_uuid
 from .yamlsrc import SourceError, load_yaml, validate
 
 log = logging.getLogger("netboot.config")
+_WATCH_TIMEOUT_MS = 1000  # how often the watcher thread wakes with nothing to report
 
 DEFAULT_LOADERS: dict[str, str] = {
     Arch.BIOS.value: "undionly.kpxe",
@@ -524,20 +526,37 @@ class ConfigStore:
         self.snapshot = Snapshot(self.server, profiles, by_mac, by_uuid, files,
                                  self.snapshot.generation + 1)
 
-    async def watch(self) -> None:
-        """Reload on every change in the profile and machine directories (inotify)."""
+    async def watch(self, armed: asyncio.Event | None = None) -> None:
+        """Reload on every change in the profile and machine directories (inotify).
+
+        The watch is set up in a thread some time after this task starts, and a
+        file written before that sends no event: a machine file dropped in just
+        after ``serve`` said it was listening was never loaded (seen in CI). So
+        the first wake-up (its first timeout, after the watch exists) rescans
+        once, and sets ``armed``; later timeouts do nothing.
+        """
         import watchfiles
 
         dirs = [d for d in (self.server.profiles_dir, self.server.machines_dir) if d.is_dir()]
         if not dirs:
+            if armed is not None:
+                armed.set()
             return
-        async for _changes in watchfiles.awatch(*dirs, debounce=50, step=20,
-                                                 recursive=False):
+        first = True
+        async for changes in watchfiles.awatch(*dirs, debounce=50, step=20, recursive=False,
+                                               rust_timeout=_WATCH_TIMEOUT_MS,
+                                               yield_on_timeout=True):
+            if not changes and not first:
+                continue
             try:
                 if self.reload():
                     log.info("configuration reloaded (generation %d)", self.snapshot.generation)
             except Exception:  # never let a reload kill the watcher
                 log.exception("reload failed; keeping the previous configuration")
+            if first:
+                first = False
+                if armed is not None:
+                    armed.set()
 
 
 def _machine_hash(self: Machine) -> int:

@@ -217,16 +217,38 @@ class Lab:
         return idx, tap, mac
 
     def firmware_args(self, firmware: str, idx: int) -> list[str]:
-        """QEMU arguments for ``bios`` (SeaBIOS, its console mirrored to serial) or
-        ``uefi`` (OVMF with its own copy of the variable store)."""
+        """QEMU arguments for a firmware:
+
+        - ``bios``: SeaBIOS, its console mirrored to serial;
+        - ``uefi``: OVMF (2 MB build) with its own copy of the variable store;
+        - ``uefi-sb``: OVMF's Secure Boot build (4 MB) on q35 with SMM, its variable
+          store a copy of the one with Microsoft's keys enrolled: Secure Boot on;
+        - ``uefi-http``: OVMF (4 MB) with PXE off over IPv4 and IPv6, so it goes
+          straight to UEFI HTTP Boot; ``uefi-sb-http``: the same under Secure Boot.
+
+        All UEFI variants want ``nic="virtio-net-pci", nic_rom=False`` (LAB-NOTES:
+        with QEMU's old iPXE option ROM, shim is handed a padded GRUB and hangs).
+        """
         if firmware == "bios":  # SeaBIOS mirrors the BIOS console (and iPXE) to serial
             return ["-fw_cfg", "name=etc/sercon-port,string=1016"]
-        if firmware != "uefi":
+        ovmf = "/usr/share/OVMF"
+        if firmware == "uefi":
+            code, store, extra = f"{ovmf}/OVMF_CODE.fd", f"{ovmf}/OVMF_VARS.fd", []
+        elif firmware in ("uefi-sb", "uefi-sb-http"):
+            code, store = f"{ovmf}/OVMF_CODE_4M.secboot.fd", f"{ovmf}/OVMF_VARS_4M.ms.fd"
+            extra = ["-machine", "q35,smm=on",
+                     "-global", "driver=cfi.pflash01,property=secure,value=on"]
+        elif firmware == "uefi-http":
+            code, store, extra = f"{ovmf}/OVMF_CODE_4M.fd", f"{ovmf}/OVMF_VARS_4M.fd", []
+        else:
             return []
+        if firmware.endswith("-http"):
+            extra += ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=no",
+                      "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=no"]
         vars_copy = self.workdir / f"OVMF_VARS{idx}.fd"
-        shutil.copy("/usr/share/OVMF/OVMF_VARS.fd", vars_copy)
-        return ["-drive", "if=pflash,format=raw,readonly=on,file=/usr/share/OVMF/OVMF_CODE.fd",
-                "-drive", f"if=pflash,format=raw,file={vars_copy}"]
+        shutil.copy(store, vars_copy)
+        return [*extra, "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
+                "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
 
     def wait_guest(self, g: Guest, marker: str = "NETBOOT-TESTOS-DONE",
                    timeout: float = 240) -> str:

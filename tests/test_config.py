@@ -108,6 +108,29 @@ async def test_watcher_applies_an_edit_without_restart(store: ConfigStore) -> No
         watcher.cancel()
 
 
+async def test_watcher_loads_a_file_written_before_its_watch_was_set_up(
+        store: ConfigStore) -> None:
+    # the race CI hit: serve says it is listening, a machine file appears, and the
+    # watcher's thread has not set up its inotify watch yet, so no event comes
+    armed = asyncio.Event()
+    watcher = asyncio.create_task(store.watch(armed))
+    try:
+        (store.server.machines_dir / "early.yaml").write_text(
+            'mac: "52:54:00:00:00:43"\nprofile: classic\nhostname: early\n')
+        await asyncio.wait_for(armed.wait(), 10)
+        assert store.snapshot.machines_by_mac["52:54:00:00:00:43"].hostname == "early"
+        # and once armed, an edit is seen by inotify, as before
+        (store.server.machines_dir / "late.yaml").write_text(
+            'mac: "52:54:00:00:00:44"\nprofile: classic\nhostname: late\n')
+        for _ in range(100):
+            if "52:54:00:00:00:44" in store.snapshot.machines_by_mac:
+                break
+            await asyncio.sleep(0.05)
+        assert "52:54:00:00:00:44" in store.snapshot.machines_by_mac
+    finally:
+        watcher.cancel()
+
+
 def test_server_config_error_is_fatal_with_line(tmp_path: Path) -> None:
     cfg = tmp_path / "netboot.yaml"
     cfg.write_text("http_port: 8080\ndhcp:\n  port: seventy\n")
