@@ -92,6 +92,15 @@ def test_deleted_file_stops_serving(store: ConfigStore) -> None:
     assert "52:54:00:00:00:01" not in store.snapshot.machines_by_mac
 
 
+async def _loaded(store: ConfigStore, mac: str) -> bool:
+    """Wait up to 5 s for the watcher to serve a machine file for ``mac``."""
+    for _ in range(100):
+        if mac in store.snapshot.machines_by_mac:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 async def test_watcher_applies_an_edit_without_restart(store: ConfigStore) -> None:
     booter = Booter(store, "10.0.0.2", 8080)
     watcher = asyncio.create_task(store.watch())
@@ -99,10 +108,7 @@ async def test_watcher_applies_an_edit_without_restart(store: ConfigStore) -> No
         await asyncio.sleep(0.3)
         (store.server.machines_dir / "new.yaml").write_text(
             'mac: "52:54:00:00:00:42"\nprofile: classic\nhostname: new\n')
-        for _ in range(100):
-            if "52:54:00:00:00:42" in store.snapshot.machines_by_mac:
-                break
-            await asyncio.sleep(0.05)
+        await _loaded(store, "52:54:00:00:00:42")
         assert booter.resolve("52:54:00:00:00:42", None).profile.name == "classic"
     finally:
         watcher.cancel()
@@ -122,11 +128,7 @@ async def test_watcher_loads_a_file_written_before_its_watch_was_set_up(
         # and once armed, an edit is seen by inotify, as before
         (store.server.machines_dir / "late.yaml").write_text(
             'mac: "52:54:00:00:00:44"\nprofile: classic\nhostname: late\n')
-        for _ in range(100):
-            if "52:54:00:00:00:44" in store.snapshot.machines_by_mac:
-                break
-            await asyncio.sleep(0.05)
-        assert "52:54:00:00:00:44" in store.snapshot.machines_by_mac
+        assert await _loaded(store, "52:54:00:00:00:44")
     finally:
         watcher.cancel()
 
