@@ -130,6 +130,10 @@ class RegistrySettings(_Strict):
                                   "(default 30 days)")
     events_max_rows: int = Field(1_000_000, ge=1000, description="events kept at most; the "
                                  "oldest go first")
+    audit_max_age: float = Field(365 * 86400, gt=0, description="seconds an audit row (who "
+                                 "changed what through the API) is kept (default a year)")
+    audit_max_rows: int = Field(1_000_000, ge=1000, description="audit rows kept at most; "
+                                "the oldest go first")
     prune_every: float = Field(60, gt=0, description="seconds between retention passes")
 
 

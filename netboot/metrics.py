@@ -120,7 +120,10 @@ class NodeMetrics:
                     f"netboot_registry_commits_total {registry.stats.commits}",
                     "# HELP netboot_registry_events_pruned_total Event rows removed by the "
                     "retention limits", "# TYPE netboot_registry_events_pruned_total counter",
-                    f"netboot_registry_events_pruned_total {registry.stats.events_pruned}"]
+                    f"netboot_registry_events_pruned_total {registry.stats.events_pruned}",
+                    "# HELP netboot_registry_audit_pruned_total Audit rows removed by the "
+                    "retention limits", "# TYPE netboot_registry_audit_pruned_total counter",
+                    f"netboot_registry_audit_pruned_total {registry.stats.audit_pruned}"]
         out += ["# HELP netboot_nodes_stuck Nodes in 'deploying' for longer than stuck_after",
                 "# TYPE netboot_nodes_stuck gauge",
                 f"netboot_nodes_stuck {len(lifecycle.stuck())}"]

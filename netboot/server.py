@@ -197,7 +197,8 @@ def event_retention(cfg: ServerConfig) -> EventRetention:
     """netboot.yaml's ``registry:`` settings, as the registry takes them."""
     kept = cfg.registry
     return EventRetention(max_age=kept.events_max_age, max_rows=kept.events_max_rows,
-                          every=kept.prune_every)
+                          every=kept.prune_every, audit_max_age=kept.audit_max_age,
+                          audit_max_rows=kept.audit_max_rows)
 
 
 async def open_registry(cfg: ServerConfig) -> tuple[Registry | None, bytes]:

@@ -131,10 +131,11 @@ async def test_v2_registry_gets_searchable_on_upgrade(tmp_path: Path) -> None:
     assert "COVERING INDEX nodes_page" in plan, plan
 
 
-def _event_times(path: Path) -> list[float]:
+def _event_times(path: Path, table: str = "events") -> list[float]:
+    """The time of every row of ``table`` (events or audit), oldest id first."""
     db = sqlite3.connect(path)
     try:
-        return [r[0] for r in db.execute("SELECT time FROM events ORDER BY id")]
+        return [r[0] for r in db.execute(f"SELECT time FROM {table} ORDER BY id")]
     finally:
         db.close()
 
@@ -167,5 +168,31 @@ async def test_retention_removes_old_and_excess_events_in_batches(tmp_path: Path
         assert await reg.prune_events() == 0  # nothing left to do: recent ones stay
         assert len(_event_times(reg.path)) == 30
         assert (await reg.events(uuid_of(0)))[-1]["time"] == 1_007_207.0
+    finally:
+        await reg.close()
+
+
+async def test_retention_prunes_the_audit_trail_by_its_own_limits(tmp_path: Path) -> None:
+    clock = Clock(1_000_000.0)
+    retention = EventRetention(max_age=10 * 86400, max_rows=1000, every=3600, batch=4,
+                               audit_max_age=86400, audit_max_rows=5)
+    reg = await Registry.open(tmp_path, secret=SECRET, clock=clock, retention=retention)
+    try:
+        reg.observe(uuid_of(0), mac=None, address=None, source="test")
+        for i in range(3):  # three old audit rows
+            reg.add_audit(actor="admin", role="admin", action="node_power", target=uuid_of(0),
+                          result="ok", detail=f"old {i}")
+        await reg.commit()
+        clock.t += 2 * 86400  # two days: past the audit's limit, within the events'
+        for i in range(7):
+            reg.add_audit(actor="admin", role="admin", action="deploy", target=uuid_of(0),
+                          result="ok", detail=f"new {i}")
+        await reg.commit()
+        # 3 too old, then 2 beyond the 5 newest: in batches of 4 (3+1, then 1)
+        assert await reg.prune_events() == 5
+        assert _event_times(reg.path, "audit") == [1_000_000.0 + 2 * 86400] * 5
+        assert reg.stats.audit_pruned == 5 and reg.stats.events_pruned == 0
+        assert len(_event_times(reg.path)) == 1  # the event is within its own limits
+        assert [a["detail"] for a in await reg.audit(limit=10)][-1] == "new 2"
     finally:
         await reg.close()

@@ -166,6 +166,9 @@ class EventRetention:
     max_rows: int = 1_000_000
     every: float = 60.0
     batch: int = 5000
+    #: the audit table (who changed what through the API) is kept longer: a year
+    audit_max_age: float = 365 * 86400.0
+    audit_max_rows: int = 1_000_000
 
 
 @dataclass
@@ -175,6 +178,7 @@ class RegistryStats:
     commits: int = 0
     commit_failures: int = 0
     events_pruned: int = 0
+    audit_pruned: int = 0
     prune_batches: int = 0
 
 
@@ -681,31 +685,43 @@ class Registry:
 
     def prune_events(self) -> asyncio.Future[int]:
         """Run a retention pass now (the writer runs one every ``retention.every`` s); the
-        future gives the number of event rows it removed."""
+        future gives the number of rows it removed (events and audit)."""
         return self._ask_writer(self._prune_waiters)
 
     async def _prune_batch(self) -> int:
-        """Delete up to ``retention.batch`` events, oldest ids first: beyond ``max_rows``
-        below the newest id, then older than ``max_age`` (by the injected clock). Ids grow
-        with time, so the age check looks only at the oldest rows: the scan is bounded."""
+        """Delete up to ``retention.batch`` rows in one transaction: events first, then
+        audit rows with what is left of the batch (each table by its own limits)."""
         r = self.retention
-        cutoff = self._clock() - r.max_age
-        async with self._db.execute("SELECT max(id) FROM events") as cur:
+        async with self._transaction() as db:
+            events = await self._prune_table(db, "events", r.max_rows, r.max_age, r.batch)
+            audit = 0
+            if events < r.batch:
+                audit = await self._prune_table(db, "audit", r.audit_max_rows, r.audit_max_age,
+                                                r.batch - events)
+        self.stats.prune_batches += 1
+        self.stats.events_pruned += events
+        self.stats.audit_pruned += audit
+        return events + audit
+
+    async def _prune_table(self, db: aiosqlite.Connection, table: str, max_rows: int,
+                           max_age: float, budget: int) -> int:
+        """Delete up to ``budget`` rows of ``table`` (events or audit), oldest ids first:
+        beyond ``max_rows`` below the newest id, then older than ``max_age`` (by the
+        injected clock). Ids grow with time, so the age check looks only at the oldest
+        rows: the scan is bounded."""
+        async with db.execute(f"SELECT max(id) FROM {table}") as cur:  # noqa: S608
             row = await cur.fetchone()
         if row is None or row[0] is None:
             return 0
-        async with self._transaction() as db:
+        cur = await db.execute(
+            f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE id <= ? "  # noqa: S608
+            "ORDER BY id LIMIT ?)", (row[0] - max_rows, budget))
+        removed = max(0, cur.rowcount)
+        if removed < budget:
             cur = await db.execute(
-                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id <= ? "
-                "ORDER BY id LIMIT ?)", (row[0] - r.max_rows, r.batch))
-            removed = max(0, cur.rowcount)
-            if removed < r.batch:
-                cur = await db.execute(
-                    "DELETE FROM events WHERE id IN (SELECT id FROM events ORDER BY id "
-                    "LIMIT ?) AND time < ?", (r.batch - removed, cutoff))
-                removed += max(0, cur.rowcount)
-        self.stats.prune_batches += 1
-        self.stats.events_pruned += removed
+                f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY id "  # noqa: S608
+                "LIMIT ?) AND time < ?", (budget - removed, self._clock() - max_age))
+            removed += max(0, cur.rowcount)
         return removed
 
     async def _prune_step(self) -> bool:
@@ -713,7 +729,7 @@ class Registry:
         try:
             removed = await self._prune_batch()
         except Exception as exc:
-            log.warning("pruning old events failed: %s; next try in %.0f s", exc,
+            log.warning("pruning old events and audit rows failed: %s; next try in %.0f s", exc,
                         self.retention.every)
             removed, failed = 0, exc
         else:
