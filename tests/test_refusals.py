@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from netboot.boot import lifecycle as lifecycle_mod
 from netboot.boot.booter import Booter
 from netboot.boot.lifecycle import REFUSED_REASON
 from netboot.boot.refusals import LoaderWatch
@@ -103,6 +104,24 @@ async def test_download_then_a_fresh_attempt_puts_the_node_in_error(w: World) ->
     assert w.counters.get("loader_refused_total", transport="tftp") == 1
     events = await w.registry.events(UUID)
     assert events[-1]["state"] == "error" and events[-1]["detail"] == REFUSED_REASON
+
+
+async def test_a_rack_refused_at_once_is_a_few_log_lines(
+        w: World, caplog: pytest.LogCaptureFixture) -> None:
+    life = w.lifecycle
+    caplog.set_level("WARNING", logger="netboot.lifecycle")
+    for i in range(200):
+        mac, addr = f"52:54:00:00:01:{i:02x}", f"10.77.1.{i}"
+        life.leased(mac, addr)
+        life.loader_sent(addr, "ipxe.efi", "tftp")
+        life.offered(Client(mac, f"00000000-0000-0000-0000-{i:012x}", Arch.UEFI_X64,
+                            http_boot=True), OFFER)
+    assert w.counters.get("loader_refused_total", transport="tftp") == 200
+    lines = [r for r in caplog.records if r.name == "netboot.lifecycle"]
+    assert len(lines) == lifecycle_mod.REFUSAL_LOG_BURST
+    await w.lifecycle.drain()  # the rest in one summary
+    last = [r for r in caplog.records if r.name == "netboot.lifecycle"][-1].getMessage()
+    assert last.startswith("180 more firmware refusal(s) not logged"), last
 
 
 async def test_a_normal_ipxe_chain_stays_discovered(w: World) -> None:

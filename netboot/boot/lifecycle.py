@@ -69,6 +69,8 @@ NOTE_BATCH = 1_000
 STUCK_STATES = ("deploying", "commissioning")
 #: the reason of a node whose firmware would not run the loader it downloaded
 REFUSED_REASON = "firmware refused the loader (Secure Boot?)"
+#: refusal lines logged at once, refilled at two a second; the rest are summed up
+REFUSAL_LOG_BURST = 20
 
 
 class NotCommissioning(Exception):
@@ -133,6 +135,11 @@ class Lifecycle:
             log, "cannot record boots: %d failed registry commit(s) (%s), latest: %s; still "
             "serving boot files and scripts: free space or fix permissions in %s",
             level=logging.ERROR)
+        #: a rack of Secure Boot machines refused at once is a few lines, not one each
+        self._refusal_log = RateLimitedLog(
+            log, "%d more firmware refusal(s) not logged (%s; counted in "
+            "loader_refused_total); latest: node %s", every=REFUSAL_LOG_BURST / 2.0,
+            burst=REFUSAL_LOG_BURST)
         for name, text in (
             ("node_boots_total", "Boots counted by the registry (loader fetched)"),
             ("node_failures_total", "Nodes that went to 'error'"),
@@ -188,9 +195,10 @@ class Lifecycle:
     def _refused(self, uuid: str, mac: str, download: Download) -> None:
         """The firmware at ``mac`` downloaded ``download`` and would not run it."""
         self.counters.inc("loader_refused_total", transport=download.transport)
-        log.warning("node %s (mac %s): the firmware downloaded %s over %s and started over "
-                    "%.0f s later without running it: %s", uuid, mac, download.name,
-                    download.transport, download.waited, REFUSED_REASON)
+        if self._refusal_log.allow(None, "over_rate", uuid):
+            log.warning("node %s (mac %s): the firmware downloaded %s over %s and started "
+                        "over %.0f s later without running it: %s", uuid, mac, download.name,
+                        download.transport, download.waited, REFUSED_REASON)
         if self.registry is None or self.registry.get(uuid) is None:
             return  # not recorded (over limits.new_nodes, or no registry): counted only
         change = self.registry.set_state(uuid, "error", source="dhcp", reason=REFUSED_REASON)
@@ -482,6 +490,7 @@ class Lifecycle:
         """Record every queued first contact now, and commit (shutdown, tests); log the
         new-node refusals not yet in a line."""
         self._apply_notes(None)
+        self._refusal_log.flush()
         if self.limiter is not None:
             self.limiter.flush()
         if self.registry is not None:
