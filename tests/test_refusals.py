@@ -3,6 +3,8 @@ lifecycle that moves the node, and ProxyDHCP's join of a REQUEST's address to it
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from netboot.boot import lifecycle as lifecycle_mod
@@ -13,7 +15,9 @@ from netboot.boot.spec import BootSpec, Client, Offer
 from netboot.config import ConfigStore
 from netboot.dhcp.proxy import ProxyDhcp
 from netboot.identity import Arch
+from netboot.loaders import LoaderTable
 from netboot.metrics import Counters
+from netboot.tftp.router import TftpRouter
 from tests.nodes import Clock, observe
 from tests.test_dhcp_proxy import MAC, UUID, request
 from tests.test_lifecycle import World, world  # noqa: F401  (world: a fixture)
@@ -200,3 +204,22 @@ def test_proxy_reports_offers_and_requests_in_order(store: ConfigStore) -> None:
                          requested="10.0.0.50"), 67, ("0.0.0.0", 68))
     assert calls == ["offer ipxe.efi", "lease 10.0.0.50"]
 
+
+
+# -- TFTP: a loader transfer that completed is a download; others are not -----------------
+class _Reports:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, str]] = []
+
+    def loader_sent(self, address: str, name: str, transport: str) -> None:
+        self.sent.append((address, name, transport))
+
+
+def test_tftp_reports_completed_loader_transfers_only(tmp_path: Path) -> None:
+    (tmp_path / "ipxe.efi").write_bytes(b"MZ")
+    reports = _Reports()
+    router = TftpRouter(None, reports, Counters(), None, LoaderTable([tmp_path]))  # type: ignore[arg-type]
+    router.transferred("ipxe.efi", (ADDR, 1234), False)  # timed out: not a download
+    router.transferred("images/demo/vmlinuz", (ADDR, 1234), True)  # not a loader
+    router.transferred("ipxe.efi", (ADDR, 1234), True)
+    assert reports.sent == [(ADDR, "ipxe.efi", "tftp")]
