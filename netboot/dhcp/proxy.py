@@ -5,7 +5,9 @@ A ProxyDHCP server never hands out addresses; it answers PXE clients beside
 the site's own DHCP server with only the boot information (PXE 2.1 §2.2.3).
 It answers DHCPDISCOVER on port 67 with an offer and DHCPREQUEST on port 4011
 with an ack, ignores everything that is not a PXE, HTTP-boot or iPXE client,
-and counts every outcome.
+and counts every outcome. A boot client's DHCPREQUEST to the site's server is
+not answered either, but the address it asks for is passed on (``leased``): its
+loader download will come from there (boot/refusals.py).
 """
 
 from __future__ import annotations
