@@ -61,6 +61,11 @@ class DhcpSettings(_Strict):
         True, description="pace replies per destination (a relay, or this link's broadcast) "
         "at 1.5x its recent demand, so a backlog does not leave in one burst; false sends "
         "each reply as soon as it is decided")
+    refused_loader_window: float = Field(
+        180.0, gt=0, le=3600,
+        description="seconds after a UEFI firmware downloaded its loader within which a "
+        "fresh PXE or HTTP Boot request from it (not from iPXE) means it refused the "
+        "loader (Secure Boot): the node goes to 'error' (boot/refusals.py says why 180)")
 
 
 class TftpSettings(_Strict):

@@ -21,6 +21,7 @@ from .boot.bmcs import Bmcs
 from .boot.booter import Booter
 from .boot.lifecycle import Lifecycle
 from .boot.newnodes import NewNodeLimiter
+from .boot.refusals import LoaderWatch
 from .boot.sightings import Sightings
 from .config import ConfigStore, ServerConfig
 from .dhcp.proxy import ProxyDhcp
@@ -176,7 +177,8 @@ def build(store: ConfigStore, address: str, *, registry: Registry | None, secret
     limiter = NewNodeLimiter(cfg.limits.new_nodes, counters)
     lifecycle = Lifecycle(registry, sightings, counters, booter=booter, artifacts=artifacts,
                           stuck_after=cfg.api.stuck_after, clock=clock,
-                          problem=registry_problem, bmcs=bmcs, power=power, limiter=limiter)
+                          problem=registry_problem, bmcs=bmcs, power=power, limiter=limiter,
+                          loaders=LoaderWatch(cfg.dhcp.refused_loader_window))
     node_metrics = NodeMetrics()
     lifecycle.subscribe(node_metrics)
     hooks = None
@@ -282,7 +284,8 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
                                     single_port=cfg.tftp.single_port, counters=counters,
                                     max_transfers=cfg.tftp.max_transfers,
                                     max_per_client=cfg.tftp.max_per_client,
-                                    workers=cfg.tftp.workers)
+                                    workers=cfg.tftp.workers,
+                                    on_transfer=services.tftp.transferred)
             closers.append(tftp.close)
             log.info("TFTP listening on udp/%d%s: %d loader(s) from %s; images/ from %s",
                      cfg.tftp.port, f" on {iface}" if iface else "", len(loaders.files),
@@ -295,7 +298,8 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
                          "a loader (put the file in a tftp.roots directory)", ", ".join(missing))
         if cfg.dhcp.enabled:
             proxy = ProxyDhcp(booter, addr, counters, dhcp_port=cfg.dhcp.port,
-                              report=services.lifecycle.offered)
+                              report=services.lifecycle.offered,
+                              leased=services.lifecycle.leased)
             dhcp = await start_dhcp(proxy, [cfg.dhcp.port, cfg.dhcp.proxy_port], interface=iface,
                                     max_age=cfg.dhcp.max_queue_age, pacing=cfg.dhcp.pacing)
             closers.append(dhcp.close)

@@ -26,8 +26,10 @@ UUID = "8dc30e79-5115-44b3-a5e3-4e5cbc62d3a2"
 def request(mtype: str = "discover", *, mac: str = MAC, arch: int | None = 0,
             vendor: bytes | None = b"PXEClient:Arch:00000:UNDI:002001", ipxe: bool = False,
             uuid: str | None = UUID, giaddr: str = "0.0.0.0", relay: bytes | None = None,
-            ciaddr: str = "0.0.0.0") -> bytes:
+            ciaddr: str = "0.0.0.0", requested: str | None = None) -> bytes:
     opts: list = [("message-type", mtype)]
+    if requested is not None:
+        opts.append(("requested_addr", requested))
     if vendor is not None:
         opts.append(("vendor_class_id", vendor))
     if arch is not None:

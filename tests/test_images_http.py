@@ -50,6 +50,20 @@ def _serve(app: web.Application, loop: asyncio.AbstractEventLoop, ready: threadi
     loop.close()
 
 
+LOADER = os.urandom(300_000)  # an ipxe.efi's size
+
+
+@pytest.fixture
+def config_tree(config_tree: Path) -> Path:
+    """The shared tree, with a loader directory of its own as the TFTP (and loader) root."""
+    loaders = config_tree.parent / "loaders"
+    loaders.mkdir()
+    (loaders / "ipxe.efi").write_bytes(LOADER)
+    with config_tree.open("a") as f:
+        f.write("tftp:\n  roots: [loaders]\n")
+    return config_tree
+
+
 @pytest.fixture(params=["asyncio", "uvloop"])
 def served(request: pytest.FixtureRequest, store: ConfigStore, tmp_path: Path) -> Iterator[Served]:
     images = store.server.images_dir
@@ -87,6 +101,66 @@ async def test_head_sends_headers_only(served: Served) -> None:
     async with aiohttp.ClientSession() as s, s.head(f"{served.url}/big.bin") as r:
         assert r.status == 200 and r.headers["Content-Length"] == str(SIZE)
         assert "ETag" in r.headers and await r.read() == b""
+
+
+def _exchange(port: int, *requests: str) -> bytes:
+    """Send ``requests`` on one keep-alive connection (the last closes it); all bytes back."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    with sock:
+        for i, line in enumerate(requests):
+            close = "Connection: close\r\n" if i == len(requests) - 1 else ""
+            sock.sendall(f"{line} HTTP/1.1\r\nHost: x\r\n{close}\r\n".encode())
+        buf = bytearray()
+        while chunk := sock.recv(65536):
+            buf += chunk
+    return bytes(buf)
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    lines = head.decode().split("\r\n")[1:]
+    return {k.lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
+
+
+def _responses(raw: bytes) -> list[tuple[dict[str, str], bytes]]:
+    """Split what came back on one connection into (headers, body) by Content-Length, the
+    first body taken as empty (a HEAD's), the others as long as their header says."""
+    out: list[tuple[dict[str, str], bytes]] = []
+    while raw:
+        head, _, raw = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head[:200]  # nothing between two responses
+        headers = _headers(head)
+        n = 0 if len(out) % 2 == 0 else int(headers["content-length"])  # HEAD, GET, HEAD...
+        out.append((headers, raw[:n]))
+        raw = raw[n:]
+    return out
+
+
+@pytest.mark.parametrize("path", ["/loader/ipxe.efi", "/images/flatcar/stable/k"])
+async def test_head_then_get_as_uefi_http_boot_does(served: Served, path: str) -> None:
+    """HEAD then GET on one connection (OVMF's order), then HEAD again: a HEAD has GET's
+    headers and puts no byte of body on the wire, and the connection serves on after the
+    GET, or the next status line would not follow at once."""
+    size = len(LOADER) if path.startswith("/loader") else 1000
+    raw = await asyncio.to_thread(_exchange, served.port, f"HEAD {path}", f"GET {path}",
+                                  f"HEAD {path}")
+    (h1, _), (h2, body), (h3, _) = _responses(raw)
+    assert h1["content-length"] == h2["content-length"] == h3["content-length"] == str(size)
+    for name in ("content-type", "etag", "last-modified", "accept-ranges"):
+        assert h1[name] == h2[name] == h3[name], name
+    assert len(body) == size
+    if path.startswith("/loader"):
+        assert body == LOADER
+        # the GET is a download; the HEADs are not
+        assert served.counters.get("loader_downloads_total", transport="http") == 1
+        assert served.counters.get("http_requests_total", route="loader-head") == 2
+
+
+async def test_a_loader_range_is_not_a_download(served: Served) -> None:
+    async with aiohttp.ClientSession() as s, s.get(
+            f"http://127.0.0.1:{served.port}/loader/ipxe.efi",
+            headers={"Range": "bytes=0-99"}) as r:
+        assert r.status == 206 and await r.read() == LOADER[:100]
+    assert served.counters.total("loader_downloads_total") == 0
 
 
 async def test_conditional_requests(served: Served) -> None:

@@ -5,6 +5,8 @@ Protocols only report what happened; this module decides what it means::
     a new node: may it be?        admit()     -> None, or a Refusal to ask again later
     DHCP offer to a new UUID      offered()   -> discovered   (queued, batched)
     boot script / pxelinux config served()    -> booting, or error (config broken)
+    loader sent, firmware DHCPs   loader_sent(), offered() -> error: the firmware refused
+      again (not iPXE) in a window                        the loader (:mod:`.refusals`)
     kernel, initrd or OEM fetched fetched()   -> deploying    (only from booting)
     the OS calls back             reported()  -> installed / error, or identity
     deploying too long            check_stuck() -> a 'stuck' event (state unchanged)
@@ -48,6 +50,7 @@ from ..power.driver import BmcError
 from ..storage.registry import Change, Node, Registry, RegistryError
 from ..util.ratelimit import RateLimitedLog
 from .newnodes import NewNodeLimiter, Source, retry_after
+from .refusals import Download, LoaderWatch
 from .sightings import Sightings
 from .spec import BootSpec, Client, Decision, LocalBoot, Offer, Refusal
 
@@ -64,6 +67,10 @@ NOTE_QUEUE_SIZE = 10_000
 NOTE_BATCH = 1_000
 #: states a node must leave within stuck_after, or it is reported stuck
 STUCK_STATES = ("deploying", "commissioning")
+#: the reason of a node whose firmware would not run the loader it downloaded
+REFUSED_REASON = "firmware refused the loader (Secure Boot?)"
+#: refusal lines logged at once, refilled at two a second; the rest are summed up
+REFUSAL_LOG_BURST = 20
 
 
 class NotCommissioning(Exception):
@@ -102,8 +109,11 @@ class Lifecycle:
                  booter: Booter | None = None, artifacts: Artifacts | None = None,
                  stuck_after: float = 1800.0, clock: Callable[[], float] = time.time,
                  problem: str | None = None, bmcs: Bmcs | None = None,
-                 power: PowerService | None = None, limiter: NewNodeLimiter | None = None):
+                 power: PowerService | None = None, limiter: NewNodeLimiter | None = None,
+                 loaders: LoaderWatch | None = None):
         self.registry = registry
+        #: loaders sent to firmware and not yet seen running (dhcp.refused_loader_window)
+        self.loaders = loaders if loaders is not None else LoaderWatch()
         #: limits.new_nodes (None: unlimited)
         self.limiter = limiter
         self.sightings = sightings
@@ -125,12 +135,22 @@ class Lifecycle:
             log, "cannot record boots: %d failed registry commit(s) (%s), latest: %s; still "
             "serving boot files and scripts: free space or fix permissions in %s",
             level=logging.ERROR)
+        #: a rack of Secure Boot machines refused at once is a few lines, not one each
+        self._refusal_log = RateLimitedLog(
+            log, "%d more firmware refusal(s) not logged (%s; counted in "
+            "loader_refused_total); latest: node %s", every=REFUSAL_LOG_BURST / 2.0,
+            burst=REFUSAL_LOG_BURST)
         for name, text in (
             ("node_boots_total", "Boots counted by the registry (loader fetched)"),
             ("node_failures_total", "Nodes that went to 'error'"),
             ("node_stuck_total", "Nodes found stuck in 'deploying'"),
             ("registry_notes_dropped_total", "DHCP first contacts dropped: queue full"),
             ("registry_write_errors_total", "Registry commits that failed"),
+            ("loader_downloads_total", "First-stage loaders sent in full, by transport"),
+            ("loader_downloads_unmatched_total", "Loader downloads from an address no "
+             "DHCPREQUEST was seen for (not watched for a firmware refusal)"),
+            ("loader_refused_total", "Loaders the firmware downloaded and would not run "
+             "(a fresh firmware DHCP request followed), by transport"),
         ):
             counters.describe(name, text)
 
@@ -139,10 +159,14 @@ class Lifecycle:
 
     # -- reports from the reply paths (never wait) ---------------------------------
     def offered(self, client: Client, offer: Offer) -> None:
-        """A DHCP offer went out. A new UUID is recorded as 'discovered', queued."""
+        """A DHCP offer went out. A new UUID is recorded as 'discovered', queued; a
+        firmware starting over right after its loader download refused the loader."""
+        refused = self.loaders.attempt(client)
         if client.uuid is None:
             return
         uuid = client.uuid
+        if refused is not None:
+            self._refused(uuid, client.mac, refused)
         self.sightings.dhcp(client.mac, uuid)
         if self.registry is None or uuid in self._queued or self.registry.get(uuid) is not None:
             return
@@ -154,6 +178,32 @@ class Lifecycle:
             return
         self._queued.add(uuid)
         self._notes.put_nowait((uuid, client.mac, offer.profile))
+
+    def leased(self, mac: str, address: str) -> None:
+        """A PXE or HTTP Boot client asked the site's DHCP server for ``address``."""
+        self.sightings.leased(mac, address)
+
+    def loader_sent(self, address: str, name: str, transport: str) -> None:
+        """First-stage loader ``name`` went in full to ``address`` (``tftp``, ``http``)."""
+        self.counters.inc("loader_downloads_total", transport=transport)
+        mac = self.sightings.mac_leased(address)
+        if mac is None:
+            self.counters.inc("loader_downloads_unmatched_total")
+            return
+        self.loaders.sent(mac, name, transport)
+
+    def _refused(self, uuid: str, mac: str, download: Download) -> None:
+        """The firmware at ``mac`` downloaded ``download`` and would not run it."""
+        self.counters.inc("loader_refused_total", transport=download.transport)
+        if self._refusal_log.allow(None, "over_rate", uuid):
+            log.warning("node %s (mac %s): the firmware downloaded %s over %s and started "
+                        "over %.0f s later without running it: %s", uuid, mac, download.name,
+                        download.transport, download.waited, REFUSED_REASON)
+        if self.registry is None or self.registry.get(uuid) is None:
+            return  # not recorded (over limits.new_nodes, or no registry): counted only
+        change = self.registry.set_state(uuid, "error", source="dhcp", reason=REFUSED_REASON)
+        self.queue_commit()
+        self._publish(change, "dhcp")
 
     def admit(self, uuid: str | None, mac: str | None, address: str,
               path: str) -> Refusal | None:
@@ -180,6 +230,11 @@ class Lifecycle:
         """
         uuid, mac = decision.uuid, decision.mac
         self.sightings.booted(address, uuid, mac)
+        # a loader that asks for its script or config runs: its firmware refused nothing
+        if mac is not None:
+            self.loaders.ran(mac)
+        if (leased := self.sightings.mac_leased(address)) is not None:
+            self.loaders.ran(leased)
         if isinstance(decision, LocalBoot):
             return
         oem = decision.oem
@@ -435,6 +490,7 @@ class Lifecycle:
         """Record every queued first contact now, and commit (shutdown, tests); log the
         new-node refusals not yet in a line."""
         self._apply_notes(None)
+        self._refusal_log.flush()
         if self.limiter is not None:
             self.limiter.flush()
         if self.registry is not None:

@@ -3,6 +3,8 @@
 - DHCP sees MAC and UUID (option 97); pxelinux later asks by MAC only.
 - A boot script or pxelinux config ties a client address to a node; its kernel,
   initrd and OEM fetches come from that address.
+- A firmware's own DHCPREQUEST to the site's server names the address it will use
+  (option 50, or ciaddr): its loader download comes from that address, by MAC.
 - A TFTP OEM fetch has no signature: the address that was just handed this
   node's config may fetch its archive (a grant, for ``grant_ttl`` seconds).
 """
@@ -23,10 +25,11 @@ class Sightings:
         self._uuid_by_mac: Lru[str, str] = Lru(limit)
         self._by_address: Lru[str, tuple[str | None, str | None]] = Lru(limit)
         self._grants: Lru[str, tuple[str, float]] = Lru(limit)
+        self._mac_by_lease: Lru[str, str] = Lru(limit)
 
     def __repr__(self) -> str:
         return (f"Sightings(macs={len(self._uuid_by_mac)}, addresses={len(self._by_address)}, "
-                f"grants={len(self._grants)})")
+                f"grants={len(self._grants)}, leases={len(self._mac_by_lease)})")
 
     # -- DHCP: MAC -> UUID ----------------------------------------------------
     def dhcp(self, mac: str, uuid: str) -> None:
@@ -35,6 +38,15 @@ class Sightings:
 
     def uuid_for_mac(self, mac: str) -> str | None:
         return self._uuid_by_mac.get(mac)
+
+    # -- DHCP: the address a client asked the site's server for -> MAC -----------
+    def leased(self, mac: str, address: str) -> None:
+        if self._mac_by_lease.get(address) != mac:
+            self._mac_by_lease.put(address, mac)
+
+    def mac_leased(self, address: str) -> str | None:
+        """The MAC whose DHCPREQUEST last asked for ``address``, or None."""
+        return self._mac_by_lease.get(address)
 
     # -- a boot script or config: address -> node -------------------------------
     def booted(self, address: str, uuid: str | None, mac: str | None) -> None:

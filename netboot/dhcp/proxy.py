@@ -5,7 +5,9 @@ A ProxyDHCP server never hands out addresses; it answers PXE clients beside
 the site's own DHCP server with only the boot information (PXE 2.1 §2.2.3).
 It answers DHCPDISCOVER on port 67 with an offer and DHCPREQUEST on port 4011
 with an ack, ignores everything that is not a PXE, HTTP-boot or iPXE client,
-and counts every outcome.
+and counts every outcome. A boot client's DHCPREQUEST to the site's server is
+not answered either, but the address it asks for is passed on (``leased``): its
+loader download will come from there (boot/refusals.py).
 """
 
 from __future__ import annotations
@@ -57,10 +59,14 @@ class ProxyDhcp:
     def __init__(self, booter: Booter, server_ip: str, counters: Counters | None = None,
                  log_every: float = 60.0, dhcp_port: int = SERVER_PORT,
                  report: Callable[[Client, Offer], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic,
+                 leased: Callable[[str, str], None] | None = None):
         self.booter = booter
         #: told of every offer (the lifecycle records first contacts); must not block
         self.report = report
+        #: told (mac, address) of a PXE or HTTP Boot client's DHCPREQUEST to the site's
+        #: server: the address its loader download will come from; must not block
+        self.leased = leased
         self.dhcp_port = dhcp_port
         self.server_ip = server_ip
         self._server_ip_bytes = bytes(int(x) for x in server_ip.split("."))
@@ -93,6 +99,8 @@ class ProxyDhcp:
         mtype = pkt.message_type
         on_dhcp_port = port == self.dhcp_port
         if mtype != P.DISCOVER if on_dhcp_port else mtype not in (P.REQUEST, P.INFORM):
+            if on_dhcp_port and mtype == P.REQUEST and self.leased is not None:
+                self._lease(pkt)
             c.inc("dhcp_ignored_total", reason="message-type")
             return None
         vendor = pkt.options.get(P.OPT_VENDOR_CLASS, b"")
@@ -118,6 +126,19 @@ class ProxyDhcp:
             return Reply(reply, BROADCAST, CLIENT_PORT)
         # port 4011: the client has an address by now and talks to us directly
         return Reply(reply, source[0], source[1])
+
+    def _lease(self, pkt: P.DhcpPacket) -> None:
+        """A boot client's REQUEST to the site's DHCP server (broadcast, or relayed to
+        every helper address): the address it asks for is the one it will fetch from."""
+        vendor = pkt.options.get(P.OPT_VENDOR_CLASS, b"")
+        if not (vendor.startswith(b"PXEClient") or vendor.startswith(b"HTTPClient")):
+            return
+        wanted = pkt.options.get(P.OPT_REQUESTED_IP)
+        addr = wanted if wanted is not None and len(wanted) == 4 else pkt.ciaddr
+        if addr == b"\0\0\0\0":
+            return
+        assert self.leased is not None
+        self.leased(pkt.chaddr[:6].hex(":"), _ip(addr))
 
     def _client(self, pkt: P.DhcpPacket, vendor: bytes, http_boot: bool) -> Client:
         mac = pkt.chaddr[:6].hex(":")  # hlen is 6 here: normalise_mac's form, faster

@@ -35,14 +35,27 @@ async def image(request: web.Request) -> web.StreamResponse:
 
 
 async def loader(request: web.Request) -> web.StreamResponse:
-    """First-stage loaders over HTTP, for UEFI HTTP Boot clients."""
+    """First-stage loaders over HTTP, for UEFI HTTP Boot clients. The firmware sends
+    HEAD, then GET (docs/firmware-http.md): both get the headers of one file response
+    (Content-Length, ETag, Last-Modified, Accept-Ranges), HEAD without a body. A GET
+    whose whole file went out is reported, so a firmware that will not run the loader
+    can be told apart (boot/refusals.py)."""
     ctx = ctx_of(request)
-    path = ctx.loaders.path(request.match_info["name"])
-    if path is not None:
-        ctx.counters.inc("http_requests_total", route="loader")
-        return web.FileResponse(path)
-    ctx.counters.inc("http_not_found_total", route="loader")
-    raise web.HTTPNotFound(text="no such loader\n")
+    name = request.match_info["name"]
+    path = ctx.loaders.path(name)
+    if path is None:
+        ctx.counters.inc("http_not_found_total", route="loader")
+        raise web.HTTPNotFound(text="no such loader\n")
+    if request.method != "GET":
+        ctx.counters.inc("http_requests_total", route="loader-head")
+        return ImageResponse(path)
+    ctx.counters.inc("http_requests_total", route="loader")
+    response = ImageResponse(path)
+    await response.prepare(request)
+    await response.write_eof()
+    if response.status == 200:  # not a range (206), a 304 or a missing file
+        ctx.lifecycle.loader_sent(request.remote or "", name, "http")
+    return response
 
 
 ROUTES = (

@@ -17,6 +17,8 @@ class ImageResponse(web.FileResponse):
     times the CPU per byte, measured here."""
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:  # sent by the handler itself (http/files.py: loader): once
+            return await web.StreamResponse.prepare(self, request)
         # aiohttp honours only dates in If-Range; with an ETag it always sent the range,
         # so a client resuming a replaced image would splice two files together.
         if_range = request.headers.get(hdrs.IF_RANGE, "")

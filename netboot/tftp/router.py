@@ -39,6 +39,12 @@ class TftpRouter:
             return provider
         return self.loaders(path, client)
 
+    def transferred(self, path: str, peer: tuple[str, int], ok: bool) -> None:
+        """A transfer ended (the server's ``on_transfer``): a loader sent in full is
+        reported, so a firmware that will not run it can be told apart."""
+        if ok and path in self.loaders.files:
+            self.lifecycle.loader_sent(peer[0], path, "tftp")
+
     def _pxelinux(self, name: str, address: str) -> Provider:
         # pxelinux asks for 01-<mac> first, then UUID, hex IP forms and "default".
         if not name.startswith("01-"):

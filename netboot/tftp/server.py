@@ -66,6 +66,10 @@ _HELP = {
     "tftp_hand_off_skipped": "file transfers served here although a worker runs, by reason",
 }
 
+#: counters shown in /metrics from the start, so that none served reads as a 0
+_EXPORTED_AT_ZERO = ("tftp_requests", "tftp_transfers_started", "tftp_transfers_completed",
+                     "tftp_bytes_sent")
+
 
 class _Transfer:
     """Glue between one ReadSession and its socket, peer and timer.
@@ -267,6 +271,8 @@ class TftpServer:
         self._closed = False
         for name, text in _HELP.items():
             counters.describe(name, text)
+        for name in _EXPORTED_AT_ZERO:  # "served nothing" reads as 0, not as absent
+            counters.inc(name, 0)
         self._loop.add_reader(sock.fileno(), self._on_listen_readable)
 
     @property
