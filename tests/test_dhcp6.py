@@ -387,3 +387,44 @@ def test_leases_expire_and_are_reused() -> None:
     now[0] = 61.0
     assert leases.lookup((b"a", 1)) is None
     assert leases.bind((b"c", 1)) in (a, b)
+
+
+# -- URLs for clients that came over IPv6 ------------------------------------------------
+def test_ipxe_scripts_for_ipv6_clients_use_the_bracketed_address(store: ConfigStore) -> None:
+    from netboot.boot import ipxe
+    from netboot.boot.spec import BootSpec
+    from netboot.http.context import HttpContext
+
+    booter = Booter(store, "10.0.0.2", 8080)
+    ctx = HttpContext.__new__(HttpContext)  # only the two Booters matter here
+    ctx.booter, ctx.booter6 = booter, booter.over_ipv6(SERVER)
+    assert ctx.booter_for("10.0.0.9") is booter
+    assert ctx.booter_for("fd00:77::1001") is ctx.booter6
+    six = ctx.booter_for("fd00:77::1001")
+    assert ipxe.chain_script(six.base_url).startswith(
+        "#!ipxe\nchain --autofree http://[fd00:77::2]:8080/ipxe/node?")
+    decision = six.decide(MAC, UUID)
+    assert isinstance(decision, BootSpec)
+    assert "kernel http://[fd00:77::2]:8080/images/" in ipxe.render(decision, six.base_url)
+    ctx.booter6 = None  # no IPv6 configured: everyone gets the IPv4 URLs
+    assert ctx.booter_for("fd00:77::1001") is booter
+
+
+@pytest.mark.parametrize("settings,error", [
+    ({"enabled": True, "address": "10.0.0.2"}, "address"),
+    ({"assign": {"first": "fd00::2", "last": "fd00::1"}}, "before first"),
+    ({"assign": {"first": "fd00::", "last": "fd00::ffff:ffff"}}, "more than"),
+    ({"assign": {"first": "fd00::1", "last": "fd00::9", "lifetime": 5}}, "greater than"),
+])
+def test_dhcp6_settings_are_checked(settings: dict, error: str) -> None:
+    from pydantic import ValidationError
+
+    from netboot.config import Dhcp6Settings
+    with pytest.raises(ValidationError, match=error):
+        Dhcp6Settings.model_validate(settings)
+
+
+def test_dhcp6_is_off_and_proxy_by_default() -> None:
+    from netboot.config import Dhcp6Settings
+    d = Dhcp6Settings()
+    assert (d.enabled, d.assign, d.port, d.boot_port) == (False, None, 547, 4011)
