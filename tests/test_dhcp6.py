@@ -299,6 +299,8 @@ def test_uuid_and_mac_of_edk2_and_ipxe(proxy: Dhcp6Responder) -> None:
     proxy.handle(solicit("ipxe", duid=DUID_UUID(uuid=uuidlib.UUID(UUID).bytes)), 547,
                  LINK_LOCAL)
     assert [(c.uuid, c.mac, c.ipxe) for c in seen] == [(UUID, MAC, False), (UUID, MAC, True)]
+    proxy.handle(message(DHCP6_Request, ia=False), 4011, ("fd00:77::144", 4011))
+    assert len(seen) == 2  # answered, but a sighting without a MAC is not reported
 
 
 # -- relays -------------------------------------------------------------------------------

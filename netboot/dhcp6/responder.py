@@ -227,7 +227,10 @@ class Dhcp6Responder:
         if self.leases is not None and duid is not None:
             options += self._bindings(msg, duid)
         options += self.boot_options(client, decision)
-        if self.report is not None:
+        if self.report is not None and client.mac:
+            # without a MAC (EDK2's udp/4011 Request comes from its new global
+            # address, not the EUI-64 link-local one) the first contact was already
+            # reported with the Solicit; a MAC-less sighting would only mislead
             self.report(client, decision)
         kind = "advertise" if answer == P.ADVERTISE else "reply"
         c.inc("dhcp6_offers_total", kind=kind, arch=client.arch.value,
