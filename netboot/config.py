@@ -68,6 +68,47 @@ class DhcpSettings(_Strict):
         "loader (Secure Boot): the node goes to 'error' (boot/refusals.py says why 180)")
 
 
+class Dhcp6Assign(_Strict):
+    """The address-assigning mode: IA_NA addresses from ``first``..``last``."""
+
+    first: str
+    last: str
+    lifetime: int = Field(3600, ge=60, le=7 * 86400, description="valid lifetime, seconds")
+
+    @field_validator("first", "last")
+    @classmethod
+    def _v6(cls, v: str) -> str:
+        return str(ipaddress.IPv6Address(v))
+
+    @model_validator(mode="after")
+    def _order(self) -> Dhcp6Assign:
+        lo, hi = int(ipaddress.IPv6Address(self.first)), int(ipaddress.IPv6Address(self.last))
+        if hi < lo:
+            raise ValueError("dhcp6.assign: last comes before first")
+        if hi - lo >= 1 << 20:
+            raise ValueError("dhcp6.assign: a range of more than 1,048,576 addresses")
+        return self
+
+
+class Dhcp6Settings(_Strict):
+    """DHCPv6 (udp/547, and 4011 for EDK2's boot-service Request) plus TFTP and HTTP
+    on IPv6. Off unless enabled. ``assign`` absent: proxy mode (boot URL only, the
+    site's DHCPv6 server hands out addresses); present: netboot binds addresses too."""
+
+    enabled: bool = False
+    address: str | None = Field(
+        None, description="IPv6 address to advertise (default: the interface's first "
+        "global one)")
+    port: int = Field(547, ge=1, le=65535)
+    boot_port: int = Field(4011, ge=1, le=65535)
+    assign: Dhcp6Assign | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _v6(cls, v: str | None) -> str | None:
+        return None if v is None else str(ipaddress.IPv6Address(v))
+
+
 class TftpSettings(_Strict):
     enabled: bool = True
     port: int = Field(69, ge=1, le=65535)
@@ -259,6 +300,7 @@ class ServerConfig(_Strict):
     loaders: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_LOADERS))
     pxelinux_loader: str = "pxelinux.0"
     dhcp: DhcpSettings = Field(default_factory=DhcpSettings)
+    dhcp6: Dhcp6Settings = Field(default_factory=Dhcp6Settings)
     tftp: TftpSettings = Field(default_factory=TftpSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     site: SiteConfig = Field(default_factory=SiteConfig)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import socket
 import struct
+from pathlib import Path
 
 SIOCGIFADDR = 0x8915
 SIOCGIFMTU = 0x8921
@@ -22,6 +24,28 @@ def interface_ipv4(name: str) -> str | None:
     try:
         return socket.inet_ntoa(_ioctl(name, SIOCGIFADDR)[20:24])
     except OSError:
+        return None
+
+
+def interface_ipv6(name: str) -> str | None:
+    """The interface's first global (non-link-local) IPv6 address, from
+    /proc/net/if_inet6 (read once, at startup)."""
+    try:
+        lines = Path("/proc/net/if_inet6").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 6 and fields[5] == name and int(fields[3], 16) == 0:  # scope global
+            return str(ipaddress.IPv6Address(bytes.fromhex(fields[0])))
+    return None
+
+
+def interface_mac(name: str) -> bytes | None:
+    try:
+        return bytes.fromhex(Path(f"/sys/class/net/{name}/address").read_text().strip()
+                             .replace(":", ""))
+    except (OSError, ValueError):
         return None
 
 

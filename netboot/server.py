@@ -305,6 +305,12 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
             closers.append(dhcp.close)
             log.info("ProxyDHCP listening on udp/%d and udp/%d%s, advertising %s",
                      cfg.dhcp.port, cfg.dhcp.proxy_port, f" on {iface}" if iface else "", addr)
+        if cfg.dhcp6.enabled:
+            from .dhcp6.listen import Ipv6SetupError, start_ipv6
+            try:
+                closers += await start_ipv6(services, cfg, iface, runner, HTTP_BACKLOG)
+            except Ipv6SetupError as exc:
+                raise SetupError(str(exc)) from None
         log.info("dashboard: http://%s:%d/  health: /health  metrics: /metrics", addr,
                  cfg.http_port)
         snap = store.snapshot

@@ -13,7 +13,7 @@ RUN_PKGS=(ipxe pxelinux syslinux-common cpio busybox-static linux-image-amd64 ip
           ipmitool)
 TEST_PKGS=("${RUN_PKGS[@]}" qemu-system-x86 ipxe-qemu ovmf dnsmasq-base tftp-hpa atftp curl
            ignition docker.io chromium chromium-driver prometheus iptables nftables gnupg gpgv
-           isc-dhcp-relay tcpdump openipmi ipmitool)
+           isc-dhcp-relay tcpdump tshark openipmi ipmitool)
 BENCH_PKGS=("${TEST_PKGS[@]}" tftpd-hpa nginx-light wrk kea-admin gcc)
 
 case "$what" in

@@ -224,7 +224,9 @@ class Lab:
         - ``uefi-sb``: OVMF's Secure Boot build (4 MB) on q35 with SMM, its variable
           store a copy of the one with Microsoft's keys enrolled: Secure Boot on;
         - ``uefi-http``: OVMF (4 MB) with PXE off over IPv4 and IPv6, so it goes
-          straight to UEFI HTTP Boot; ``uefi-sb-http``: the same under Secure Boot.
+          straight to UEFI HTTP Boot; ``uefi-sb-http``: the same under Secure Boot;
+        - ``uefi-pxe6``: OVMF (4 MB) with PXE off over IPv4 only: it boots by PXE over
+          IPv6 (DHCPv6, then TFTP over IPv6).
 
         All UEFI variants want ``nic="virtio-net-pci", nic_rom=False`` (LAB-NOTES:
         with QEMU's old iPXE option ROM, shim is handed a padded GRUB and hangs).
@@ -238,10 +240,12 @@ class Lab:
             code, store = f"{ovmf}/OVMF_CODE_4M.secboot.fd", f"{ovmf}/OVMF_VARS_4M.ms.fd"
             extra = ["-machine", "q35,smm=on",
                      "-global", "driver=cfi.pflash01,property=secure,value=on"]
-        elif firmware == "uefi-http":
+        elif firmware in ("uefi-http", "uefi-pxe6"):
             code, store, extra = f"{ovmf}/OVMF_CODE_4M.fd", f"{ovmf}/OVMF_VARS_4M.fd", []
         else:
             return []
+        if firmware == "uefi-pxe6":
+            extra += ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=no"]
         if firmware.endswith("-http"):
             extra += ["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=no",
                       "-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=no"]

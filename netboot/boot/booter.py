@@ -16,7 +16,7 @@ loaded when they change, never per request).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
@@ -64,6 +64,11 @@ class Booter:
     @property
     def base_url(self) -> str:
         return f"http://{self.address}:{self.http_port}"
+
+    def over_ipv6(self, address6: str) -> Booter:
+        """The same Booter (config, registry, caches) whose URLs name ``address6``,
+        bracketed (RFC 3986), for clients that came over IPv6."""
+        return replace(self, address=f"[{address6}]")
 
     # -- who is this -------------------------------------------------------
     def resolve(self, mac: str | None, uuid: str | None) -> Resolved:

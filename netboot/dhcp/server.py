@@ -50,10 +50,14 @@ def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
 
 
 def udp_socket(host: str, port: int, interface: str | None,
-               broadcast: bool = True) -> socket.socket:
-    """A non-blocking UDP socket bound to ``host:port``, optionally to one device."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+               broadcast: bool = True, *, family: socket.AddressFamily = socket.AF_INET,
+               setup: Callable[[socket.socket], None] | None = None) -> socket.socket:
+    """A non-blocking UDP socket bound to ``host:port``, optionally to one device;
+    ``setup`` sets the options of another family (DHCPv6's) first."""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if setup is not None:
+            setup(sock)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if broadcast:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -190,6 +194,32 @@ class _Endpoint:
             self._timer = None
 
 
+class _DelayedEndpoint(_Endpoint):
+    """An endpoint whose replies leave ``delay`` seconds after they are decided
+    (DHCPv6's boot-service port: netboot.dhcp6.server.BOOT_REPLY_DELAY says why);
+    at most MAX_DELAYED wait, more are dropped and counted."""
+
+    MAX_DELAYED = 1024
+
+    def __init__(self, proxy: ProxyDhcp, port: int, sock: socket.socket, *,
+                 loop: asyncio.AbstractEventLoop, delay: float, max_age: float = MAX_AGE,
+                 wall: Callable[[], float] = time.time):
+        super().__init__(proxy, port, sock, loop=loop, max_age=max_age, wall=wall)
+        self.delay = delay
+        self.waiting = 0
+
+    def _send(self, data: bytes, dest: tuple[str, int]) -> None:
+        if self.waiting >= self.MAX_DELAYED:
+            self.proxy.counters.inc("dhcp_delayed_dropped_total")
+            return
+        self.waiting += 1
+        self.loop.call_later(self.delay, self._later, data, dest)
+
+    def _later(self, data: bytes, dest: tuple[str, int]) -> None:
+        self.waiting -= 1
+        super()._send(data, dest)
+
+
 class DhcpServer:
     def __init__(self) -> None:
         self.sockets: list[socket.socket] = []
@@ -212,22 +242,27 @@ async def start_dhcp(proxy: ProxyDhcp, ports: list[int], *, host: str = "0.0.0.0
                      interface: str | None = None, max_age: float = MAX_AGE,
                      wall: Callable[[], float] = time.time,
                      pacer: Callable[[], Pacer] | None = None,
-                     pacing: bool = True) -> DhcpServer:
+                     pacing: bool = True,
+                     make_socket: Callable[[int], socket.socket] | None = None,
+                     delays: dict[int, float] | None = None) -> DhcpServer:
     """Serve ``proxy`` on each of ``ports``; ``pacer`` makes each port's Pacer
     (default: Pacer's defaults, holding replies no longer than ``max_age``);
-    ``pacing=False`` sends every reply at once."""
+    ``pacing=False`` sends every reply at once. ``make_socket`` (DHCPv6's) makes
+    a port's socket; ``delays`` holds each reply of a port that long, unpaced."""
     loop = asyncio.get_running_loop()
     server = DhcpServer()
     server._loop = loop
     try:
         for port in ports:
-            sock = udp_socket(host, port, interface)
+            sock = make_socket(port) if make_socket else udp_socket(host, port, interface)
             server.sockets.append(sock)
             server.ports.append(sock.getsockname()[1])
             paced = None if not pacing else pacer() if pacer is not None else Pacer(
                 max_age=max_age)
+            delay = (delays or {}).get(port, 0.0)
             endpoint = _Endpoint(proxy, port, sock, loop=loop, max_age=max_age, wall=wall,
-                                 pacer=paced)
+                                 pacer=paced) if delay <= 0 else _DelayedEndpoint(
+                proxy, port, sock, loop=loop, max_age=max_age, wall=wall, delay=delay)
             server.endpoints.append(endpoint)
             loop.add_reader(sock.fileno(), endpoint.on_readable)
     except BaseException:

@@ -28,7 +28,8 @@ def _param(request: web.Request, name: str) -> str | None:
 async def boot_ipxe(request: web.Request) -> web.Response:
     ctx = ctx_of(request)
     ctx.counters.inc("http_requests_total", route="boot.ipxe")
-    return web.Response(text=ipxe.chain_script(ctx.booter.base_url), content_type="text/plain")
+    base = ctx.booter_for(request.remote).base_url
+    return web.Response(text=ipxe.chain_script(base), content_type="text/plain")
 
 
 async def node_ipxe(request: web.Request) -> web.Response:
@@ -43,9 +44,10 @@ async def node_ipxe(request: web.Request) -> web.Response:
     address = request.remote or ""
     uuid = node_uuid(uuid, mac)
     # a new machine over limits.new_nodes is told to ask again, before anything is decided
-    decision = ctx.lifecycle.admit(uuid, mac, address, "ipxe") or ctx.booter.decide(
+    booter = ctx.booter_for(address)  # URLs in the address family the client used
+    decision = ctx.lifecycle.admit(uuid, mac, address, "ipxe") or booter.decide(
         mac, uuid, "ipxe")
-    script = ipxe.render(decision, ctx.booter.base_url)
+    script = ipxe.render(decision, booter.base_url)
     ctx.lifecycle.served(decision, address, "ipxe",
                          {ours: _param(request, q) for q, ours in _IDENTITY.items()})
     if not (isinstance(decision, Refusal) and decision.retry is not None):  # the limiter's

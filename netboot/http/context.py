@@ -38,6 +38,15 @@ class HttpContext:
     #: bulk power jobs by id (the newest few, in memory)
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+    #: the Booter whose URLs name this server's IPv6 address, for clients that came
+    #: over IPv6 (None: no IPv6)
+    booter6: Booter | None = None
+
+    def booter_for(self, remote: str | None) -> Booter:
+        """The Booter whose base URL a client at ``remote`` reached us by."""
+        if self.booter6 is not None and remote is not None and ":" in remote:
+            return self.booter6
+        return self.booter
 
 
 def _event_hub() -> EventHub:

@@ -581,6 +581,8 @@ async def start_tftp(resolver: Resolver, host: str = "0.0.0.0", port: int = 69, 
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        if family == socket.AF_INET6:  # beside the IPv4 socket on the same port
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if interface:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, interface.encode())
         try:  # absorb bursts of RRQs (many machines powering on at once)
