@@ -82,4 +82,5 @@ def test_every_endpoint_that_records_a_boot_admits_new_nodes_first() -> None:
                 callers.append(f"{path.relative_to(PKG)}:{fn.name}")
                 assert "admit" in calls, f"{callers[-1]} calls served() without admit()"
     # tftp/router.py:_config serves both pxelinux and GRUB configs
-    assert sorted(callers) == ["http/boot.py:node_ipxe", "tftp/router.py:_config"]
+    assert sorted(callers) == ["http/boot.py:node_grub", "http/boot.py:node_ipxe",
+                               "tftp/router.py:_config"]

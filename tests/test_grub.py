@@ -246,3 +246,32 @@ def test_check_warns_of_unsigned_secure_boot_kernels_and_missing_loaders(
     signed = sorted(Path("/boot").glob("vmlinuz-*"))[-1]
     shutil.copy(signed, images / "vmlinuz")
     assert "profile sb:" not in _check(cfg).stderr
+
+
+# -- over HTTP, for a GRUB built with http --------------------------------------------
+async def test_http_stub_and_node_config(tmp_path: Path) -> None:
+    import aiohttp
+
+    config = write_tree(tmp_path)
+    fcos = tmp_path / "profiles" / "fcos-pxe.yaml"
+    fcos.write_text(fcos.read_text().replace("loader: pxelinux", "loader: grub"))
+    async with serving(config) as net, aiohttp.ClientSession() as s:
+        async with s.get(f"{net.url}/grub/grub.cfg") as r:
+            assert r.status == 200 and await r.text() == grub.STUB
+        async with s.get(f"{net.url}/grub/mac/not-a-mac.cfg") as r:
+            assert r.status == 404
+        async with s.get(f"{net.url}/grub/mac/52:54:00:10:00:08.cfg") as r:
+            assert r.status == 404  # profile plain: iPXE, not GRUB
+        net.lifecycle.offered(Client(M3, U3, Arch.UEFI_X64), Offer("grubx64.efi"))
+        async with s.get(f"{net.url}/grub/mac/{M3}.cfg") as r:
+            assert r.status == 200
+            text = await r.text()
+        assert net.registry.get(U3).state == "booting"
+        initrd = next(ln for ln in text.splitlines() if ln.startswith("initrd "))
+        oem = initrd.split()[-1].strip("'")
+        assert oem.startswith(f"/oem/{U3}.cpio.gz?"), initrd  # the signed URL, on this host
+        async with s.get(f"{net.url}{oem}") as r:  # GRUB's root is (http,<netboot>)
+            assert r.status == 200
+            assert await r.read() == net.artifacts.issued(U3).archive
+        async with s.get(f"{net.url}/oem/{U3}.cpio.gz") as r:
+            assert r.status != 200  # unsigned: refused

@@ -7,9 +7,16 @@ the node's file, by ``$net_default_mac`` and then by ``$net_default_ip``. Everyt
 else is fetched over TFTP relative to the TFTP root, as for pxelinux: the kernel and
 initrds under ``images/``, the OEM archive as ``oem/<uuid>.cpio.gz`` (Debian 12's
 signed GRUB has no ``http`` module, and Secure Boot forbids loading one).
+
+A GRUB that was loaded over HTTP (a build with ``http``) gets the same files over
+HTTP: its root is then ``(http,<netboot>)``, so the same absolute paths name the
+HTTP server's ``/images/...``; only the OEM archive differs (``http=True``): its
+signed URL's path and query, since HTTP serves OEM archives only by signed URL.
 """
 
 from __future__ import annotations
+
+from urllib.parse import urlsplit
 
 from .pxelinux import oem_path
 from .spec import Decision, LocalBoot, Refusal
@@ -46,9 +53,10 @@ def _printable(text: str | None) -> str:
     return "".join(c if " " <= c < "\x7f" else " " for c in text or "")[:400]
 
 
-def render(decision: Decision) -> str | None:
+def render(decision: Decision, *, http: bool = False) -> str | None:
     """The node's config for ``decision``; None when netboot does not serve it (the
-    stub then tries its next name)."""
+    stub then tries its next name). ``http``: for a GRUB whose root is netboot's HTTP
+    server (the OEM archive by its signed URL)."""
     if isinstance(decision, LocalBoot):
         return LOCAL
     if isinstance(decision, Refusal):
@@ -60,7 +68,11 @@ def render(decision: Decision) -> str | None:
                 "sleep 30\nexit\n")
     initrds = [f"/images/{i}" for i in decision.initrds]
     if decision.oem is not None:
-        initrds.append("/" + oem_path(decision.oem.uuid))
+        if http and decision.oem_url:
+            url = urlsplit(decision.oem_url)
+            initrds.append(f"{url.path}?{url.query}" if url.query else url.path)
+        else:
+            initrds.append("/" + oem_path(decision.oem.uuid))
     args = [*decision.os_args, *decision.cmdline.split()]
     lines = ["set timeout=0",
              f"echo {quote(f'netboot: {decision.hostname} ({decision.profile})')}",
