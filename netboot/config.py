@@ -32,8 +32,18 @@ DEFAULT_LOADERS: dict[str, str] = {
     Arch.UEFI_ARM32.value: "ipxe-arm32.efi",
 }
 
-# Where Debian's ipxe, pxelinux and syslinux-common packages put the loaders.
-DEFAULT_TFTP_ROOTS = ["/usr/lib/ipxe", "/usr/lib/PXELINUX", "/usr/lib/syslinux/modules/bios"]
+# Where Debian's ipxe, pxelinux, syslinux-common, shim-signed and grub-efi-amd64-signed
+# packages put the loaders.
+DEFAULT_TFTP_ROOTS = ["/usr/lib/ipxe", "/usr/lib/PXELINUX", "/usr/lib/syslinux/modules/bios",
+                      "/usr/lib/shim", "/usr/lib/grub/x86_64-efi-signed"]
+
+#: served name -> the file name Debian's packages give it. Shim asks for ``grubx64.efi``
+#: next to itself; Debian ships the network GRUB (built-in prefix ``/grub``, efinet and
+#: tftp modules) as ``grubnetx64.efi.signed``.
+DEFAULT_LOADER_ALIASES: dict[str, str] = {
+    "shimx64.efi": "shimx64.efi.signed",
+    "grubx64.efi": "grubnetx64.efi.signed",
+}
 
 
 def _ipv4(v: str) -> str:
@@ -299,6 +309,16 @@ class ServerConfig(_Strict):
     default_profile: str | None = "default"
     loaders: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_LOADERS))
     pxelinux_loader: str = "pxelinux.0"
+    shim_loader: str = Field("shimx64.efi", description="boot file offered to UEFI x64 PXE "
+                             "clients under Secure Boot (it loads grubx64.efi beside it)")
+    grub_loader: str = Field("grubx64.efi", description="boot file offered to UEFI x64 PXE "
+                             "clients of a loader: grub profile without Secure Boot")
+    loader_aliases: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_LOADER_ALIASES),
+        description="served loader name -> file name in tftp.roots (added to the defaults)")
+    secure_boot: bool = Field(False, description="site default: UEFI x64 PXE clients boot "
+                              "shim -> GRUB -> a signed kernel (profiles and machine files "
+                              "may say otherwise)")
     dhcp: DhcpSettings = Field(default_factory=DhcpSettings)
     dhcp6: Dhcp6Settings = Field(default_factory=Dhcp6Settings)
     tftp: TftpSettings = Field(default_factory=TftpSettings)
@@ -320,6 +340,14 @@ class ServerConfig(_Strict):
         if bad:
             raise ValueError(f"unknown arch {sorted(bad)}; known: {sorted(known)}")
         return {**DEFAULT_LOADERS, **v}
+
+    @field_validator("loader_aliases")
+    @classmethod
+    def _aliases(cls, v: dict[str, str]) -> dict[str, str]:
+        for name in (*v, *v.values()):
+            if "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"{name!r}: loader names are bare file names")
+        return {**DEFAULT_LOADER_ALIASES, **v}
 
     def resolve(self, base: Path) -> ServerConfig:
         """Make every path absolute against ``base`` (the config file's directory)."""
@@ -354,7 +382,12 @@ class Profile(_Strict):
     kernel: str
     initrds: list[str] = Field(default_factory=list)
     cmdline: str = ""
-    loader: Literal["ipxe", "pxelinux"] = "ipxe"
+    loader: Literal["ipxe", "pxelinux", "grub"] = Field(
+        "ipxe", description="grub: UEFI x64 PXE clients boot GRUB and a per-node GRUB "
+        "config over TFTP; other firmware boots through iPXE")
+    secure_boot: bool | None = Field(
+        None, description="true: UEFI x64 PXE clients boot shim -> GRUB -> a signed kernel "
+        "(implies loader: grub); unset: the machine file's, else netboot.yaml's")
     ignition: str | None = Field(None, description="template in ignition_dir, e.g. swarm-worker")
     os: Literal["flatcar", "fcos", "other"] = Field(
         "other", description="which kernel arguments and OEM paths the Ignition config needs")
@@ -380,6 +413,16 @@ class Profile(_Strict):
                 raise ValueError(f"{item!r} must be a path inside images_dir")
         return v
 
+    @model_validator(mode="after")
+    def _secure_boot_loader(self) -> Profile:
+        # Secure Boot has one path (shim -> GRUB); an explicit other loader contradicts it.
+        if self.secure_boot and self.loader != "grub":
+            if "loader" in self.model_fields_set:
+                raise ValueError(f"secure_boot: true boots shim -> GRUB, not {self.loader}; "
+                                 "set loader: grub (or leave loader out)")
+            self.loader = "grub"
+        return self
+
 
 class Machine(_Strict):
     """One physical machine, found by MAC or SMBIOS UUID."""
@@ -390,6 +433,8 @@ class Machine(_Strict):
     profile: str | None = None
     hostname: str | None = None
     netboot: bool = True
+    secure_boot: bool | None = Field(None, description="this machine boots under Secure "
+                                     "Boot (wins over the profile's and netboot.yaml's)")
     bmc: MachineBmc | None = None
     vars: dict[str, Any] = Field(default_factory=dict)
 

@@ -32,6 +32,7 @@ from .http.context import HttpContext
 from .ignition.artifacts import Artifacts
 from .images.verify import check_profile_images
 from .loaders import LoaderTable
+from .loaders import missing as missing_loaders
 from .metrics import Counters, NodeMetrics
 from .netutil import choose_interface, interface_ipv4, interfaces
 from .power.service import PowerService
@@ -185,7 +186,7 @@ def build(store: ConfigStore, address: str, *, registry: Registry | None, secret
     if cfg.api.webhooks:
         hooks = WebhookDispatcher(list(cfg.api.webhooks), counters=counters)
         lifecycle.subscribe(hooks.on_event)
-    loaders = LoaderTable(cfg.tftp.roots)
+    loaders = LoaderTable(cfg.tftp.roots, cfg.loader_aliases)
     http_ctx = HttpContext(booter, lifecycle, counters, node_metrics, cfg.images_dir, loaders,
                            registry=registry, artifacts=artifacts,
                            tokens=tokens if tokens is not None else TokenTable())
@@ -290,12 +291,11 @@ async def serve(config_path: Path, *, interface: str | None = None, address: str
             log.info("TFTP listening on udp/%d%s: %d loader(s) from %s; images/ from %s",
                      cfg.tftp.port, f" on {iface}" if iface else "", len(loaders.files),
                      ", ".join(map(str, loaders.roots)) or "nowhere", cfg.images_dir)
-            wanted = {**cfg.loaders, "pxelinux": cfg.pxelinux_loader}
-            missing = sorted(f"{arch} ({name})" for arch, name in wanted.items()
-                             if name not in loaders.files)
-            if missing:  # Debian's ipxe has no arm or 32-bit UEFI build: usually expected
+            absent = missing_loaders(cfg, loaders)
+            if absent:  # Debian's ipxe has no arm or 32-bit UEFI build: usually expected
                 log.info("no loader for %s in the TFTP roots: such clients are not offered "
-                         "a loader (put the file in a tftp.roots directory)", ", ".join(missing))
+                         "a loader (put the file in a tftp.roots directory, or install "
+                         "the package named)", ", ".join(absent))
         if cfg.dhcp.enabled:
             proxy = ProxyDhcp(booter, addr, counters, dhcp_port=cfg.dhcp.port,
                               report=services.lifecycle.offered,

@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from demo_os import DRIVERS, cli, find_busybox, find_kernel, new_root, pack
+from demo_os import DRIVERS, SECURE_BOOT_SH, cli, find_busybox, find_kernel, new_root, pack
 
 # NICs as in the demo OS, disks (virtio, NVMe, SATA) and the in-band BMC interface.
 COMMISSION_DRIVERS = (*DRIVERS, "virtio_blk", "nvme", "ahci", "sd_mod",
@@ -37,7 +37,7 @@ COMMISSION_DRIVERS = (*DRIVERS, "virtio_blk", "nvme", "ahci", "sd_mod",
 ROUNDS = 20
 """How many times the OS posts its inventory before it gives up and powers off."""
 
-SHELL_FUNCS = r"""T=${T:-/tmp}  # scratch files
+SHELL_FUNCS = SECURE_BOOT_SH + r"""T=${T:-/tmp}  # scratch files
 
 # -- JSON, safely: strings escaped, control and non-ASCII bytes dropped
 jstr() {  # a JSON string, or null if empty
@@ -106,7 +106,8 @@ inventory() {
       "$(jstr "$(rd "$n/address")")" "$(jstr "$drv")" "$link" "$(jint "$(rd "$n/speed")")"
     sep=", "
   done
-  printf '],\n "lldp": null,\n "bmc": %s}\n' "$(bmc_json)"
+  case "$(secure_boot)" in 1) sb=true ;; 0) sb=false ;; *) sb=null ;; esac
+  printf '],\n "lldp": null,\n "secure_boot": %s,\n "bmc": %s}\n' "$sb" "$(bmc_json)"
 }
 
 # -- the answer: only these lines, each checked; never evaluated -----------------------

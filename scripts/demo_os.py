@@ -22,9 +22,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+# SecureBoot-<EFI global variable GUID>: 4 attribute bytes, then 1 (on) or 0 (off).
+# Prints 1, 0, or nothing (BIOS, or no efivarfs). efivarfs cannot seek: read it whole.
+SECURE_BOOT_SH = r"""secure_boot() {
+  [ -d /sys/firmware/efi ] || return 0
+  v=/sys/firmware/efi/efivars
+  [ -e $v/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c ] || \
+    mount -t efivarfs efivarfs $v 2>/dev/null
+  case "$(cat $v/SecureBoot-8be4df61-93ca-11d2-aa0d-00e098032b8c 2>/dev/null \
+          | od -An -v -tx1 | tr -d ' \n')" in
+    ????????01) echo 1 ;;
+    ????????00) echo 0 ;;
+  esac
+}
+"""
+
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
-export PATH=/bin
+""" + SECURE_BOOT_SH + r"""export PATH=/bin
 mkdir -p /proc /sys /dev /tmp
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -40,6 +55,8 @@ sleep 1
 IF=$(ls /sys/class/net | grep -v '^lo$' | head -n 1)
 MAC=$(cat /sys/class/net/$IF/address 2>/dev/null)
 echo "NETBOOT-TESTOS identity uuid=$UUID mac=$MAC serial=$SERIAL vendor=$VENDOR product=$PRODUCT"
+SB=$(secure_boot)
+echo "NETBOOT-TESTOS secureboot=${SB:-unknown}"
 for f in /usr/share/oem/config.ign /oem/config.ign /config.ign; do
   [ -f "$f" ] && echo "NETBOOT-TESTOS ignition $f sha256=$(sha256sum $f | cut -d' ' -f1)"
 done
@@ -55,7 +72,8 @@ if [ -n "$CALLBACK" ]; then
   # Tell netboot what the OS sees of the hardware (the pxelinux path has no iPXE
   # stage to report it), then that the machine is up.
   REGISTER=$(echo "$CALLBACK" | sed 's#/installed?#/register?#')
-  wget -q -O /tmp/reg --post-data "serial=$SERIAL&vendor=$VENDOR&product=$PRODUCT&mac=$MAC" \
+  wget -q -O /tmp/reg \
+      --post-data "serial=$SERIAL&vendor=$VENDOR&product=$PRODUCT&mac=$MAC${SB:+&secure_boot=$SB}" \
       "$REGISTER" || echo "NETBOOT-TESTOS register failed"
   if wget -q -O /tmp/cb --post-data "" "$CALLBACK"; then
     echo "NETBOOT-TESTOS callback ok"
@@ -80,8 +98,8 @@ esac
 
 
 # NIC drivers the lab's guests use: e1000 (SeaBIOS/OVMF with iPXE ROMs) and
-# virtio-net (OVMF's own PXE client).
-DRIVERS = ("e1000", "virtio_pci", "virtio_net")
+# virtio-net (OVMF's own PXE client); efivarfs, to read the SecureBoot variable.
+DRIVERS = ("e1000", "virtio_pci", "virtio_net", "efivarfs")
 
 
 def find_kernel(drivers: tuple[str, ...] = DRIVERS) -> tuple[Path, list[Path]]:

@@ -129,14 +129,20 @@ class Lab:
             self.ns(ns, "ip", "link", "set", inner, "up")
             self.ns(ns, "ip", "link", "set", "lo", "up")
 
-    def start_site_dhcp(self) -> None:
-        """The site's own DHCP server: addresses only, no boot information."""
+    def start_site_dhcp(self, next_server: str | None = None) -> None:
+        """The site's own DHCP server: addresses only, no boot information.
+
+        dnsmasq puts its own address in siaddr (next-server). ``next_server`` puts that
+        one there instead (no boot file), as sites do for a PXE server: Debian 12's GRUB
+        takes its TFTP server from the DHCP ACK's siaddr, never from the ProxyDHCP offer.
+        """
         leases = self.workdir / "dnsmasq.leases"
         self.spawn(self.ns_router, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
                    "--port=0", "--interface=eth0", "--bind-interfaces",
                    f"--dhcp-range={self.net}.{LEASE_LO},{self.net}.{LEASE_HI},255.255.255.0,1h",
                    f"--dhcp-hostsdir={self.hosts_dir()}",
                    f"--dhcp-leasefile={leases}", "--log-dhcp",
+                   *([f"--dhcp-boot=,,{next_server}"] if next_server else []),
                    log=self.workdir / "dnsmasq.log")
 
     @property

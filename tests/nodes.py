@@ -5,9 +5,10 @@ the commit as well, like an acknowledged API call does."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from netboot.storage.registry import Node, Registry
+from netboot.storage.registry import MIGRATIONS, Node, Registry
 
 
 class Clock:
@@ -66,3 +67,17 @@ async def populate(reg: Registry, n: int, *, clock: Clock | None = None) -> list
                     hostname=f"node{i}.lab", profile="coreos" if i % 3 else "flatcar")
     await reg.commit()
     return [uuid_of(i) for i in range(n)]
+
+
+async def old_registry(data_dir: Path, version: int,
+                       *rows: tuple[str, tuple[Any, ...]]) -> None:
+    """A registry file at schema ``version`` holding ``rows`` (SQL, parameters), as an
+    older netboot left it: the next Registry.open() migrates it."""
+    import aiosqlite
+
+    async with aiosqlite.connect(data_dir / "registry.sqlite3", isolation_level=None) as db:
+        for m in MIGRATIONS[:version]:
+            await m(db)
+        await db.execute(f"PRAGMA user_version = {version}")
+        for sql, params in rows:
+            await db.execute(sql, params)

@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from netboot.http.app import all_routes
+from netboot.storage.registry import Registry
 from tests.nodes import observe, patch, populate, transition, uuid_of
 from tests.served import SECRET, Served, serving, write_config
 
@@ -352,3 +353,31 @@ async def test_a_registry_that_cannot_write_answers_503_with_the_reason(srv: Ser
     assert st == 503 and "cannot record" in body["error"] and "/health" in body["error"]
     st, health = await _call("GET", f"{srv.url}/health")
     assert health["status"] == "degraded" and "write failed" in health["registry"]
+
+
+async def test_register_records_secure_boot_and_it_survives_a_reopen(
+        srv: Served, tmp_path: Path) -> None:
+    """The OS reads the SecureBoot EFI variable and says so (the demo OS posts a form);
+    an OS that does not say (BIOS) leaves the record as it was."""
+    reg = srv.registry
+    await observe(reg, U1, mac="52:54:00:00:00:01", address="10.0.0.7", source="dhcp")
+    tok = reg.node_token(U1)
+    base = f"{srv.url}/api/v1/nodes/{U1}"
+    st, body = await _call("GET", f"{srv.url}/api/v1/nodes/{U1}")
+    assert st == 200 and body["secure_boot"] is None  # never reported
+    st, body = await _call("POST", f"{base}/register?token={tok}",
+                           data={"serial": "SN-1", "secure_boot": "1"})
+    assert st == 200 and body["secure_boot"] is True, body
+    st, body = await _call("POST", f"{base}/register?token={tok}", data={"serial": "SN-1"})
+    assert st == 200 and body["secure_boot"] is True  # not said: unchanged
+    st, body = await _call("POST", f"{base}/register?token={tok}",
+                           json={"secure_boot": False})
+    assert st == 200 and body["secure_boot"] is False
+    st, _ = await _call("POST", f"{base}/register?token={tok}", json={"secure_boot": "maybe"})
+    assert st == 400
+    await reg.commit()
+    again = await Registry.open(tmp_path, secret=SECRET)  # the file srv writes (data_dir)
+    try:
+        assert again.get(U1) is not None and again.get(U1).secure_boot is False
+    finally:
+        await again.close()

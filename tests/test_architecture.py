@@ -81,4 +81,6 @@ def test_every_endpoint_that_records_a_boot_admits_new_nodes_first() -> None:
             if "served" in calls:
                 callers.append(f"{path.relative_to(PKG)}:{fn.name}")
                 assert "admit" in calls, f"{callers[-1]} calls served() without admit()"
-    assert sorted(callers) == ["http/boot.py:node_ipxe", "tftp/router.py:_pxelinux"]
+    # tftp/router.py:_config serves both pxelinux and GRUB configs
+    assert sorted(callers) == ["http/boot.py:node_grub", "http/boot.py:node_ipxe",
+                               "tftp/router.py:_config"]

@@ -458,10 +458,13 @@ async def test_inventory_only_from_a_commissioning_node_and_checked(net: Served)
         st, body = await _call("POST", url, json={**INVENTORY, **bad})
         assert st == 400, (bad, body)
     st, text = await _call("POST", url + "&format=sh", json={"disks": [{"name": "sda"}],
-                                                             "nics": [{"mac": mac}]})
+                                                             "nics": [{"mac": mac}],
+                                                             "secure_boot": True})
     assert st == 200
+    assert net.registry.get(uuid).secure_boot is True  # from the inventory
     st, html = await _call("GET", f"{net.url}/nodes/{uuid}")
     assert st == 200 and "sda" in html
+    assert "<dt>Secure Boot</dt><dd>on</dd>" in html
 
 
 async def test_deploy_refuses_when_the_power_state_is_unknown(net: Served) -> None:

@@ -50,6 +50,12 @@ def test_inventory_of_this_host_is_the_contract_shape(tmp_path: Path) -> None:
     assert problems(inv) == []
     assert inv["memory_bytes"] > 0 and inv["cpu"]["count"] >= 1
     assert inv["lldp"] is None
+    # the SecureBoot EFI variable: this host's, if it has one (a BIOS host: null)
+    efivars = Path("/sys/firmware/efi/efivars")
+    if not efivars.is_dir():
+        assert inv["secure_boot"] is None
+    else:
+        assert inv["secure_boot"] in (True, False, None)
 
 
 ANSWER = ("NETBOOT_ACTION=set-bmc\r\n"

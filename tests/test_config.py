@@ -26,7 +26,7 @@ def test_loads_profiles_and_machines(store: ConfigStore) -> None:
 
 def test_error_names_file_line_and_field(config_tree: Path) -> None:
     bad = config_tree.parent / "profiles" / "bad.yaml"
-    bad.write_text("kernel: demo/vmlinuz\ninitrds: [a]\nloader: grub\n")
+    bad.write_text("kernel: demo/vmlinuz\ninitrds: [a]\nloader: syslinux\n")
     store = ConfigStore(config_tree)
     [problem] = store.problems
     assert problem.startswith(f"{bad}:3: loader:"), problem

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from netboot.storage.registry import EVENTS_SHOWN, MIGRATIONS, STATES, Registry, RegistryError
-from tests.nodes import Clock, forget, observe, patch, transition
+from tests.nodes import Clock, forget, observe, old_registry, patch, transition
 
 SECRET = b"test-secret"
 U1 = "4c4c4544-0042-3510-8052-b4c04f384d32"
@@ -248,5 +248,18 @@ async def test_a_nodes_history_is_read_as_its_latest_page(tmp_path: Path) -> Non
         assert events[-1]["kind"] == "patch" and "h249" in (events[-1]["detail"] or "")
         assert all(e["kind"] == "patch" for e in events)  # the oldest ('discovered') left out
         assert len(await reg.events(U1, limit=5)) == 5
+    finally:
+        await reg.close()
+
+
+async def test_v3_registry_gets_secure_boot_unknown_on_upgrade(tmp_path: Path) -> None:
+    """Migration 4 adds ``secure_boot``: the nodes already there have never said (None)."""
+    await old_registry(tmp_path, 3, (
+        "INSERT INTO nodes (uuid, first_seen, last_seen, state, state_since) "
+        "VALUES ('5db34dac-6aee-4034-9d7c-0037a2950003', 1, 1, 'installed', 1)", ()))
+    reg = await Registry.open(tmp_path, secret=b"s" * 32)
+    try:
+        node = reg.get("5db34dac-6aee-4034-9d7c-0037a2950003")
+        assert node is not None and node.secure_boot is None and node.state == "installed"
     finally:
         await reg.close()

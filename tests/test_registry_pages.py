@@ -6,13 +6,11 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import aiosqlite
 import pytest
 
 from netboot.storage.pages import Cursor, CursorError
 from netboot.storage.registry import EventRetention, NodeFilter, Registry
-from netboot.storage.schema import MIGRATIONS
-from tests.nodes import Clock, forget, observe, patch, populate, uuid_of
+from tests.nodes import Clock, forget, observe, old_registry, patch, populate, uuid_of
 
 SECRET = b"test-secret"
 
@@ -109,14 +107,11 @@ async def test_a_bad_cursor_is_refused(tmp_path: Path) -> None:
 
 async def test_v2_registry_gets_searchable_on_upgrade(tmp_path: Path) -> None:
     """Migration 3 fills ``search`` for the nodes already there."""
-    async with aiosqlite.connect(tmp_path / "registry.sqlite3", isolation_level=None) as db:
-        for m in MIGRATIONS[:2]:
-            await m(db)
-        await db.execute("PRAGMA user_version = 2")
-        await db.execute("INSERT INTO nodes (uuid, serial, hostname, first_seen, last_seen, "
-                         "state, state_since) VALUES (?, 'ABC-1', 'Old.Lab', 1, 1, "
-                         "'installed', 1)", (uuid_of(1),))
-        await db.execute("INSERT INTO macs VALUES ('52:54:00:0a:0b:0c', ?, 1)", (uuid_of(1),))
+    await old_registry(
+        tmp_path, 2,
+        ("INSERT INTO nodes (uuid, serial, hostname, first_seen, last_seen, state, "
+         "state_since) VALUES (?, 'ABC-1', 'Old.Lab', 1, 1, 'installed', 1)", (uuid_of(1),)),
+        ("INSERT INTO macs VALUES ('52:54:00:0a:0b:0c', ?, 1)", (uuid_of(1),)))
     reg = await Registry.open(tmp_path, secret=SECRET)
     try:
         for q in ("abc-1", "old.lab", "0a:0b", "0a0b0c"):

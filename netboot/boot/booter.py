@@ -2,9 +2,9 @@
 
 DHCP, TFTP and HTTP all ask the Booter; none of them decides on its own.
 ``dhcp()`` answers a DHCP client with a loader or a script URL; ``decide()``
-answers a loader (iPXE script, pxelinux config) with a :class:`BootSpec`,
+answers a loader (iPXE script, pxelinux or GRUB config) with a :class:`BootSpec`,
 :class:`LocalBoot` or :class:`Refusal`. Rendering that into text is
-:mod:`.ipxe`'s and :mod:`.pxelinux`'s job; recording what happened is
+:mod:`.ipxe`'s, :mod:`.pxelinux`'s and :mod:`.grub`'s job; recording what happened is
 :mod:`.lifecycle`'s.
 
 What it reads: the config snapshot and the registry's in-memory index, plus,
@@ -88,6 +88,20 @@ class Booter:
             return Resolved(machine, None, f"profile {name!r} is not loaded")
         return Resolved(machine, profile)
 
+    def secure_boot(self, r: Resolved) -> bool:
+        """Whether this machine boots under Secure Boot: its machine file says so, else
+        its profile, else netboot.yaml's ``secure_boot``."""
+        for said in (r.machine.secure_boot if r.machine else None,
+                     r.profile.secure_boot if r.profile else None):
+            if said is not None:
+                return said
+        return self.config.snapshot.server.secure_boot
+
+    def grub(self, r: Resolved) -> bool:
+        """A UEFI x64 machine of this resolution boots GRUB (a grub profile, or Secure
+        Boot, which has no other path)."""
+        return r.profile is not None and (r.profile.loader == "grub" or self.secure_boot(r))
+
     @staticmethod
     def hostname(r: Resolved, mac: str | None) -> str:
         """The machine file's hostname, else one made from the MAC."""
@@ -110,6 +124,11 @@ class Booter:
                          machine=who)
         if client.arch is Arch.UNKNOWN:
             return Ignore("unsupported client architecture")
+        # GRUB is UEFI x64 only (other firmware of a grub profile boots through iPXE);
+        # under Secure Boot shim comes first and loads grubx64.efi from beside itself.
+        if client.arch is Arch.UEFI_X64 and not client.http_boot and self.grub(r):
+            name = snap.server.shim_loader if self.secure_boot(r) else snap.server.grub_loader
+            return Offer(name, profile=r.profile.name, machine=who)
         loader = r.profile.loaders.get(client.arch.value) or snap.server.loaders.get(
             client.arch.value)
         if not loader:
@@ -121,10 +140,12 @@ class Booter:
 
     # -- a loader asks: what does this machine boot? -------------------------
     def decide(self, mac: str | None, uuid: str | None, loader: Loader = "ipxe") -> Decision:
-        """The decision for a boot script (``ipxe``) or a pxelinux config (``pxelinux``).
+        """The decision for a boot script (``ipxe``), a pxelinux config (``pxelinux``)
+        or a GRUB config (``grub``).
 
-        A pxelinux request for a machine whose profile does not use pxelinux is a
-        Refusal that is not a failure (the TFTP side answers "file not found").
+        A pxelinux (GRUB) request for a machine whose profile does not boot pxelinux
+        (GRUB) is a Refusal that is not a failure (the TFTP side answers "file not
+        found").
         """
         r = self.resolve(mac, uuid)
         if r.profile is None:
@@ -132,6 +153,9 @@ class Booter:
         profile = r.profile
         if loader == "pxelinux" and profile.loader != "pxelinux":
             return Refusal(uuid, mac, f"profile {profile.name} does not boot pxelinux",
+                           profile=profile.name)
+        if loader == "grub" and not self.grub(r):
+            return Refusal(uuid, mac, f"profile {profile.name} does not boot GRUB",
                            profile=profile.name)
         hostname = self.hostname(r, mac)
         if self._local_boot(profile, uuid):

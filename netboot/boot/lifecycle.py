@@ -301,7 +301,7 @@ class Lifecycle:
                        reason: str | None = None,
                        identity: dict[str, Any] | None = None) -> Node:
         """The booted OS reports: ``installed``, ``failed`` (with reason) or ``register``
-        (identity: serial, vendor, product, asset, hostname, mac)."""
+        (identity: serial, vendor, product, asset, hostname, mac, secure_boot)."""
         reg = self._registry()
         if outcome == "register":
             ident = dict(identity or {})
@@ -350,7 +350,9 @@ class Lifecycle:
                                    "true first")
         reg.set_inventory(uuid, inventory)
         smbios = inventory.get("smbios") or {}
-        ident = {k: smbios.get(k) or None for k in ("serial", "vendor", "product")}
+        ident: dict[str, str | bool | None] = {
+            k: smbios.get(k) or None for k in ("serial", "vendor", "product")}
+        ident["secure_boot"] = inventory.get("secure_boot")
         change = reg.observe(uuid, mac=None, address=address, source="commission", **ident)
         for nic in inventory.get("nics") or []:
             if nic.get("mac"):

@@ -1,5 +1,5 @@
-"""What the Booter decides: plain values, rendered by :mod:`.ipxe` or :mod:`.pxelinux`
-and recorded by :mod:`.lifecycle`."""
+"""What the Booter decides: plain values, rendered by :mod:`.ipxe`, :mod:`.pxelinux` or
+:mod:`.grub` and recorded by :mod:`.lifecycle`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from ..identity import Arch
 if TYPE_CHECKING:
     from ..ignition.artifacts import NodeArtifacts
 
-Loader = Literal["ipxe", "pxelinux"]
+#: who asks for a decision: an iPXE script, a pxelinux config or a GRUB config
+Loader = Literal["ipxe", "pxelinux", "grub"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +60,7 @@ class BootSpec:
     os_args: tuple[str, ...] = ()
     #: the node's Ignition artefacts, when the profile has ``ignition:``
     oem: NodeArtifacts | None = None
-    #: the OEM archive's signed HTTP URL (iPXE); pxelinux fetches it over TFTP instead
+    #: the OEM archive's signed HTTP URL (iPXE); pxelinux and GRUB fetch it over TFTP
     oem_url: str | None = None
     #: a commissioning OS (the node is 'commissioning' while it runs, not 'booting')
     commission: bool = False

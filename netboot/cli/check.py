@@ -6,7 +6,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..config import ConfigStore, ServerConfig
 
 DEFAULT_CONFIG = Path("configs/netboot.yaml")
 
@@ -34,6 +37,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems = list(store.problems)
     snap = store.snapshot
     problems += check_profile_images(snap.profiles, store.server.images_dir)
+    for warning in loader_warnings(store.server) + secure_boot_warnings(store):
+        print(f"warning: {warning}", file=sys.stderr)
     if problems:
         print("\n".join(problems), file=sys.stderr)
         print(f"{len(problems)} problem(s)", file=sys.stderr)
@@ -41,3 +46,43 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"ok: {args.config}: {len(snap.profiles)} profile(s), "
           f"{len(snap.machine_files)} machine(s)")
     return 0
+
+
+def loader_warnings(cfg: ServerConfig) -> list[str]:
+    """The loaders no TFTP root holds (the same list the server logs at start)."""
+    from ..loaders import LoaderTable, missing
+
+    absent = missing(cfg, LoaderTable(cfg.tftp.roots, cfg.loader_aliases))
+    if not absent:
+        return []
+    return [f"no loader for {', '.join(absent)} in {', '.join(map(str, cfg.tftp.roots))}: "
+            "such clients are not offered one"]
+
+
+def secure_boot_warnings(store: ConfigStore) -> list[str]:
+    """A profile booted under Secure Boot whose kernel carries no PE signature: shim
+    and GRUB would refuse it."""
+    from ..images.pe import NotPE, signed
+
+    snap = store.snapshot
+    by_machine = {m.profile or snap.server.default_profile for m in snap.machine_files
+                  if m.secure_boot}
+    out = []
+    for name, prof in sorted(snap.profiles.items()):
+        secure = prof.secure_boot if prof.secure_boot is not None else (
+            snap.server.secure_boot or name in by_machine)
+        if not secure:
+            continue
+        path = store.server.images_dir / prof.kernel
+        try:
+            if signed(path):
+                continue
+            why = "has no PE signature (certificate table)"
+        except NotPE as exc:
+            why = f"is not a PE image ({exc})"
+        except OSError:
+            continue  # missing: check_profile_images says so
+        out.append(f"profile {name}: boots under Secure Boot, but its kernel {prof.kernel} "
+                   f"{why}: shim and GRUB will refuse it (use a signed kernel, e.g. "
+                   "Debian's linux-image-amd64, or sign it with sbsign)")
+    return out

@@ -1,5 +1,6 @@
 """Boot scripts: ``/boot.ipxe`` (chain with the hardware's identity) and the per-node
-``/ipxe/node`` script. Admit (a new node), decide, render, record."""
+``/ipxe/node`` script; GRUB's stub and per-node config for a GRUB loaded over HTTP.
+Admit (a new node), decide, render, record."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 
 from aiohttp import web
 
-from ..boot import ipxe
+from ..boot import grub, ipxe
 from ..boot.spec import Refusal
 from ..identity import IdentityError, node_uuid, normalise_mac, normalise_uuid
 from .context import ctx_of
@@ -56,10 +57,39 @@ async def node_ipxe(request: web.Request) -> web.Response:
     return web.Response(text=script, content_type="text/plain")
 
 
+async def grub_stub(request: web.Request) -> web.Response:
+    ctx_of(request).counters.inc("http_requests_total", route="grub-stub")
+    return web.Response(text=grub.STUB, content_type="text/plain")
+
+
+async def node_grub(request: web.Request) -> web.Response:
+    """``/grub/mac/<mac>.cfg`` for a GRUB whose root is this server (a build with
+    ``http``; Debian's signed GRUB has none and reads it over TFTP)."""
+    ctx = ctx_of(request)
+    ctx.counters.inc("http_requests_total", route="grub-node")
+    try:
+        mac = normalise_mac(request.match_info["mac"])
+    except IdentityError:
+        raise web.HTTPNotFound() from None
+    address = request.remote or ""
+    uuid = ctx.lifecycle.sightings.uuid_for_mac(mac)
+    decision = ctx.lifecycle.admit(uuid, mac, address, "http") or ctx.booter.decide(
+        mac, uuid, "grub")
+    text = grub.render(decision, http=True)
+    if text is None:  # not a GRUB machine, or not now: the stub tries its next file
+        raise web.HTTPNotFound()
+    ctx.lifecycle.served(decision, address, "http")
+    return web.Response(text=text, content_type="text/plain")
+
+
 ROUTES = (
     Route("GET", "/boot.ipxe", boot_ipxe, "First iPXE script: chains with the hardware's "
           "identity", content_type="text/plain"),
     Route("GET", "/ipxe/node", node_ipxe, "The per-node iPXE script",
           content_type="text/plain", query=("uuid", "mac", "serial", "manufacturer",
                                              "product", "asset")),
+    Route("GET", "/grub/grub.cfg", grub_stub, "GRUB's stub config: hands over to the "
+          "node's own file", content_type="text/plain"),
+    Route("GET", "/grub/mac/{mac}.cfg", node_grub, "The per-node GRUB config (GRUB "
+          "loaded over HTTP)", content_type="text/plain"),
 )

@@ -37,6 +37,8 @@ class RegisterBody(_Body):
     asset: str | None = _Text
     hostname: str | None = _Text
     mac: str | None = None
+    #: the OS read the SecureBoot EFI variable: on (true), off (false); BIOS: absent
+    secure_boot: bool | None = None
 
     @field_validator("mac")
     @classmethod
@@ -96,6 +98,9 @@ class NodeOut(BaseModel):
     time_in_state: float
     reason: str | None
     armed: bool
+    secure_boot: bool | None = Field(
+        None, description="Secure Boot was on in the booted OS (its SecureBoot EFI "
+        "variable, as the OS reported it); null: not reported (BIOS)")
     stuck: bool = Field(False, description="deploying or commissioning for longer than "
                         "stuck_after")
     power: PowerState = Field(description="power as last polled from its BMC")
@@ -345,6 +350,8 @@ class InventoryBody(BaseModel):
     disks: list[dict[str, Any]] = Field(default_factory=list, max_length=256)
     nics: list[dict[str, Any]] = Field(default_factory=list, max_length=256)
     lldp: dict[str, Any] | None = None
+    #: the SecureBoot EFI variable as the OS read it; null on BIOS
+    secure_boot: bool | None = None
     bmc: BmcIn | None = None
 
     @field_validator("nics")

@@ -105,6 +105,8 @@ class Node:
     cycle_start: float | None = None
     #: the profile an operator chose (netboot nodes deploy); wins over machine files
     assigned_profile: str | None = None
+    #: Secure Boot was on (True) or off (False) in its last report; None: never said (BIOS)
+    secure_boot: bool | None = None
 
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         d = asdict(self)
@@ -216,6 +218,7 @@ def _node_row(n: Node) -> tuple[Any, ...]:
     return (n.uuid, n.serial, n.vendor, n.product, n.asset, n.address, n.hostname, n.profile,
             json.dumps(n.labels, sort_keys=True), n.boot_count, n.first_seen, n.last_seen,
             n.state, n.state_since, n.reason, int(n.armed), n.cycle_start, n.assigned_profile,
+            None if n.secure_boot is None else int(n.secure_boot),
             search_text(n.serial, n.hostname, n.macs))
 
 
@@ -372,10 +375,11 @@ class Registry:
 
     # -- writes: synchronous on the index; commit() makes them durable ----------
     def observe(self, uuid: str, *, mac: str | None, address: str | None, source: str,
-                boot: bool = False, **identity: str | None) -> Change:
+                boot: bool = False, **identity: str | bool | None) -> Change:
         """A sighting: create in 'discovered' if new, update the given fields, count a boot.
 
-        ``identity``: serial, vendor, product, asset, hostname, profile (None: unchanged).
+        ``identity``: serial, vendor, product, asset, hostname, profile, secure_boot
+        (None: unchanged).
         """
         uuid = normalise_uuid(uuid)
         mac = normalise_mac(mac) if mac else None

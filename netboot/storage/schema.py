@@ -82,13 +82,19 @@ async def _m3_node_pages(db: aiosqlite.Connection) -> None:
     """)
 
 
+async def _m4_secure_boot(db: aiosqlite.Connection) -> None:
+    """Whether the node last booted with Secure Boot on, as its OS read the SecureBoot EFI
+    variable: 1, 0, or NULL (not reported: BIOS, or an OS that does not say)."""
+    await db.execute("ALTER TABLE nodes ADD COLUMN secure_boot INTEGER")
+
+
 # Ordered; migration i+1 brings the schema from user_version i to i+1. Append only.
 MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [
-    _m1_initial, _m2_bmc_inventory_audit, _m3_node_pages]
+    _m1_initial, _m2_bmc_inventory_audit, _m3_node_pages, _m4_secure_boot]
 
 NODE_COLS = ("uuid", "serial", "vendor", "product", "asset", "address", "hostname", "profile",
              "labels", "boot_count", "first_seen", "last_seen", "state", "state_since",
-             "reason", "armed", "cycle_start", "assigned_profile")
+             "reason", "armed", "cycle_start", "assigned_profile", "secure_boot")
 #: what a node row is written with: its columns, then ``search`` (see _m3_node_pages)
 UPSERT_NODE = (f"INSERT OR REPLACE INTO nodes ({', '.join(NODE_COLS)}, search) "
                f"VALUES ({', '.join('?' * (len(NODE_COLS) + 1))})")
@@ -134,4 +140,5 @@ def row_to_fields(row: tuple[Any, ...]) -> dict[str, Any]:
     d = dict(zip(NODE_COLS, row))
     d["labels"] = json.loads(d["labels"])
     d["armed"] = bool(d["armed"])
+    d["secure_boot"] = None if d["secure_boot"] is None else bool(d["secure_boot"])
     return d

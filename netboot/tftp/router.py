@@ -1,17 +1,21 @@
-"""What a TFTP path serves: generated pxelinux configs, OEM archives, images, loaders.
+"""What a TFTP path serves: generated pxelinux and GRUB configs, OEM archives, images,
+loaders.
 
 Admit (a new node), decide, render, record, as on the HTTP side: the lifecycle admits
-a new node, the Booter decides, :mod:`netboot.boot.pxelinux` renders, the lifecycle
-records.
+a new node, the Booter decides, :mod:`netboot.boot.pxelinux` or :mod:`netboot.boot.grub`
+renders, the lifecycle records.
 """
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..boot import pxelinux
+from ..boot import grub, pxelinux
 from ..boot.booter import Booter
 from ..boot.lifecycle import Lifecycle
+from ..boot.spec import Decision, Loader
 from ..identity import IdentityError, normalise_mac, normalise_uuid
 from ..loaders import LoaderTable
 from ..metrics import Counters
@@ -31,6 +35,10 @@ class TftpRouter:
         path = normalise_path(path)
         if path.startswith("pxelinux.cfg/"):
             return self._pxelinux(path[len("pxelinux.cfg/"):], client[0])
+        if path == "grub/grub.cfg":
+            return BytesProvider(grub.STUB.encode())
+        if path.startswith((grub.MAC_DIR, grub.IP_DIR)):
+            return self._grub(path, client[0])
         if path.startswith("oem/"):
             return self._oem(path[len("oem/"):], client[0])
         if path.startswith("images/"):
@@ -54,13 +62,45 @@ class TftpRouter:
         except IdentityError:
             raise TftpError(ERR_NOT_FOUND, "file not found") from None
         uuid = self.lifecycle.sightings.uuid_for_mac(mac)
+        return self._config(mac, uuid, address, "pxelinux", pxelinux.render)
+
+    def _config(self, mac: str | None, uuid: str | None, address: str, loader: Loader,
+                render: Callable[[Decision], str | None]) -> Provider:
+        """Admit, decide, render, record: a loader's config for this machine, or "file
+        not found" when netboot does not serve it (the loader tries its next name)."""
         decision = self.lifecycle.admit(uuid, mac, address, "tftp") or self.booter.decide(
-            mac, uuid, "pxelinux")
-        text = pxelinux.render(decision)
+            mac, uuid, loader)
+        text = render(decision)
         if text is None:
             raise TftpError(ERR_NOT_FOUND, "file not found")
         self.lifecycle.served(decision, address, "tftp")
         return BytesProvider(text.encode())
+
+    def _grub(self, path: str, address: str) -> Provider:
+        """A node's GRUB config, by MAC (``grub/mac/<mac>.cfg``) or by its own address
+        (``grub/ip/<address>.cfg``: only the client at that address, as the node it
+        last booted as)."""
+        name = path.rpartition("/")[2]
+        if not name.endswith(".cfg"):
+            raise TftpError(ERR_NOT_FOUND, "file not found")
+        key = name.removesuffix(".cfg")
+        if path.startswith(grub.MAC_DIR):
+            try:
+                mac: str | None = normalise_mac(key)
+            except IdentityError:
+                raise TftpError(ERR_NOT_FOUND, "file not found") from None
+            uuid = self.lifecycle.sightings.uuid_for_mac(mac)
+        else:
+            try:
+                asked = str(ipaddress.IPv4Address(key))
+            except ValueError:
+                raise TftpError(ERR_NOT_FOUND, "file not found") from None
+            if asked != address:
+                raise TftpError(ERR_NOT_FOUND, "file not found")
+            uuid, mac = self.lifecycle.sightings.at(address)
+            if mac is None:
+                raise TftpError(ERR_NOT_FOUND, "file not found")
+        return self._config(mac, uuid, address, "grub", grub.render)
 
     def _oem(self, name: str, address: str) -> Provider:
         """``oem/<uuid>.cpio.gz``: only to the address that just booted as that node.

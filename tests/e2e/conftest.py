@@ -81,6 +81,18 @@ class LabEnv:
             time.sleep(0.2)
         raise AssertionError(f"netboot did not load the new profiles and machines: {health}")
 
+    def node_in(self, uuid: str, state: str, timeout: float = 10) -> dict[str, Any]:
+        """The node's detail (with events) once it is in ``state`` (asserted)."""
+        deadline = time.monotonic() + timeout
+        node: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            node = self.api(f"/api/v1/nodes/{uuid}")
+            if node.get("state") == state:
+                break
+            time.sleep(0.5)
+        assert node.get("state") == state, node
+        return node
+
     def api(self, path: str) -> Any:
         """GET from netboot's HTTP API inside the boot namespace."""
         out = self.lab.ns(self.lab.ns_boot, "curl", "-sf",
@@ -98,12 +110,13 @@ def lab_config(root: Path, extra: str = "") -> Path:
 
 
 @contextmanager
-def running_lab(root: Path, config: Path) -> Iterator[LabEnv]:
-    """A lab in ``root``: the site's DHCP and netboot serving ``config``."""
+def running_lab(root: Path, config: Path, *, next_server: bool = False) -> Iterator[LabEnv]:
+    """A lab in ``root``: the site's DHCP and netboot serving ``config``; with
+    ``next_server`` the site DHCP names netboot as next-server (siaddr), as GRUB needs."""
     lab = Lab(root)
     try:
         lab.up()
-        lab.start_site_dhcp()
+        lab.start_site_dhcp(lab.boot_addr if next_server else None)
         lab.start_netboot(config)
         yield LabEnv(lab, config)
     finally:

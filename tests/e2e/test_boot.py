@@ -8,7 +8,6 @@ profile netboot chose, and netboot recorded the guest's callback.
 
 from __future__ import annotations
 
-import time
 import uuid as uuidlib
 
 import pytest
@@ -56,14 +55,7 @@ def _booted(env: LabEnv, guest: Guest, uuid: str, profile: str) -> str:
 
 
 def _registered(env: LabEnv, uuid: str, serial: str) -> dict:
-    deadline = time.monotonic() + 10
-    node: dict = {}
-    while time.monotonic() < deadline:
-        node = env.api(f"/api/v1/nodes/{uuid}")
-        if node.get("state") == "installed":
-            break
-        time.sleep(0.5)
-    assert node.get("state") == "installed", node
+    node = env.node_in(uuid, "installed")
     assert node.get("serial") == serial
     assert node.get("vendor") == "NetbootLab"
     assert node.get("product") == "QemuBlade"
