@@ -42,6 +42,13 @@ PEER_NODE_SCRIPT = ("#!ipxe\\nkernel http://{addr}:8080/images/" + KERNEL + " in
                     + "\\nboot\\n")
 PXELINUX_CFG = ("DEFAULT netboot\nPROMPT 0\nTIMEOUT 0\nLABEL netboot\n  KERNEL images/" + KERNEL
                 + "\n  INITRD images/" + INITRD + "\n  APPEND " + ARGS + "\n")
+# the peer's GRUB config: what netboot's grub/mac/<mac>.cfg says, as one static file
+GRUB_CFG = ("set timeout=0\nlinux /images/" + KERNEL + " " + ARGS + "\ninitrd /images/" + INITRD
+            + "\nboot\n")
+SHIM = "/usr/lib/shim/shimx64.efi.signed"
+NO_PEER = ("; netboot only (no peer row: dnsmasq's pxe-service answers PXE clients, and no "
+           "HTTP Boot setup of it was tried)")
+GRUB = "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"
 LOADERS = {"undionly.kpxe": "/usr/lib/ipxe/undionly.kpxe", "ipxe.efi": "/usr/lib/ipxe/ipxe.efi",
            "pxelinux.0": "/usr/lib/PXELINUX/pxelinux.0",
            "ldlinux.c32": "/usr/lib/syslinux/modules/bios/ldlinux.c32"}
@@ -56,8 +63,14 @@ class BootPath:
     nic: str
     nic_rom: bool
     loader: str  # the netboot profile's loader
-    dnsmasq: tuple[str, ...]  # pxe-service lines and tags, beside the common options
+    #: the peer's pxe-service lines and tags, beside the common options; None: the
+    #: peer has no setup for this path (dnsmasq's pxe-service is for PXE clients)
+    dnsmasq: tuple[str, ...] | None
     files: dict[str, str] = field(default_factory=dict)  # extra TFTP files for the peer
+    secure_boot: bool = False  # the netboot profile's secure_boot
+    #: GRUB takes its TFTP server from the site DHCP's next-server, not from the
+    #: ProxyDHCP offer (docs/firmware.md): the site must name the boot server
+    next_server: bool = False
 
 
 def _script_url(addr: str) -> str:
@@ -76,6 +89,13 @@ PATHS: dict[str, Callable[[str], BootPath]] = {
         f"--pxe-service=tag:ipxe,X86-64_EFI,netboot,{_script_url(a)}")),
     "uefi-ipxe": lambda a: BootPath("uefi", "e1000", True, "ipxe", (
         f"--pxe-service=X86-64_EFI,netboot,{_script_url(a)}",)),
+    "uefi-grub": lambda a: BootPath("uefi", "virtio-net-pci", False, "grub", (
+        "--pxe-service=X86-64_EFI,netboot,grubx64.efi",), {"grubx64.efi": GRUB},
+        next_server=True),
+    "secure-boot": lambda a: BootPath("uefi-sb", "virtio-net-pci", False, "grub", (
+        "--pxe-service=X86-64_EFI,netboot,shimx64.efi",),
+        {"shimx64.efi": SHIM, "grubx64.efi": GRUB}, secure_boot=True, next_server=True),
+    "uefi-http": lambda a: BootPath("uefi-http", "virtio-net-pci", False, "ipxe", None),
 }
 
 
@@ -102,6 +122,8 @@ class Peer:
         (tftp / "images").symlink_to(images)
         (www / "images").symlink_to(images)
         (tftp / "pxelinux.cfg" / "default").write_text(PXELINUX_CFG)
+        (tftp / "grub").mkdir()
+        (tftp / "grub" / "grub.cfg").write_text(GRUB_CFG)
         (www / "boot.ipxe").write_text(BOOT_IPXE.replace("{addr}", addr))
         conf = root / "nginx.conf"
         conf.write_text(NGINX_CONF.format(work=root, addr=addr, root=www, tftp=tftp,
@@ -111,7 +133,7 @@ class Peer:
             lab.spawn(lab.ns_boot, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
                       "--port=0", "--interface=eth0", "--bind-interfaces",
                       f"--dhcp-range={lab.net}.0,proxy", "--dhcp-userclass=set:ipxe,iPXE",
-                      *path.dnsmasq, "--enable-tftp", f"--tftp-root={tftp}",
+                      *(path.dnsmasq or ()), "--enable-tftp", f"--tftp-root={tftp}",
                       f"--dhcp-leasefile={root / 'leases'}",
                       f"--pid-file={root / 'dnsmasq.pid'}", log=root / "dnsmasq.log"),
             lab.spawn(lab.ns_boot, "nginx", "-c", str(conf), "-p", str(root),
@@ -138,7 +160,7 @@ def netboot(lab: Lab, root: Path, images: Path, path: BootPath) -> subprocess.Po
     config = write_lab_config(root, images, extra="default_profile: bench\n")
     (config.parent / "profiles" / "bench.yaml").write_text(
         f"loader: {path.loader}\nboot: always\nkernel: {KERNEL}\ninitrds: [{INITRD}]\n"
-        f"cmdline: {ARGS}\n")
+        f"cmdline: {ARGS}\n" + ("secure_boot: true\n" if path.secure_boot else ""))
     text = config.read_text().replace("default_profile: default\n", "")
     config.write_text(text)
     return lab.start_netboot(config)
@@ -172,14 +194,17 @@ def run(names: list[str], rounds: int, timeout: float, keep: Path | None) -> lis
     for name in names:
         for r in range(rounds):
             # alternate which stack goes first, so neither always boots a warm lab
-            for stack in (("netboot", "peer") if r % 2 == 0 else ("peer", "netboot")):
+            stacks = ("netboot", "peer") if r % 2 == 0 else ("peer", "netboot")
+            if PATHS[name]("").dnsmasq is None:
+                stacks = ("netboot",)
+            for stack in stacks:
                 root = Path(tempfile.mkdtemp(prefix=f"fwboot-{name}-{stack}-", dir=keep))
                 lab = Lab(root / "lab")
                 (root / "lab").mkdir()
                 try:
                     lab.up()
-                    lab.start_site_dhcp()
                     path = PATHS[name](lab.boot_addr)
+                    lab.start_site_dhcp(next_server=lab.boot_addr if path.next_server else None)
                     if stack == "netboot":
                         netboot(lab, root / "netboot", images, path)
                     else:
@@ -188,14 +213,15 @@ def run(names: list[str], rounds: int, timeout: float, keep: Path | None) -> lis
                 finally:
                     lab.down()
                 rows.append(Row(name, stack, os_s, done_s))
-                print(f"{name:14} {stack:8} os {_s(os_s):>7}  done {_s(done_s):>7}", flush=True)
+                print(f"{name:14} {stack:8} os {_s(os_s) if os_s else 'FAILED':>7}  "
+                      f"done {_s(done_s) if done_s else 'FAILED':>7}", flush=True)
                 if keep is None:
                     shutil.rmtree(root, ignore_errors=True)
     return rows
 
 
 def _s(v: float | None) -> str:
-    return "FAILED" if v is None else f"{v:.1f} s"
+    return "-" if v is None else f"{v:.1f} s"
 
 
 def summary(rows: list[Row]) -> str:
@@ -210,6 +236,8 @@ def summary(rows: list[Row]) -> str:
             med[stack] = (statistics.median(oss) if len(oss) == len(got) else None,
                           statistics.median(dones) if len(dones) == len(got) else None)
         nb, peer = med["netboot"], med["peer"]
+        if not any(r.path == name and r.stack == "peer" for r in rows):
+            peer = (None, None)  # the peer cannot serve it (printed as FAILED)
         ratio = f"{nb[0] / peer[0]:.2f}x" if nb[0] and peer[0] else "-"
         out.append(f"| {name} | {_s(nb[0])} | {_s(peer[0])} | {ratio} | {_s(nb[1])} | "
                    f"{_s(peer[1])} |")
@@ -232,7 +260,8 @@ def main() -> int:
         for name, make in PATHS.items():
             p = make("10.77.0.2")
             print(f"{name:14} firmware {p.firmware}, {p.nic}{'' if p.nic_rom else ' (no ROM)'},"
-                  f" netboot loader {p.loader}")
+                  f" netboot loader {p.loader}{' (Secure Boot)' if p.secure_boot else ''}"
+                  f"{'' if p.dnsmasq is not None else NO_PEER}")
         return 0
     reason = can_run_lab()
     if reason:

@@ -32,7 +32,7 @@ from .spec import Client
 #: the default window. OVMF under Secure Boot, refusing ipxe.efi fetched over PXEv4, spent
 #: about a minute on PXEv6 (no DHCPv6 server: its own retransmission timers, not CPU
 #: speed) before its HTTP Boot DHCPDISCOVER; a server's reboot takes minutes.
-#: docs/firmware-http.md has the measurements.
+#: docs/firmware.md has the measurements.
 DEFAULT_WINDOW: float = DhcpSettings.model_fields["refused_loader_window"].default
 
 

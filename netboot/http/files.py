@@ -36,7 +36,7 @@ async def image(request: web.Request) -> web.StreamResponse:
 
 async def loader(request: web.Request) -> web.StreamResponse:
     """First-stage loaders over HTTP, for UEFI HTTP Boot clients. The firmware sends
-    HEAD, then GET (docs/firmware-http.md): both get the headers of one file response
+    HEAD, then GET (docs/firmware.md): both get the headers of one file response
     (Content-Length, ETag, Last-Modified, Accept-Ranges), HEAD without a body. A GET
     whose whole file went out is reported, so a firmware that will not run the loader
     can be told apart (boot/refusals.py)."""

@@ -8,7 +8,7 @@
   IPv6 -> the demo OS, which calls back over IPv6; once on this link, once from a
   far subnet through ``dhcrelay -6``;
 - proxy mode beside the site's DHCPv6 (dnsmasq assigns): the firmware takes
-  netboot's boot URL and loads iPXE, which then does not (see docs/firmware-ipv6.md).
+  netboot's boot URL and loads iPXE, which then does not (see docs/firmware.md, IPv6).
 
 Every DHCPv6 packet on netboot's link is captured; NETBOOT_SAVE_CAPTURES=DIR keeps
 them as hex (tests/captures/ holds one such set, replayed by tests/test_dhcp6_captures.py).
