@@ -233,11 +233,9 @@ def summary(rows: list[Row]) -> str:
             got = [r for r in rows if r.path == name and r.stack == stack]
             oss = [r.os_s for r in got if r.os_s is not None]
             dones = [r.done_s for r in got if r.done_s is not None]
-            med[stack] = (statistics.median(oss) if len(oss) == len(got) else None,
-                          statistics.median(dones) if len(dones) == len(got) else None)
-        nb, peer = med["netboot"], med["peer"]
-        if not any(r.path == name and r.stack == "peer" for r in rows):
-            peer = (None, None)  # the peer cannot serve it (printed as FAILED)
+            med[stack] = (statistics.median(oss) if got and len(oss) == len(got) else None,
+                          statistics.median(dones) if got and len(dones) == len(got) else None)
+        nb, peer = med["netboot"], med["peer"]  # (None, None): failed, or no peer row
         ratio = f"{nb[0] / peer[0]:.2f}x" if nb[0] and peer[0] else "-"
         out.append(f"| {name} | {_s(nb[0])} | {_s(peer[0])} | {ratio} | {_s(nb[1])} | "
                    f"{_s(peer[1])} |")
