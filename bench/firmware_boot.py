@@ -46,8 +46,7 @@ PXELINUX_CFG = ("DEFAULT netboot\nPROMPT 0\nTIMEOUT 0\nLABEL netboot\n  KERNEL i
 GRUB_CFG = ("set timeout=0\nlinux /images/" + KERNEL + " " + ARGS + "\ninitrd /images/" + INITRD
             + "\nboot\n")
 SHIM = "/usr/lib/shim/shimx64.efi.signed"
-NO_PEER = ("; netboot only (no peer row: dnsmasq's pxe-service answers PXE clients, and no "
-           "HTTP Boot setup of it was tried)")
+NO_PEER = "; netboot only (no peer row)"
 GRUB = "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"
 LOADERS = {"undionly.kpxe": "/usr/lib/ipxe/undionly.kpxe", "ipxe.efi": "/usr/lib/ipxe/ipxe.efi",
            "pxelinux.0": "/usr/lib/PXELINUX/pxelinux.0",
@@ -63,8 +62,8 @@ class BootPath:
     nic: str
     nic_rom: bool
     loader: str  # the netboot profile's loader
-    #: the peer's pxe-service lines and tags, beside the common options; None: the
-    #: peer has no setup for this path (dnsmasq's pxe-service is for PXE clients)
+    #: the peer's pxe-service lines and tags, beside the common options; None: no
+    #: peer row for this path
     dnsmasq: tuple[str, ...] | None
     files: dict[str, str] = field(default_factory=dict)  # extra TFTP files for the peer
     secure_boot: bool = False  # the netboot profile's secure_boot
@@ -95,7 +94,13 @@ PATHS: dict[str, Callable[[str], BootPath]] = {
     "secure-boot": lambda a: BootPath("uefi-sb", "virtio-net-pci", False, "grub", (
         "--pxe-service=X86-64_EFI,netboot,shimx64.efi",),
         {"shimx64.efi": SHIM, "grubx64.efi": GRUB}, secure_boot=True, next_server=True),
-    "uefi-http": lambda a: BootPath("uefi-http", "virtio-net-pci", False, "ipxe", None),
+    # dnsmasq has no HTTP Boot service: the closest a site can write is a vendor-class
+    # tag, option 60 forced, and the URL as the boot file
+    "uefi-http": lambda a: BootPath("uefi-http", "virtio-net-pci", False, "ipxe", (
+        "--dhcp-vendorclass=set:http,HTTPClient", "--dhcp-option-force=tag:http,60,HTTPClient",
+        f"--dhcp-boot=tag:http,http://{a}:8080/loader/ipxe.efi",
+        f"--pxe-service=tag:ipxe,X86-64_EFI,netboot,{_script_url(a)}",),
+        {"loader/ipxe.efi": "/usr/lib/ipxe/ipxe.efi"}),
 }
 
 
@@ -118,6 +123,7 @@ class Peer:
                 "body", "proxy", "fastcgi", "uwsgi", "scgi"))):
             d.mkdir(parents=True, exist_ok=True)
         for name, src in {**LOADERS, **path.files}.items():
+            (tftp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, tftp / name)
         (tftp / "images").symlink_to(images)
         (www / "images").symlink_to(images)
@@ -267,7 +273,8 @@ def main() -> int:
         return 2
     rows = run(a.path or list(PATHS), a.rounds, a.timeout, a.keep)
     print(summary(rows))
-    return 0 if all(r.os_s is not None for r in rows) else 1
+    # the peer may fail a path it has no service for (uefi-http): that is a result
+    return 0 if all(r.os_s is not None for r in rows if r.stack == "netboot") else 1
 
 
 if __name__ == "__main__":
