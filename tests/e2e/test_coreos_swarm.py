@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import LabEnv, build_demo_os, write_lab_config
-from tests.lab import Guest, Lab, can_run_lab
+from tests.lab import REPO, Guest, Lab, can_run_lab
 from tests.test_swarm_lab import DOCKER, DOCKERD, Engine, _unmount_below, nodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(2400)]
@@ -203,3 +203,31 @@ def test_coreos_guest_joins_leaves_and_rejoins(
     env.lab.monitor(guest2, "system_powerdown")
     assert guest2.proc is not None
     guest2.proc.wait(timeout=180)
+
+
+PXELINUX_PROFILE = (REPO / "configs/profiles/coreos.yaml").read_text().replace(
+    "loader: ipxe", "loader: pxelinux")
+
+
+@pytest.mark.parametrize("firmware,profile", [("uefi", "coreos"), ("bios", "coreos-pxe")])
+def test_coreos_guest_joins_under_uefi_and_through_pxelinux(
+        swarm_lab: tuple[LabEnv, Engine], firmware: str, profile: str) -> None:
+    """Once each: OVMF through iPXE (initrds named on the kernel line), and SeaBIOS
+    through pxelinux with kernel, initrd and the OEM archive over TFTP."""
+    env, manager = swarm_lab
+    if profile == "coreos-pxe":
+        (env.config.parent / "profiles" / "coreos-pxe.yaml").write_text(PXELINUX_PROFILE)
+        env.wait_loaded({"coreos-pxe"}, 0)
+    env.add_machine(HOST, mac=MAC, profile=profile, hostname=HOST)
+    token = manager.docker("swarm", "join-token", "-q", "worker").stdout.strip()
+    timeline = Timeline()
+    guest = env.lab.boot_guest(firmware, mac=MAC, uuid=str(uuidlib.uuid4()),
+                               serial="SN-COS-2", memory_mb=MEMORY_MB, monitor=True)
+    wait_until("Ready on the manager", lambda: node_states(manager, HOST) == ["Ready"],
+               BOOT_TIMEOUT, guest, timeline, hide=token)
+    timeline.mark("Ready on the manager")
+    print(f"{firmware} {profile}: {timeline}")
+    assert token not in env.lab.netboot_log()
+    env.lab.monitor(guest, "system_powerdown")
+    wait_until("Down on the manager", lambda: node_states(manager, HOST) == ["Down"], 180,
+               guest, hide=token, while_on=False)
