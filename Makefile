@@ -4,7 +4,7 @@ PY := .venv/bin/python
 CONFIG ?= configs/netboot.yaml
 ARGS ?=
 
-.PHONY: run test unit e2e bench lint images deps deps-test check demo demo-down clean help
+.PHONY: run test unit e2e bench lint images coreos-image deps deps-test check demo demo-down clean help
 
 help:
 	@echo "make run     start netboot on $(CONFIG) (ARGS='--interface br0' to choose)"
@@ -14,6 +14,7 @@ help:
 	@echo "make bench   benchmarks against dnsmasq, tftpd-hpa and nginx (ONLY=dhcp|tftp|http|render|storm)"
 	@echo "make lint    ruff"
 	@echo "make check   validate the bundled configuration"
+	@echo "make coreos-image  build (or reuse from /var/cache/netboot-test) the stand-in Container Linux"
 	@echo "make demo    a lab rack of three QEMU guests booting; make demo-down removes it"
 
 deps:
@@ -28,7 +29,12 @@ images/demo/vmlinuz images/demo/initrd.cpio.gz: scripts/demo_os.py
 images/commission/initrd.cpio.gz: scripts/commission_os.py scripts/demo_os.py
 	$(PY) scripts/commission_os.py images/commission
 
-images: deps images/demo/vmlinuz images/commission/initrd.cpio.gz
+# The stand-in Container Linux (configs/profiles/coreos.yaml): built once per machine
+# into /var/cache/netboot-test/coreos-<hash of its inputs>/, hard-linked into images/.
+coreos-image: deps
+	$(PY) scripts/coreos_image.py images/coreos
+
+images: deps images/demo/vmlinuz images/commission/initrd.cpio.gz coreos-image
 
 check: deps images
 	.venv/bin/netboot check --config $(CONFIG)
@@ -59,4 +65,4 @@ demo-down:
 	$(PY) scripts/demo.py down
 
 clean:
-	rm -rf .venv data images/demo images/commission .pytest_cache
+	rm -rf .venv data images/demo images/commission images/coreos .pytest_cache

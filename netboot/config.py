@@ -213,6 +213,8 @@ class SwarmConfig(_Strict):
     worker_token: str | None = None
     manager_token: str | None = None
     sweep_down_nodes: bool = False
+    refresh_seconds: float = Field(60.0, ge=1, le=3600,
+                                   description="how often the socket is read (and swept)")
 
 
 class BmcCredentials(_Strict):

@@ -8,11 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-test}
 
-# ipmitool: the commissioning OS (`make images`) carries a copy of it
+# ipmitool: the commissioning OS (`make images`) carries a copy of it;
 # shim-signed, grub-efi-amd64-signed: the Secure Boot chain (shimx64.efi.signed and
-# grubnetx64.efi.signed) and the GRUB loader (docs/firmware.md)
+# grubnetx64.efi.signed) and the GRUB loader (docs/firmware.md);
+# mmdebstrap, squashfs-tools: the stand-in Container Linux (`make coreos-image`)
 RUN_PKGS=(ipxe pxelinux syslinux-common cpio busybox-static linux-image-amd64 iproute2 kmod gpgv
-          ipmitool shim-signed grub-efi-amd64-signed)
+          ipmitool shim-signed grub-efi-amd64-signed mmdebstrap squashfs-tools)
 TEST_PKGS=("${RUN_PKGS[@]}" qemu-system-x86 ipxe-qemu ovmf dnsmasq-base tftp-hpa atftp curl
            ignition docker.io chromium chromium-driver prometheus iptables nftables gnupg gpgv
            isc-dhcp-relay tcpdump tshark openipmi ipmitool)

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid as uuidlib
@@ -69,6 +70,7 @@ class Guest:
     firmware: str  # "bios" or "uefi"
     log: Path
     proc: subprocess.Popen | None = None
+    monitor: Path | None = None  # the QEMU monitor's UNIX socket, if it has one
 
     def console(self) -> str:
         try:
@@ -191,21 +193,25 @@ class Lab:
     def boot_guest(self, firmware: str = "bios", *, mac: str | None = None,
                    uuid: str | None = None, serial: str = "SN-TEST-1",
                    vendor: str = "NetbootLab", product: str = "QemuBlade",
-                   nic: str = "e1000", nic_rom: bool = True) -> Guest:
+                   nic: str = "e1000", nic_rom: bool = True, memory_mb: int = 512,
+                   monitor: bool = False) -> Guest:
         """Start a guest that PXE-boots from the lab bridge.
 
         ``nic_rom=False`` drops the NIC's iPXE option ROM, so OVMF boots with its
         own EDK2 PXE client (over its built-in virtio-net driver) instead of iPXE.
+        ``monitor=True`` gives it a QEMU monitor socket (see :meth:`monitor`).
         """
         idx, tap, mac = self.new_tap(mac)
         uuid = uuid or str(uuidlib.uuid4())
-        g = Guest(f"g{idx}", mac, uuid, serial, firmware, self.workdir / f"guest{idx}.log")
-        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-smp", "1",
+        g = Guest(f"g{idx}", mac, uuid, serial, firmware, self.workdir / f"guest{idx}.log",
+                  monitor=self.workdir / f"monitor{idx}.sock" if monitor else None)
+        mon = f"unix:{g.monitor},server=on,wait=off" if g.monitor else "none"
+        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mb), "-smp", "1",
                *smbios_args(uuid, serial, vendor, product),
                "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
                "-device", f"{nic},netdev=n0,mac={mac}" + ("" if nic_rom else ",romfile="),
                "-boot", "n", "-serial", f"file:{g.log}", "-display", "none",
-               "-monitor", "none", "-no-reboot", *self.firmware_args(firmware, idx)]
+               "-monitor", mon, "-no-reboot", *self.firmware_args(firmware, idx)]
         g.proc = self.spawn(self.ns_lab, *cmd, log=self.workdir / f"qemu{idx}.log")
         self.guests.append(g)
         return g
@@ -259,6 +265,26 @@ class Lab:
         shutil.copy(store, vars_copy)
         return [*extra, "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={code}",
                 "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
+
+    def monitor(self, g: Guest, command: str) -> str:
+        """Send one command to a guest's QEMU monitor (e.g. ``system_powerdown``, ACPI's
+        power button); what the monitor printed back."""
+        if g.monitor is None:
+            raise ValueError(f"guest {g.name} was started without monitor=True")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(g.monitor))
+            out = b""
+            while b"(qemu)" not in out:  # the banner and first prompt
+                out += sock.recv(4096) or b"(qemu)"
+            sock.sendall(command.encode() + b"\n")
+            reply = b""
+            while b"(qemu)" not in reply:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        return reply.decode(errors="replace")
 
     def wait_guest(self, g: Guest, marker: str = "NETBOOT-TESTOS-DONE",
                    timeout: float = 240) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from netboot.config import SwarmConfig
 from netboot.ignition.artifacts import SwarmSource
 from tests.test_artifacts import M1, U1, make_booter, script_for, write_tree
-from tests.test_swarm_lab import MANAGER_IP, Lab, env_file, lab  # noqa: F401  (fixture)
+from tests.test_swarm_lab import MANAGER_IP, Lab, env_file, lab, nodes, wait_for  # noqa: F401  (lab: a fixture)
 
 pytestmark = pytest.mark.lab
 
@@ -75,3 +76,37 @@ async def test_socket_facts_refresh_and_rotation(lab: Lab, tmp_path: Path,  # no
 def test_sweep_needs_the_socket() -> None:
     assert SwarmSource(SwarmConfig(sweep_down_nodes=True)).sweep is False
     assert SwarmSource(SwarmConfig(docker_socket="/x", sweep_down_nodes=True)).sweep is True
+
+
+async def test_sweep_keeps_a_rebooted_host_until_its_new_node_is_ready(lab: Lab) -> None:  # noqa: F811
+    """A netbooted node is Ready minutes after its boot script, later than the next
+    sweep: the hostname must stay a candidate, or its old Down entry is never removed
+    (it was forgotten after one sweep)."""
+    m, w = lab.manager, lab.worker
+    if m.docker("info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip() != "active":
+        m.docker("swarm", "init", "--advertise-addr", MANAGER_IP)
+    token = m.docker("swarm", "join-token", "-q", "worker").stdout.strip()
+    if w.docker("info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip() != "active":
+        w.docker("swarm", "join", "--token", token, f"{MANAGER_IP}:2377")
+    old_id = w.docker("info", "--format", "{{.Swarm.NodeID}}").stdout.strip()
+    w.docker("swarm", "leave", "--force")  # powered off: the manager lists it Down
+    wait_for(lambda: any(n["ID"] == old_id and n["Status"] == "Down" for n in nodes(m)),
+             "the worker down")
+
+    source = SwarmSource(SwarmConfig(docker_socket=str(m.sock), sweep_down_nodes=True,
+                                     refresh_seconds=1))
+    source.rebooted[w.name] = time.monotonic()  # what issue() notes at its boot script
+    task = asyncio.create_task(source.run())
+    try:
+        await asyncio.sleep(3.5)  # sweeps while the node is still booting: nothing to do
+        assert old_id in {n["ID"] for n in nodes(m)}
+        assert w.name in source.rebooted
+        w.docker("swarm", "join", "--token", token, f"{MANAGER_IP}:2377")  # up again
+        for _ in range(100):
+            if old_id not in {n["ID"] for n in nodes(m)}:
+                break
+            await asyncio.sleep(0.2)
+        assert [n["Status"] for n in nodes(m) if n["Hostname"] == w.name] == ["Ready"]
+    finally:
+        task.cancel()
+        w.docker("swarm", "leave", "--force", check=False)

@@ -321,3 +321,37 @@ async def test_manager_join_and_demoting_leave(lab: Lab) -> None:
     out = run(*unit_command(cfg, "swarm-leave.service", "ExecStop"), env=last)
     assert "last manager" in out.stdout
     assert m.docker("info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip() == "active"
+
+
+async def test_first_manager_inits_and_a_second_joins_with_the_manager_token(lab: Lab) -> None:
+    """swarm-manager with vars.swarm_init (no swarm facts yet) creates the swarm on a real
+    dockerd; a second manager rendered with the facts read from it joins as a manager."""
+    m, w = lab.manager, lab.worker
+    for eng in (w, m):  # start with no swarm at all (earlier tests made one)
+        eng.docker("swarm", "leave", "--force", check=False)
+    renderer = IgnitionRenderer(bundled_template_dir())
+    base = {"mac": "52:54:00:00:00:04", "base_url": f"http://{MANAGER_IP}:8080",
+            "site": SiteSettings(), "ssh_keys": [], "node_urls": {}, "role": "manager"}
+    first = json.loads(renderer.render("swarm-manager", {
+        **base, "hostname": m.name, "uuid": "u-4", "swarm": None,
+        "vars": {"swarm_init": True, "swarm_advertise_addr": MANAGER_IP}}))
+    env = {**m.env(), **env_file(first, "/etc/netboot/swarm.env")}
+    init = unit_command(first, "swarm-join.service", "ExecStart")
+    out = run(*init, env=env)
+    assert "Swarm initialized" in out.stdout
+    assert m.docker("info", "--format", "{{.Swarm.ControlAvailable}}").stdout.strip() == "true"
+    assert "already in a swarm" in run(*init, env=env).stdout  # a reboot does not re-init
+
+    facts = await read_swarm_facts(str(m.sock))  # what netboot reads from the new swarm
+    assert facts.manager_addr == f"{MANAGER_IP}:2377"
+    second = json.loads(renderer.render("swarm-manager", {
+        **base, "hostname": w.name, "uuid": "u-5", "swarm": facts, "vars": {}}))
+    wenv = {**w.env(), **env_file(second, "/etc/netboot/swarm.env")}
+    assert wenv["SWARM_TOKEN"] == facts.manager_token
+    run(*unit_command(second, "swarm-join.service", "ExecStart"), env=wenv)
+    wait_for(lambda: sorted((n["Hostname"], n["Status"], bool(n["ManagerStatus"]))
+                            for n in nodes(m))
+             == sorted([(m.name, "Ready", True), (w.name, "Ready", True)]),
+             "two Ready managers")
+    run(*unit_command(second, "swarm-leave.service", "ExecStop"), env=wenv)  # demote, leave
+    assert w.docker("info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip() == "inactive"

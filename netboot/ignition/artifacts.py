@@ -66,6 +66,10 @@ OS_KERNEL_ARGS: dict[str, tuple[str, ...]] = {
     "other": (),
 }
 SWARM_REFRESH = 60.0
+#: How long a hostname booted with Ignition stays a sweep candidate: from its boot
+#: script to its new node being Ready takes minutes (firmware, kernel, Docker), longer
+#: than one refresh interval, so it is swept at every refresh in this window.
+SWEEP_WINDOW = 1800.0
 TEMPLATE_POLL = 2.0
 
 
@@ -102,10 +106,10 @@ class SwarmSource:
     :attr:`facts`, so no boot ever waits for Docker.
     """
 
-    def __init__(self, cfg: SwarmConfig | None = None, *, interval: float = SWARM_REFRESH):
+    def __init__(self, cfg: SwarmConfig | None = None, *, interval: float | None = None):
         self.socket = cfg.docker_socket if cfg else None
         self.sweep = bool(cfg and cfg.sweep_down_nodes and cfg.docker_socket)
-        self.interval = interval
+        self.interval = interval or (cfg.refresh_seconds if cfg else SWARM_REFRESH)
         self.facts: SwarmFacts | None = None
         self.error: str | None = None
         static = (cfg.manager_addr, cfg.worker_token, cfg.manager_token) if cfg else (None,) * 3
@@ -117,8 +121,8 @@ class SwarmSource:
             else:
                 self.error = ("swarm: manager_addr, worker_token and manager_token must be "
                               "given together")
-        #: hostnames netboot booted with Ignition since the last sweep
-        self.rebooted: set[str] = set()
+        #: hostname -> when (monotonic) netboot last booted it with Ignition
+        self.rebooted: dict[str, float] = {}
 
     @property
     def configured(self) -> bool:
@@ -154,12 +158,16 @@ class SwarmSource:
                 self.error = f"swarm facts refresh failed: {type(exc).__name__}"
                 log.error("%s", self.error)
             if self.sweep and self.rebooted:
-                hosts, self.rebooted = self.rebooted, set()
+                # Not forgotten after one sweep: the node booted may not be Ready yet
+                # (the old entry goes only once the new one is), so every sweep in the
+                # window looks again; sweeping a host that has no down entry is a no-op.
+                now = time.monotonic()
+                self.rebooted = {h: t for h, t in self.rebooted.items()
+                                 if now - t < SWEEP_WINDOW}
                 try:
-                    removed = await sweep_down_nodes(self.socket, hosts)
+                    removed = await sweep_down_nodes(self.socket, set(self.rebooted))
                 except SwarmError as exc:
                     log.warning("swarm sweep: %s", exc)
-                    self.rebooted |= hosts
                 else:
                     if removed:
                         log.info("swarm sweep removed %d stale node(s)", len(removed))
@@ -330,9 +338,10 @@ class Artifacts:
         """Remember what a boot script promised this node, so its fetch serves exactly that."""
         self._issued.put(result.uuid, result)
         if result.ok and result.hostname:
-            self.swarm.rebooted.add(result.hostname)
+            self.swarm.rebooted.pop(result.hostname, None)  # newest last
+            self.swarm.rebooted[result.hostname] = time.monotonic()
             if len(self.swarm.rebooted) > self.max_entries:
-                self.swarm.rebooted.pop()
+                del self.swarm.rebooted[next(iter(self.swarm.rebooted))]
 
     def issued(self, uuid: str) -> NodeArtifacts | None:
         return self._issued.touch(uuid)

@@ -18,11 +18,16 @@ from tests.lab import REPO, Lab, can_run_lab
 
 
 def build_demo_os() -> Path:
+    """images/ with what the bundled profiles boot: the demo OS, and the stand-in
+    Container Linux (configs/profiles/coreos.yaml; built once per machine, cached
+    outside the clone, linked in here)."""
     images = REPO / "images"
     demo = images / "demo"
+    python = str(REPO / ".venv/bin/python")
     if not (demo / "vmlinuz").exists() or not (demo / "initrd.cpio.gz").exists():
-        subprocess.run([str(Path(REPO / ".venv/bin/python")), str(REPO / "scripts/demo_os.py"),
-                        str(demo)], check=True)
+        subprocess.run([python, str(REPO / "scripts/demo_os.py"), str(demo)], check=True)
+    subprocess.run([python, str(REPO / "scripts/coreos_image.py"), str(images / "coreos")],
+                   check=True)
     return images
 
 
