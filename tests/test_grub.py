@@ -120,12 +120,6 @@ def test_offer_per_firmware(config_tree: Path) -> None:
     # an iPXE profile is untouched
     other = "52:54:00:77:00:09"
     assert _offer(cfg, other, Arch.UEFI_X64).filename == "ipxe.efi"
-    # UEFI HTTP Boot: under Secure Boot shim's URL (unsigned iPXE would be refused);
-    # a grub profile without Secure Boot goes through iPXE (Debian's GRUB has no http)
-    sb_http = _offer(cfg, SB_MAC, Arch.UEFI_X64, http_boot=True)
-    assert sb_http.http and sb_http.filename == "http://10.0.0.2:8080/loader/shimx64.efi"
-    assert _offer(cfg, MAC, Arch.UEFI_X64, http_boot=True).filename.endswith("/loader/ipxe.efi")
-    assert _offer(cfg, other, Arch.UEFI_X64, http_boot=True).filename.endswith("/ipxe.efi")
 
 
 def test_site_default_and_machine_file_secure_boot(config_tree: Path) -> None:

@@ -126,16 +126,9 @@ class Booter:
             return Ignore("unsupported client architecture")
         # GRUB is UEFI x64 only (other firmware of a grub profile boots through iPXE);
         # under Secure Boot shim comes first and loads grubx64.efi from beside itself.
-        if client.arch is Arch.UEFI_X64 and self.grub(r):
-            if not client.http_boot:
-                name = snap.server.shim_loader if self.secure_boot(r) else snap.server.grub_loader
-                return Offer(name, profile=r.profile.name, machine=who)
-            if self.secure_boot(r):
-                # HTTP Boot under Secure Boot: only shim runs, and it loads grubx64.efi
-                # over HTTP from beside itself; GRUB then needs its own http (Debian
-                # 12's has none: docs/firmware.md). Without Secure Boot, iPXE below.
-                return Offer(f"{self.base_url}/loader/{quote(snap.server.shim_loader)}",
-                             http=True, profile=r.profile.name, machine=who)
+        if client.arch is Arch.UEFI_X64 and not client.http_boot and self.grub(r):
+            name = snap.server.shim_loader if self.secure_boot(r) else snap.server.grub_loader
+            return Offer(name, profile=r.profile.name, machine=who)
         loader = r.profile.loaders.get(client.arch.value) or snap.server.loaders.get(
             client.arch.value)
         if not loader:

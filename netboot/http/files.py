@@ -41,9 +41,7 @@ async def loader(request: web.Request) -> web.StreamResponse:
     whose whole file went out is reported, so a firmware that will not run the loader
     can be told apart (boot/refusals.py)."""
     ctx = ctx_of(request)
-    # shim over HTTP asks for its next loader by its own (DOS-style) name beside
-    # itself: /loader/%5Cgrubx64.efi. Only a bare name in the table is served.
-    name = request.match_info["name"].lstrip("\\")
+    name = request.match_info["name"]
     path = ctx.loaders.path(name)
     if path is None:
         ctx.counters.inc("http_not_found_total", route="loader")
