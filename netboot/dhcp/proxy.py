@@ -18,6 +18,7 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ..boot.booter import Booter
 from ..boot.spec import Client, Ignore, Offer
@@ -74,14 +75,9 @@ class ProxyDhcp:
         self._templates: dict[tuple[str, int, bool, bool], tuple[bytes, bytes, bytes]] = {}
         #: the decision log: LOG_BURST lines, refilled at LOG_RATE a second; one line per
         #: client and decision every ``log_every`` seconds
-        self.decisions = RateLimitedLog(
-            log, f"%d boot decision(s) were not logged (%s: more than {LOG_RATE:g} new clients "
-            "a second; counted in dhcp_log_suppressed_total); latest: mac=%s",
-            every=LOG_BURST / LOG_RATE, burst=LOG_BURST, clock=clock, level=logging.INFO,
-            quiet=log_every, on_held=self._held)
-
-    def _held(self, reason: str) -> None:
-        self.counters.inc("dhcp_log_suppressed_total")
+        self._log = DecisionLog(log, "boot decision", lambda: self.counters.inc(
+            "dhcp_log_suppressed_total"), counted_in="dhcp_log_suppressed_total",
+            clock=clock, quiet=log_every)
 
     def handle(self, data: bytes, port: int, source: tuple[str, int]) -> Reply | None:
         """Decide on one datagram received on ``port`` (the DHCP port, or the PXE
@@ -214,13 +210,30 @@ class ProxyDhcp:
         tpl = self._templates[(filename, mtype, http_boot, ipxe)] = (head, b"".join(fixed), tail)
         return tpl
 
-    def _log(self, client: Client, what: str) -> None:
-        """Log each distinct decision per client once a minute, not per packet."""
-        if log.isEnabledFor(logging.INFO) and self.decisions.allow(
+
+
+class DecisionLog:
+    """Each distinct boot decision per client logged once a minute, not per packet:
+    LOG_BURST lines, refilled at LOG_RATE a second; what is held back is counted
+    (``held``) and summed up in one line. Used by the DHCPv4 and DHCPv6 responders."""
+
+    def __init__(self, logger: logging.Logger, what: str, held: Callable[[], Any], *,
+                 counted_in: str, clock: Callable[[], float], quiet: float | None):
+        self._logger = logger
+        self._what = what
+        self._limit = RateLimitedLog(
+            logger, f"%d {what}(s) were not logged (%s: more than {LOG_RATE:g} new clients "
+            f"a second; counted in {counted_in}); latest: mac=%s",
+            every=LOG_BURST / LOG_RATE, burst=LOG_BURST, clock=clock, level=logging.INFO,
+            quiet=quiet, on_held=lambda _reason: held())
+
+    def __call__(self, client: Client, what: str) -> None:
+        if self._logger.isEnabledFor(logging.INFO) and self._limit.allow(
                 (client.mac, what, client.ipxe), "over_rate", client.mac):
-            log.info("boot decision: mac=%s uuid=%s arch=%s%s%s: %s", client.mac,
-                     client.uuid or "-", client.arch.value, " ipxe" if client.ipxe else "",
-                     " http-boot" if client.http_boot else "", what)
+            self._logger.info("%s: mac=%s uuid=%s arch=%s%s%s: %s", self._what, client.mac,
+                              client.uuid or "-", client.arch.value,
+                              " ipxe" if client.ipxe else "",
+                              " http-boot" if client.http_boot else "", what)
 
 
 def _ip(b: bytes) -> str:

@@ -34,16 +34,13 @@ from dataclasses import dataclass
 
 from ..boot.booter import Booter
 from ..boot.spec import Client, Ignore, Offer
+from ..dhcp.proxy import DecisionLog
 from ..identity import arch_from_code, node_uuid, uuid_from_option97
 from ..metrics import Counters
 from ..util.lru import Lru
-from ..util.ratelimit import RateLimitedLog
 from . import packet as P
 
 log = logging.getLogger("netboot.dhcp6")
-
-LOG_BURST = 200
-LOG_RATE = 50.0
 
 #: what each client message gets back, and whether it must name this server
 _ANSWERS = {P.SOLICIT: P.ADVERTISE, P.REQUEST: P.REPLY, P.RENEW: P.REPLY,
@@ -150,12 +147,9 @@ class Dhcp6Responder:
         self.report = report
         #: requests on this port are EDK2's boot-service Request to a proxy offer
         self.boot_port = boot_port
-        self.decisions = RateLimitedLog(
-            log, f"%d DHCPv6 boot decision(s) were not logged (%s: more than {LOG_RATE:g} "
-            "new clients a second); latest: mac=%s",
-            every=LOG_BURST / LOG_RATE, burst=LOG_BURST, clock=clock, level=logging.INFO,
-            quiet=log_every, on_held=lambda reason: self.counters.inc(
-                "dhcp6_log_suppressed_total"))
+        self._log = DecisionLog(log, "DHCPv6 boot decision", lambda: self.counters.inc(
+            "dhcp6_log_suppressed_total"), counted_in="dhcp6_log_suppressed_total",
+            clock=clock, quiet=log_every)
 
     # -- in ----------------------------------------------------------------------
     def handle(self, data: bytes, port: int, source: tuple[str, int]) -> Reply6 | None:
@@ -336,13 +330,6 @@ class Dhcp6Responder:
             options.append((P.OPT_INTERFACE_ID, iface))
         options.append((P.OPT_RELAY_MSG, inner))
         return P.RelayMessage(P.RELAY_REPL, relay.hop_count, relay.link, relay.peer, options)
-
-    def _log(self, client: Client, what: str) -> None:
-        if log.isEnabledFor(logging.INFO) and self.decisions.allow(
-                (client.mac, what, client.ipxe), "over_rate", client.mac):
-            log.info("DHCPv6 boot decision: mac=%s uuid=%s arch=%s%s%s: %s", client.mac,
-                     client.uuid or "-", client.arch.value, " ipxe" if client.ipxe else "",
-                     " http-boot" if client.http_boot else "", what)
 
 
 def _vendor_arch(classes: list[bytes]) -> int | None:
