@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-test}
 
-# ipmitool: the commissioning OS (`make images`) carries a copy of it;
+# ipmitool: the IPMI power driver runs it for every BMC call, and the commissioning OS
+# (`make images`) carries a copy of it;
 # shim-signed, grub-efi-amd64-signed: the Secure Boot chain (shimx64.efi.signed and
 # grubnetx64.efi.signed) and the GRUB loader (docs/firmware.md);
 # mmdebstrap, squashfs-tools: the stand-in Container Linux (`make coreos-image`)

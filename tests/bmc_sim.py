@@ -101,10 +101,8 @@ _handed_out: set[tuple[int, int]] = set()
 
 
 def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    """A free port on 127.0.0.1 that this process never handed out before. pyghmi keeps
-    its sessions per (host, port) for the life of the process (docs/bmc.md, the
-    session-table traps): a simulator started on the port of an earlier test's BMC
-    would meet that BMC's stale session and hang on it."""
+    """A free port on 127.0.0.1 that this process never handed out before, so a
+    "dead" BMC's port can never be a live simulator's of an earlier test."""
     for _ in range(1000):
         with socket.socket(socket.AF_INET, kind) as s:
             s.bind(("127.0.0.1", 0))

@@ -14,6 +14,7 @@ import pytest
 
 from netboot.power import BmcConfig, BmcError, BootDevice, PowerService, PowerState
 from netboot.power.driver import open_driver
+from netboot.power.ipmi import IpmiDriver
 from tests.bmc_sim import IpmiSim, SushyEmulator, eventually, free_port, keep_root_logs
 
 pytestmark = pytest.mark.skipif(not shutil.which("ipmi_sim") or not shutil.which("ipmitool"),
@@ -145,7 +146,6 @@ async def test_ipmi_power_and_boot(sims):
         assert (await svc.status("a", cfg)).state == PowerState.OFF
         stats = svc.stats()
         assert stats.errors == 0 and stats.max_running_per_bmc == 1
-        # one pyghmi session served every call (ipmi_sim logs one login per session)
     finally:
         await svc.close()
 
@@ -173,8 +173,7 @@ async def test_ipmi_wrong_password_is_clear_and_other_bmc_unaffected(sims):
 async def test_ipmi_no_answer_is_unknown_within_timeout_and_loop_free(sims):
     a, _ = sims
     dead = dead_ipmi()
-    # not less than 3 s: pyghmi logins that overlap take 0.5-1.7 s (docs/bmc.md)
-    svc = PowerService(workers=4, timeout=3.0)
+    svc = PowerService(workers=4, timeout=2.0)
     try:
         pending = asyncio.create_task(svc.status("dead", dead))
         await asyncio.sleep(0)
@@ -182,13 +181,63 @@ async def test_ipmi_no_answer_is_unknown_within_timeout_and_loop_free(sims):
         ok = await svc.status("a", ipmi(a))
         assert ok.state in (PowerState.ON, PowerState.OFF) and not pending.done()
         st = await pending
-        assert st.state == PowerState.UNKNOWN and "no answer within 3 s" in st.reason
+        assert st.state == PowerState.UNKNOWN and "no answer within 2 s" in st.reason
         s = svc.stats()
-        assert s.timeouts == 1 and s.stuck == 1  # pyghmi's thread still tries (~4.5 s)
-        # its thread still runs: other BMCs go on meanwhile
+        # the caller has its answer; the driver kills its ipmitool a second later
+        assert s.timeouts == 1 and s.stuck == 1
         assert (await svc.status("a", ipmi(a))).reason is None
         await asyncio.to_thread(eventually, lambda: svc.stats().stuck == 0, "thread end", 20)
-        assert svc.stats().running == 0
+        assert svc.stats().running == 0 and not ipmitool_processes(dead.port)
+    finally:
+        await svc.close()
+
+
+def ipmitool_processes(port: int) -> list[str]:
+    """Command lines of running ipmitool processes aimed at `port` on this host."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"ipmitool") and str(port).encode() in argv:
+            found.append(b" ".join(argv).decode(errors="replace"))
+    return found
+
+
+def test_ipmi_driver_alone_is_killed_at_its_deadline_and_keeps_the_password_off_argv(sims):
+    """The driver's own bound (a caller without PowerService): a BMC that never
+    answers costs timeout + 1 s, and the process is gone afterwards. The password
+    travels in the environment, never on the command line."""
+    dead = dead_ipmi()
+    drv = open_driver(dead, timeout=0.5)
+    assert dead.password not in " ".join(drv.argv("power", "status"))
+    with pytest.raises(BmcError) as e:
+        drv.state()
+    assert e.value.kind == "timeout" and "no answer within 1.5 s" in str(e.value)
+    assert not ipmitool_processes(dead.port)
+    missing = IpmiDriver(ipmi(sims[0]), exe="ipmitool-not-installed")
+    with pytest.raises(BmcError) as e:
+        missing.state()
+    assert e.value.kind == "config" and "apt-get install ipmitool" in str(e.value)
+
+
+async def test_ipmi_many_calls_at_once_to_good_wrong_and_dead_bmcs(sims):
+    """Calls share nothing: a wrong password and a dead BMC in the same moment as
+    forty reads of a good one, on eight workers, leave every good read answered
+    and the wrong one refused (not timed out)."""
+    a, b = sims
+    good, bad, dead = ipmi(a), ipmi(b, password=WRONG_PW), dead_ipmi()
+    svc = PowerService(workers=8, timeout=5)
+    try:
+        keys = [f"good{i}" for i in range(40)]
+        results = await asyncio.gather(svc.status("bad", bad), svc.status("dead", dead),
+                                       *(svc.status(k, good) for k in keys))
+        bad_st, dead_st, good_sts = results[0], results[1], results[2:]
+        assert all(s.state in (PowerState.ON, PowerState.OFF) for s in good_sts), good_sts
+        assert "refused the login" in bad_st.reason, bad_st
+        assert dead_st.state == PowerState.UNKNOWN and "no answer" in dead_st.reason
+        assert svc.stats().timeouts == 1
     finally:
         await svc.close()
 

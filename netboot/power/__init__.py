@@ -5,7 +5,7 @@ One small interface for the API, CLI, registry and dashboard:
 - `BmcConfig` (bmc.py): where a BMC is and how to log in; its repr never
   shows the password.
 - `PowerDriver` (driver.py): a synchronous driver for one BMC, opened by
-  `open_driver(cfg)`; IPMI through pyghmi (ipmi.py), Redfish through sushy
+  `open_driver(cfg)`; IPMI through ipmitool, a process per call (ipmi.py), Redfish through sushy
   (redfish.py). Every failure is a `BmcError` whose text is safe to log.
 - `PowerService` (service.py): the async facade. Drivers run in a bounded
   thread pool, each call with a timeout, at most one call per BMC at a time;

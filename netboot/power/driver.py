@@ -42,7 +42,7 @@ class BmcError(Exception):
 def scrub(text: object, cfg: BmcConfig) -> str:
     """A library's text with the password blanked out, should it ever appear.
 
-    Neither pyghmi nor sushy put the password into exception texts (see
+    Neither ipmitool nor sushy put the password into exception texts (see
     docs/bmc.md), but their texts go into our messages, so make sure.
     """
     s = "" if text is None else str(text)

@@ -1,204 +1,134 @@
-"""IPMI over LAN (RMCP+) through pyghmi, the library Ironic's and
-confluent's IPMI code is built on.
+"""IPMI over LAN (RMCP+) through ipmitool, one process per call, as Ironic's
+`ipmitool` driver does.
 
-pyghmi keeps its sessions in process-wide tables and a background thread sends
-keep-alives, so a session is worth keeping. pyghmi 1.6.19 has three traps,
-seen against ipmi_sim (docs/bmc.md), that this module steps around:
+Why a process and not a Python library: pyghmi (used here before) keeps every
+session in process-wide tables served by one I/O thread. Against ipmi_sim it
+hung a second login to a live BMC, handed dead sessions to new logins,
+deadlocked on its two table locks, and under load let one BMC's login stall
+another's past the timeout (docs/bmc.md). An ipmitool process shares nothing
+with any other call, and a call that outlives its deadline is killed, so a
+dead or slow BMC holds its worker for a bounded time and never touches the
+others. A call costs one login (about 20 ms against ipmi_sim).
 
-- A second `Command` for a BMC that already has a live session re-runs the
-  login on the shared session object and hangs. So there is one `Command`
-  per (address, port, user, password) in the process, shared by every driver
-  for that BMC, its calls serialised by a lock.
-- A session stays in `Session.initting_sessions` after its login, success or
-  failure: the key is stored with str credentials and deleted with bytes ones.
-  A later `Command` for that BMC gets the dead session back ("Session no
-  longer connected", or a TypeError after a logout), so a BMC that failed once
-  would never recover. `_end` removes the entry by the str key.
-- `Command(...)` logs in at once and blocks; it is created lazily, in the
-  worker thread, on the first call.
-- Its two process-wide table locks are taken in both orders:
-  `Session.send_payload` holds KEEPALIVE_SESSIONS and then takes
-  WAITING_SESSIONS in `_xmit_packet`; `wait_for_rsp` and the timeout path take
-  them the other way. Logins to two BMCs in two threads deadlocked for good
-  (seen in tests/test_power.py beside test_bmc_api.py: every worker stuck in
-  `protect.__enter__`, a hung pytest). Both names are made one RLock here, at
-  import, so no order can invert; each holds it only around table updates and
-  a sendto.
+The contract, per call:
+- argv: `ipmitool -I lanplus -H <addr> -p <port> -U <user> -E -C 3 -N 1 -R 3 -v
+  <command>`. The password goes in the environment (`-E`, IPMI_PASSWORD),
+  never on the command line, where any local user could read it in `ps`.
+  `-v` is what makes ipmitool say why a login failed ("RAKP 2 HMAC is
+  invalid" for a wrong password, "unauthorized name" for an unknown user);
+  without it both read "Unable to establish IPMI v2 / RMCP+ session".
+- The process is killed `timeout + KILL_GRACE` seconds after it started.
+  PowerService bounds the same call by `timeout`, so the caller has its
+  answer first and the worker is free a moment later.
+- Cipher suite 3 (HMAC-SHA1, AES-128), what ipmi_sim and most BMCs offer and
+  what pyghmi used.
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
-
-from pyghmi.exceptions import IpmiException
-from pyghmi.ipmi.private import session as _pyghmi_session
+import os
+import subprocess
 
 from netboot.power.bmc import IPMI_PORT, BmcConfig
 from netboot.power.driver import DEFAULT_TIMEOUT, BmcError, BootDevice, PowerState, scrub
 
-# one lock for both of pyghmi's session tables (see the module docstring); the
-# functions look the names up at call time, so rebinding the module globals is enough
-_pyghmi_session.WAITING_SESSIONS = _pyghmi_session.KEEPALIVE_SESSIONS
+#: Seconds after `timeout` at which a still-running ipmitool is killed.
+KILL_GRACE = 1.0
+IPMITOOL = "ipmitool"
 
-_BOOTDEV = {BootDevice.NETWORK: "network", BootDevice.DISK: "hd"}
-_SessionKey = tuple[str, str, str, int]
-
-
-@dataclass
-class _Shared:
-    cmd: Any = None
-    refs: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-_table_lock = threading.Lock()
-_table: dict[_SessionKey, _Shared] = {}
+_BOOTDEV = {BootDevice.NETWORK: "pxe", BootDevice.DISK: "disk"}
+_STATE = {"Chassis Power is on": PowerState.ON, "Chassis Power is off": PowerState.OFF}
 
 
 class IpmiDriver:
-    """PowerDriver for an IPMI BMC. `timeout` is not passed to pyghmi, which
-    has no per-call timeout: it gives up on an unanswered BMC after about
-    5 s by itself (docs/bmc.md); PowerService bounds the wait from outside."""
+    """PowerDriver for an IPMI BMC: each call runs ipmitool once (see above)."""
 
-    def __init__(self, cfg: BmcConfig, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, cfg: BmcConfig, *, timeout: float = DEFAULT_TIMEOUT,
+                 exe: str = IPMITOOL) -> None:
         if cfg.driver != "ipmi":
             raise ValueError("IpmiDriver needs an ipmi BmcConfig")
         self.cfg = cfg
         self.timeout = timeout
-        self._shared: _Shared | None = None
+        self.exe = exe
 
     def __repr__(self) -> str:
         return f"IpmiDriver({self.cfg.endpoint}, user={self.cfg.username!r})"
 
-    def _session_key(self) -> _SessionKey:
+    def argv(self, *command: str) -> list[str]:
+        """The command line for `command` (no secret in it)."""
         c = self.cfg
-        return (c.address, c.username, c.password, c.port or IPMI_PORT)
+        return [self.exe, "-I", "lanplus", "-H", c.address, "-p", str(c.port or IPMI_PORT),
+                "-U", c.username, "-E", "-C", "3", "-N", "1", "-R", "3", "-v", *command]
 
-    def _call(self, what: str, fn: Callable[[Any], Any]) -> Any:
-        if self._shared is None:
-            with _table_lock:
-                self._shared = _table.setdefault(self._session_key(), _Shared())
-                self._shared.refs += 1
-        shared = self._shared
-        with shared.lock:
-            try:
-                if shared.cmd is None:
-                    shared.cmd = self._login()
-                result = fn(shared.cmd)
-            except IpmiException as e:
-                err = self._error(what, e)
-                if err.kind != "refused":  # the session is gone: start afresh next time
-                    self._end_session(shared)
-                raise err from None
-            except socket.gaierror as e:
-                self._end_session(shared)
-                raise BmcError(f"{self.cfg.endpoint}: cannot resolve the BMC address "
-                               f"({scrub(e.strerror, self.cfg)}); check bmc.address",
-                               kind="unreachable") from None
-            except OSError as e:
-                self._end_session(shared)
-                raise BmcError(f"{self.cfg.endpoint}: {what} failed: network error "
-                               f"{scrub(e, self.cfg)}", kind="unreachable") from None
-        if isinstance(result, dict) and "error" in result:
-            raise BmcError(f"{self.cfg.endpoint}: the BMC refused {what}: "
-                           f"{scrub(result['error'], self.cfg)}", kind="refused")
-        return result
+    def _call(self, what: str, *command: str) -> str:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C",
+               "IPMI_PASSWORD": self.cfg.password}
+        limit = self.timeout + KILL_GRACE
+        try:
+            r = subprocess.run(self.argv(*command), env=env, capture_output=True,
+                               text=True, errors="replace", timeout=limit,
+                               stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired:  # run() has killed and reaped it
+            raise BmcError(f"{self.cfg.endpoint}: no answer within {limit:g} s ({what}); "
+                           "check that the BMC is up and reachable",
+                           kind="timeout") from None
+        except FileNotFoundError:
+            raise BmcError(f"{self.cfg.endpoint}: {what}: {self.exe} not found; install "
+                           "it (apt-get install ipmitool)", kind="config") from None
+        except OSError as e:
+            raise BmcError(f"{self.cfg.endpoint}: {what}: cannot run {self.exe}: "
+                           f"{e.strerror}", kind="config") from None
+        if r.returncode != 0:
+            raise self._error(what, r.stderr)
+        return r.stdout
 
-    def _login(self) -> Any:
-        """A new Command (it logs in). pyghmi's session tables sometimes hand a
-        new login a half-dead session (AttributeError 'errormsg', TypeError on
-        `logoutexpiry`); nothing was sent to the machine yet, so clean the
-        tables and log in once more."""
-        from pyghmi.ipmi.command import Command
-
-        for attempt in (1, 2):
-            try:
-                return Command(bmc=self.cfg.address, userid=self.cfg.username,
-                               password=self.cfg.password, port=self.cfg.port or IPMI_PORT)
-            except (AttributeError, TypeError, KeyError):
-                _end(None, self._session_key())
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def _end_session(self, shared: _Shared) -> None:
-        """Under shared.lock: log out and make pyghmi forget the session."""
-        cmd, shared.cmd = shared.cmd, None
-        _end(cmd, self._session_key())
-
-    def _error(self, what: str, e: IpmiException) -> BmcError:
-        text = scrub(e, self.cfg) if e.args and e.args[0] is not None else ""
-        low = text.lower()
-        if "incorrect password" in low or "unauthorized name" in low:
-            return BmcError(
-                f"{self.cfg.endpoint}: the BMC refused the login as "
-                f"{self.cfg.username!r} ({text}); check bmc.username and bmc.password",
-                kind="auth")
-        if not text or "timeout" in low or "timed out" in low:
-            return BmcError(
-                f"{self.cfg.endpoint}: no answer from the BMC; check the address and "
-                "port, that its LAN channel is enabled and that UDP reaches it",
-                kind="unreachable")
-        return BmcError(f"{self.cfg.endpoint}: {what} failed: {text}", kind="refused")
+    def _error(self, what: str, stderr: str) -> BmcError:
+        lines = [ln.strip() for ln in stderr.splitlines()
+                 if ln.strip() and not ln.startswith(("Loading IANA", "Running Get VSO",
+                                                      "Discovered IPMB"))]
+        text = scrub("; ".join(lines[-3:]), self.cfg)
+        low = stderr.lower()
+        ep = self.cfg.endpoint
+        if "rakp 2 hmac is invalid" in low or "unauthorized name" in low:
+            return BmcError(f"{ep}: the BMC refused the login as {self.cfg.username!r} "
+                            f"({text}); check bmc.username and bmc.password", kind="auth")
+        if "address lookup for" in low:
+            return BmcError(f"{ep}: cannot resolve the BMC address; check bmc.address",
+                            kind="unreachable")
+        if "get auth capabilities error" in low or "no response" in low:
+            return BmcError(f"{ep}: no answer from the BMC ({what}); check the address "
+                            "and port, that its LAN channel is enabled and that UDP "
+                            "reaches it", kind="unreachable")
+        if "unable to establish" in low:
+            return BmcError(f"{ep}: no IPMI v2 session ({text}); check that the BMC "
+                            "offers RMCP+ with cipher suite 3", kind="protocol")
+        return BmcError(f"{ep}: the BMC refused {what}: {text}", kind="refused")
 
     def state(self) -> PowerState:
-        r = self._call("reading the power state", lambda c: c.get_power())
-        return {"on": PowerState.ON, "off": PowerState.OFF}.get(
-            r.get("powerstate"), PowerState.UNKNOWN)
-
-    def _power(self, what: str, pyghmi_state: str) -> None:
-        self._call(what, lambda c: c.set_power(pyghmi_state, wait=False))
+        out = self._call("reading the power state", "power", "status").strip()
+        return _STATE.get(out, PowerState.UNKNOWN)
 
     def on(self) -> None:
-        self._power("power on", "on")
+        self._call("power on", "power", "on")
 
     def off(self) -> None:
-        self._power("power off", "off")
+        self._call("power off", "power", "off")
 
     def soft(self) -> None:
-        self._power("soft power off", "shutdown")
+        self._call("soft power off", "power", "soft")
 
     def cycle(self) -> None:
-        # pyghmi's "boot": on if off, else a hard reset (chassis control 3).
-        self._power("power cycle", "boot")
+        """On if off, else a hard reset (chassis control 3): a power cycle of
+        a machine that is off is refused by many BMCs."""
+        if self.state() == PowerState.OFF:
+            self.on()
+        else:
+            self._call("power cycle (reset)", "power", "reset")
 
     def set_boot(self, device: BootDevice, persistent: bool) -> None:
         dev = _BOOTDEV[BootDevice(device)]
-        self._call(f"setting the boot device to {device}",
-                   lambda c: c.set_bootdev(dev, persist=persistent))
+        self._call(f"setting the boot device to {device}", "chassis", "bootdev", dev,
+                   *(["options=persistent"] if persistent else []))
 
     def close(self) -> None:
-        """Release this driver's hold on the BMC's session; the last one out
-        logs out. Never raises."""
-        shared, self._shared = self._shared, None
-        if shared is None:
-            return
-        key = self._session_key()
-        with _table_lock:
-            shared.refs -= 1
-            last = shared.refs <= 0
-            if last and _table.get(key) is shared:
-                del _table[key]
-        if last:
-            with shared.lock:
-                cmd, shared.cmd = shared.cmd, None
-                _end(cmd, key)
-
-
-def _end(cmd: Any, key: _SessionKey) -> None:
-    """Log out (best effort) and remove pyghmi's stale login entry (see above)."""
-    if cmd is not None:
-        try:
-            cmd.ipmi_session.logout()
-        except Exception:  # noqa: BLE001 - the BMC may be gone; the session times out
-            pass
-    try:
-        from pyghmi.ipmi.private.session import Session
-        address, user, password, port = key
-        Session.initting_sessions.pop((address, user, password, port, None), None)
-    except Exception:  # noqa: BLE001 - a pyghmi without this table needs no help
-        pass
+        """Nothing to free: no call keeps a session. Never raises."""

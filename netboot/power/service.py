@@ -1,20 +1,21 @@
 """PowerService: BMC drivers behind an asyncio facade.
 
-The drivers are synchronous (pyghmi and sushy block), so every call runs in a
-bounded thread pool, never on the event loop. The rules:
+The drivers are synchronous (ipmitool processes, sushy's blocking HTTP), so
+every call runs in a bounded thread pool, never on the event loop. The rules:
 
 - At most one call per BMC key at a time (a per-key gate), whether it comes
-  from `act`, `status`, `bulk` or the poller; pyghmi sessions are not safe to
-  share between threads, and a BMC is better served one request at a time.
+  from `act`, `status`, `bulk` or the poller; a BMC is better served one
+  request at a time, and a Redfish session is not safe to share between
+  threads.
 - At most `workers` calls at once in all. A call holds its BMC's gate and a
   worker slot until its thread really ends.
 - Each call is bounded by `timeout`. When it passes, the caller gets a
   `BmcError(kind="timeout")` at once and the event loop goes on; the thread
-  cannot be killed, so it runs until the library gives up by itself (pyghmi
-  after about 5 s unanswered, sushy after its read/connect timeout, which is
-  set to this same timeout). Until then that BMC answers `busy` and one
-  worker slot stays taken; the session it used is thrown away when the thread
-  ends. Other BMCs are unaffected unless every worker is stuck.
+  cannot be killed, so it runs until the driver gives up by itself (the IPMI
+  driver kills its ipmitool one second later; sushy stops at its read/connect
+  timeout, which is set to this same timeout). Until then that BMC answers
+  `busy` and one worker slot stays taken; the session it used is thrown away
+  when the thread ends. Other BMCs are unaffected unless every worker is stuck.
 - The poller never takes more than `poll_workers` slots, so an operator's
   power action finds a free worker even while a thousand BMCs are polled.
 """
