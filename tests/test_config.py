@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -196,6 +198,25 @@ def test_check_command(config_tree: Path) -> None:
     missing = _check(config_tree)
     assert missing.returncode == 1
     assert "profile bad: missing from" in missing.stderr and ": k;" in missing.stderr
+
+
+def test_check_warns_when_ipmi_bmcs_have_no_ipmitool(config_tree: Path, tmp_path: Path) -> None:
+    images = config_tree.parent / "images"
+    for f in ("demo/vmlinuz", "demo/initrd.cpio.gz", "extra/oem.cpio.gz"):
+        (images / f).parent.mkdir(parents=True, exist_ok=True)
+        (images / f).write_bytes(b"x")
+    (config_tree.parent / "machines" / "b1.yaml").write_text(
+        'mac: "52:54:00:00:00:b1"\nbmc: {address: 10.9.0.1, username: u, password: p}\n')
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    without = subprocess.run([sys.executable, "-m", "netboot", "check", "--config",
+                              str(config_tree)], capture_output=True, text=True,
+                             env={**os.environ, "PATH": str(empty)})
+    assert without.returncode == 0, without.stderr  # a warning, not a problem
+    assert "b1.yaml use the ipmi driver, but ipmitool is not installed" in without.stderr
+    assert "apt-get install ipmitool" in without.stderr
+    if shutil.which("ipmitool"):
+        assert "ipmitool" not in _check(config_tree).stderr
 
 
 def test_bundled_config_is_valid() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     problems = list(store.problems)
     snap = store.snapshot
     problems += check_profile_images(snap.profiles, store.server.images_dir)
-    for warning in loader_warnings(store.server) + secure_boot_warnings(store):
+    for warning in (loader_warnings(store.server) + secure_boot_warnings(store)
+                    + bmc_warnings(store)):
         print(f"warning: {warning}", file=sys.stderr)
     if problems:
         print("\n".join(problems), file=sys.stderr)
@@ -86,3 +88,18 @@ def secure_boot_warnings(store: ConfigStore) -> list[str]:
                    f"{why}: shim and GRUB will refuse it (use a signed kernel, e.g. "
                    "Debian's linux-image-amd64, or sign it with sbsign)")
     return out
+
+
+def bmc_warnings(store: ConfigStore) -> list[str]:
+    """IPMI BMCs are configured but ipmitool, which the IPMI driver runs, is not here."""
+    snap = store.snapshot
+    creds = snap.server.bmc.credentials
+    users = [str(path) for m, path in snap.machine_files.items()
+             if m.bmc is not None and m.bmc.driver == "ipmi"]
+    if creds is not None and creds.driver == "ipmi":
+        users.insert(0, "bmc.credentials")
+    if not users or shutil.which("ipmitool"):
+        return []
+    more = f" and {len(users) - 3} more" if len(users) > 3 else ""
+    return [f"{', '.join(users[:3])}{more} use the ipmi driver, but ipmitool is not "
+            "installed: power control will fail (apt-get install ipmitool)"]
