@@ -232,6 +232,8 @@ class Lab:
         """QEMU arguments for a firmware:
 
         - ``bios``: SeaBIOS, its console mirrored to serial;
+        - ``uboot``: U-Boot (u-boot-qemu's qemu-x86 build, which boots an amd64
+          kernel; its qemu-x86_64 build resets in ``zboot``) as the firmware;
         - ``uefi``: OVMF (2 MB build) with its own copy of the variable store;
         - ``uefi-sb``: OVMF's Secure Boot build (4 MB) on q35 with SMM, its variable
           store a copy of the one with Microsoft's keys enrolled: Secure Boot on;
@@ -245,6 +247,8 @@ class Lab:
         """
         if firmware == "bios":  # SeaBIOS mirrors the BIOS console (and iPXE) to serial
             return ["-fw_cfg", "name=etc/sercon-port,string=1016"]
+        if firmware == "uboot":  # console on serial; the x86_64 build resets in zboot
+            return ["-bios", "/usr/lib/u-boot/qemu-x86/u-boot.rom"]
         ovmf = "/usr/share/OVMF"
         if firmware == "uefi":
             code, store, extra = f"{ovmf}/OVMF_CODE.fd", f"{ovmf}/OVMF_VARS.fd", []

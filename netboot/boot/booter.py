@@ -145,7 +145,7 @@ class Booter:
 
         A pxelinux (GRUB) request for a machine whose profile does not boot pxelinux
         (GRUB) is a Refusal that is not a failure (the TFTP side answers "file not
-        found").
+        found"). U-Boot (``uboot``) boots any profile's kernel.
         """
         r = self.resolve(mac, uuid)
         if r.profile is None:

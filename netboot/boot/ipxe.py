@@ -56,14 +56,16 @@ def _boot(spec: BootSpec, images: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def refusal_lines(reason: str | None, say: str) -> str:
-    """Two console lines (``say`` is iPXE's echo or pxelinux's SAY) telling why not."""
+def refusal_lines(reason: str | None, say: str, drop: str = "$") -> str:
+    """Two console lines (``say`` is iPXE's echo, pxelinux's SAY or U-Boot's echo)
+    telling why not; ``drop``: characters the loader's shell would act on."""
     return (f"{say} netboot: NOT BOOTING this machine: its boot configuration failed\n"
-            f"{_say(reason, say)}")
+            f"{_say(reason, say, drop)}")
 
 
-def _say(reason: str | None, say: str = "echo") -> str:
-    """One printable console line: no iPXE ${...} expansion, nothing that ends the
+def _say(reason: str | None, say: str = "echo", drop: str = "$") -> str:
+    """One printable console line: no ${...} expansion, nothing that ends the
     command."""
-    text = "".join(c if " " <= c < "\x7f" and c != "$" else " " for c in reason or "")[:400]
+    text = "".join(c if " " <= c < "\x7f" and c not in drop else " "
+                   for c in reason or "")[:400]
     return f"{say} netboot: {text}\n"

@@ -11,8 +11,9 @@ from ..identity import Arch
 if TYPE_CHECKING:
     from ..ignition.artifacts import NodeArtifacts
 
-#: who asks for a decision: an iPXE script, a pxelinux config or a GRUB config
-Loader = Literal["ipxe", "pxelinux", "grub"]
+#: who asks for a decision: an iPXE script, a pxelinux config, a GRUB config or a
+#: U-Boot script
+Loader = Literal["ipxe", "pxelinux", "grub", "uboot"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,6 +102,13 @@ class ProxyDhcp:
         vendor = pkt.options.get(P.OPT_VENDOR_CLASS, b"")
         http_boot = vendor.startswith(b"HTTPClient")
         if not (vendor.startswith(b"PXEClient") or http_boot):
+            if _is_uboot(pkt, vendor):
+                # It takes the first offer, the site's, and asks that offer's next-server
+                # for boot.scr.uimg (boot/uboot.py): a proxy offer would only race it.
+                c.inc("dhcp_ignored_total", reason="u-boot")
+                self._log(self._client(pkt, vendor, False), "U-Boot: not answered (it "
+                          "boots from the site DHCP's next-server, which must be netboot)")
+                return None
             c.inc("dhcp_ignored_total", reason="not-pxe")
             return None
         client = self._client(pkt, vendor, http_boot)
@@ -234,6 +241,14 @@ class DecisionLog:
                               client.uuid or "-", client.arch.value,
                               " ipxe" if client.ipxe else "",
                               " http-boot" if client.http_boot else "", what)
+
+
+def _is_uboot(pkt: P.DhcpPacket, vendor: bytes) -> bool:
+    """U-Boot's own DHCP: option 60 ``U-Boot`` (``U-Boot.armv8``, ...), or option 93 =
+    21/22 (IANA: ARM 32/64-bit U-Boot) without PXEClient."""
+    arch = pkt.options.get(P.OPT_CLIENT_ARCH, b"")
+    return vendor.startswith(b"U-Boot") or (len(arch) >= 2 and arch[:2] in (
+        b"\x00\x15", b"\x00\x16"))
 
 
 def _ip(b: bytes) -> str:

@@ -1,5 +1,5 @@
-"""What a TFTP path serves: generated pxelinux and GRUB configs, OEM archives, images,
-loaders.
+"""What a TFTP path serves: generated pxelinux, GRUB and U-Boot configs, U-Boot's boot
+script, OEM archives, images, loaders.
 
 Admit (a new node), decide, render, record, as on the HTTP side: the lifecycle admits
 a new node, the Booter decides, :mod:`netboot.boot.pxelinux` or :mod:`netboot.boot.grub`
@@ -12,11 +12,11 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..boot import grub, pxelinux
+from ..boot import grub, pxelinux, uboot
 from ..boot.booter import Booter
 from ..boot.lifecycle import Lifecycle
 from ..boot.spec import Decision, Loader
-from ..identity import IdentityError, normalise_mac, normalise_uuid
+from ..identity import IdentityError, node_uuid, normalise_mac, normalise_uuid
 from ..loaders import LoaderTable
 from ..metrics import Counters
 from .packet import ERR_ACCESS, ERR_NOT_FOUND
@@ -33,6 +33,10 @@ class TftpRouter:
 
     def __call__(self, path: str, client: tuple[str, int]) -> Provider:
         path = normalise_path(path)
+        if path == uboot.SCRIPT_NAME:
+            return BytesProvider(uboot.SCRIPT_IMAGE)
+        if path.startswith(uboot.NODE_DIR):
+            return self._uboot(path, client[0])
         if path.startswith("pxelinux.cfg/"):
             return self._pxelinux(path[len("pxelinux.cfg/"):], client[0])
         if path == "grub/grub.cfg":
@@ -64,8 +68,19 @@ class TftpRouter:
         uuid = self.lifecycle.sightings.uuid_for_mac(mac)
         return self._config(mac, uuid, address, "pxelinux", pxelinux.render)
 
+    def _uboot(self, path: str, address: str) -> Provider:
+        """A node's U-Boot script (``uboot/<mac>.scr.uimg``). U-Boot sends no option 97
+        and netboot's DHCP never answered it, so unless the MAC was seen with a UUID
+        before, the node is keyed by its MAC (the UUID made from it)."""
+        try:
+            mac = normalise_mac(uboot.node_mac(path) or "")
+        except IdentityError:
+            raise TftpError(ERR_NOT_FOUND, "file not found") from None
+        uuid = self.lifecycle.sightings.uuid_for_mac(mac) or node_uuid(None, mac)
+        return self._config(mac, uuid, address, "uboot", uboot.render_image)
+
     def _config(self, mac: str | None, uuid: str | None, address: str, loader: Loader,
-                render: Callable[[Decision], str | None]) -> Provider:
+                render: Callable[[Decision], str | bytes | None]) -> Provider:
         """Admit, decide, render, record: a loader's config for this machine, or "file
         not found" when netboot does not serve it (the loader tries its next name)."""
         decision = self.lifecycle.admit(uuid, mac, address, "tftp") or self.booter.decide(
@@ -74,7 +89,7 @@ class TftpRouter:
         if text is None:
             raise TftpError(ERR_NOT_FOUND, "file not found")
         self.lifecycle.served(decision, address, "tftp")
-        return BytesProvider(text.encode())
+        return BytesProvider(text.encode() if isinstance(text, str) else text)
 
     def _grub(self, path: str, address: str) -> Provider:
         """A node's GRUB config, by MAC (``grub/mac/<mac>.cfg``) or by its own address

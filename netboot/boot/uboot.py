@@ -1,0 +1,122 @@
+"""U-Boot: the boot script every U-Boot gets, and a node's own script; render a
+decision, nothing else.
+
+U-Boot's autoboot (Debian 12's 2023.01, distro boot) takes the first DHCP offer,
+the site's, and asks that offer's next-server over TFTP for ``boot.scr.uimg``
+(seen on the qemu-x86 and qemu-x86_64 builds; docs/firmware.md). It does not use
+a ProxyDHCP offer, so the site DHCP must name netboot as next-server, as for GRUB.
+
+``boot.scr.uimg`` is one script for every machine: it loads and runs the node's own
+script, ``uboot/<mac>.scr.uimg`` (the MAC as U-Boot's ``${ethaddr}``: lower case,
+colons). That one loads the kernel and the initrd, sets the kernel arguments and boots with
+``zboot`` (x86) or ``booti`` (arm64, with the device tree U-Boot was given).
+Several initrds (the Ignition OEM archive is one more) are loaded one after the
+other in memory, which Linux reads as one initramfs; that needs U-Boot's
+``setexpr``, which Debian's x86 builds lack ("Unknown command", seen): there such
+a profile fails with that message on the console.
+
+Why not ``pxe get; pxe boot`` against a pxelinux config: U-Boot 2023.01's ``pxe``
+loads one initrd only, and on x86 it handed the kernel that initrd with a size of
+12 bytes ("Initramfs unpacking failed", seen on qemu-x86), so the demo OS never
+started. A script of our own has neither problem.
+
+Both are legacy U-Boot script images, what ``mkimage -A invalid -O linux -T script
+-C none`` writes (tests compare them byte for byte).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+from .ipxe import refusal_lines
+from .spec import Decision, LocalBoot, Refusal
+
+#: the name U-Boot asks for when DHCP names no boot file
+SCRIPT_NAME = "boot.scr.uimg"
+#: where a node's own script is (TFTP path, no leading '/'): NODE_DIR + mac + NODE_EXT
+NODE_DIR = "uboot/"
+NODE_EXT = ".scr.uimg"
+#: what U-Boot's shell would act on in text we echo or quote
+_SHELL = "$'\";\\"
+
+# The x86 builds define no fdt; the arm64 ones boot with the tree QEMU or the board
+# gave U-Boot. No quotes or apostrophes in echo lines: U-Boot's shell reads an
+# apostrophe inside double quotes as the start of a quoted string (seen: the rest of
+# the script became one echo).
+SCRIPT = f"""\
+echo netboot: U-Boot ${{arch}} ${{board}}, fetching the boot script of ${{ethaddr}}
+if tftpboot ${{scriptaddr}} {NODE_DIR}${{ethaddr}}{NODE_EXT}; then source ${{scriptaddr}}; fi
+echo netboot: no boot script for this machine, see the log of netboot
+"""
+
+_MAGIC = 0x27051956
+_OS_LINUX, _ARCH_INVALID, _TYPE_SCRIPT, _COMP_NONE = 5, 0, 6, 0
+_HEADER = struct.Struct(">7I4B32s")
+
+
+def script_image(text: str, *, name: str = "netboot", stamp: int = 0) -> bytes:
+    """``text`` as a legacy U-Boot script image: a 64-byte header (CRCs of header and
+    data), then the image's size table (one entry, then 0) and the script."""
+    body = text.encode()
+    data = struct.pack(">II", len(body), 0) + body  # a single file is not padded
+    fields = [_MAGIC, 0, stamp, len(data), 0, 0, zlib.crc32(data),
+              _OS_LINUX, _ARCH_INVALID, _TYPE_SCRIPT, _COMP_NONE, name.encode()[:32]]
+    fields[1] = zlib.crc32(_HEADER.pack(*fields))
+    return _HEADER.pack(*fields) + data
+
+
+SCRIPT_IMAGE = script_image(SCRIPT)
+
+
+def node_mac(name: str) -> str | None:
+    """The MAC of a node script's TFTP path (``uboot/<mac>.scr.uimg``), else None."""
+    if not (name.startswith(NODE_DIR) and name.endswith(NODE_EXT)):
+        return None
+    return name[len(NODE_DIR):-len(NODE_EXT)]
+
+
+def render(decision: Decision) -> str | None:
+    """A node's script for ``decision``; None when netboot does not serve it (U-Boot
+    then says so and goes on with its other boot targets)."""
+    if isinstance(decision, LocalBoot):
+        return "echo netboot: boot from the local disk\n"
+    if isinstance(decision, Refusal):
+        if not decision.failed:
+            return None
+        return refusal_lines(decision.reason, "echo", _SHELL)
+    args = " ".join([*decision.os_args, decision.cmdline])
+    if any(c in args for c in "'\n"):
+        return refusal_lines("the kernel arguments hold an apostrophe or a newline, "
+                             "which a U-Boot script cannot quote", "echo", _SHELL)
+    files = [f"images/{i}" for i in decision.initrds]
+    if decision.oem is not None:
+        files.append(f"oem/{decision.oem.uuid}.cpio.gz")
+    lines = [f"echo netboot: booting {decision.hostname} (profile {decision.profile})",
+             f"setenv bootargs '{args}'",
+             f"tftpboot ${{kernel_addr_r}} images/{decision.kernel} || exit"]
+    if len(files) == 1:
+        lines.append(f"tftpboot ${{ramdisk_addr_r}} {files[0]} || exit")
+        zboot, booti = "${ramdisk_addr_r} ${filesize}", "${ramdisk_addr_r}:${filesize}"
+    elif files:  # each right after the one before (needs setexpr: not in the x86 builds)
+        lines.append("setenv nb_rd ${ramdisk_addr_r}")
+        for f in files:
+            lines += [f"tftpboot ${{nb_rd}} {f} || exit",
+                      "setexpr nb_rd ${nb_rd} + ${filesize} || exit"]
+        lines.append("setexpr nb_rdsize ${nb_rd} - ${ramdisk_addr_r}")
+        zboot, booti = "${ramdisk_addr_r} ${nb_rdsize}", "${ramdisk_addr_r}:${nb_rdsize}"
+    else:
+        zboot, booti = "0 0", "-"
+    lines += ["if test ${arch} = x86; then",
+              f"  zboot ${{kernel_addr_r}} 0 {zboot}",
+              "else",
+              f"  booti ${{kernel_addr_r}} {booti} ${{fdtcontroladdr}}",
+              "fi",
+              "echo netboot: the kernel did not start"]
+    return "\n".join(lines) + "\n"
+
+
+def render_image(decision: Decision) -> bytes | None:
+    """:func:`render` as the script image U-Boot's ``source`` runs."""
+    text = render(decision)
+    return None if text is None else script_image(text)
