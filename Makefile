@@ -34,7 +34,11 @@ images/commission/initrd.cpio.gz: scripts/commission_os.py scripts/demo_os.py
 coreos-image: deps
 	$(PY) scripts/coreos_image.py images/coreos
 
-images: deps images/demo/vmlinuz images/commission/initrd.cpio.gz coreos-image
+# arm64 loaders and demo OS from Debian's arm64 packages (adds dpkg's arm64 architecture)
+images/arm64/demo/vmlinuz: scripts/arm64_os.py scripts/demo_os.py
+	$(PY) scripts/arm64_os.py images/arm64
+
+images: deps images/demo/vmlinuz images/commission/initrd.cpio.gz coreos-image images/arm64/demo/vmlinuz
 
 check: deps images
 	.venv/bin/netboot check --config $(CONFIG)

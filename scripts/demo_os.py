@@ -102,14 +102,16 @@ esac
 DRIVERS = ("e1000", "virtio_pci", "virtio_net", "efivarfs")
 
 
-def find_kernel(drivers: tuple[str, ...] = DRIVERS) -> tuple[Path, list[Path]]:
-    """The newest installed kernel and the modules ``drivers`` name, in load order
-    (each one's dependencies from modules.dep first)."""
-    kernels = sorted(glob.glob("/boot/vmlinuz-*"))
+def find_kernel(drivers: tuple[str, ...] = DRIVERS,
+                sysroot: Path = Path("/")) -> tuple[Path, list[Path]]:
+    """The newest kernel under ``sysroot`` and the modules ``drivers`` name, in load
+    order (each one's dependencies from modules.dep first)."""
+    kernels = sorted(glob.glob(str(sysroot / "boot/vmlinuz-*")))
     if not kernels:
-        sys.exit("demo_os: no /boot/vmlinuz-*; install it with: apt-get install linux-image-amd64")
+        sys.exit(f"demo_os: no {sysroot / 'boot/vmlinuz-*'}; install it with: "
+                 "apt-get install linux-image-amd64")
     kernel = Path(kernels[-1])
-    moddir = Path("/lib/modules") / kernel.name[len("vmlinuz-"):]
+    moddir = sysroot / "lib/modules" / kernel.name[len("vmlinuz-"):]
     deps: dict[str, list[str]] = {}
     try:
         for line in (moddir / "modules.dep").read_text().splitlines():
@@ -134,8 +136,11 @@ def find_kernel(drivers: tuple[str, ...] = DRIVERS) -> tuple[Path, list[Path]]:
     return kernel, [moddir / rel for rel in order]
 
 
-def find_busybox() -> str:
-    busybox = shutil.which("busybox") or "/bin/busybox"
+def find_busybox(sysroot: Path = Path("/")) -> str:
+    if sysroot != Path("/"):
+        busybox = str(sysroot / "bin/busybox")
+    else:
+        busybox = shutil.which("busybox") or "/bin/busybox"
     if not Path(busybox).exists():
         sys.exit("demo_os: no busybox; install it with: apt-get install busybox-static")
     return busybox
@@ -172,9 +177,11 @@ def pack(root: Path, archive: Path) -> None:
     archive.write_bytes(gzip.compress(data, mtime=0))
 
 
-def build(out: Path) -> None:
-    busybox = find_busybox()
-    kernel, modules = find_kernel()
+def build(out: Path, sysroot: Path = Path("/")) -> None:
+    """The demo OS from the kernel, modules and busybox under ``sysroot`` (another
+    architecture's packages unpacked there: scripts/arm64_os.py)."""
+    busybox = find_busybox(sysroot)
+    kernel, modules = find_kernel(sysroot=sysroot)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         new_root(Path(tmp), busybox, modules, INIT)
