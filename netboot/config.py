@@ -28,9 +28,10 @@ DEFAULT_LOADERS: dict[str, str] = {
     Arch.BIOS.value: "undionly.kpxe",
     Arch.UEFI_X64.value: "ipxe.efi",
     Arch.UEFI_X86.value: "ipxe-i386.efi",
-    Arch.UEFI_ARM64.value: "ipxe-arm64.efi",
     Arch.UEFI_ARM32.value: "ipxe-arm32.efi",
 }
+# uefi-arm64 has no default: Debian ships no arm64 iPXE, so arm64 UEFI machines boot
+# GRUB (shim under Secure Boot) unless netboot.yaml or a profile names a loader.
 
 # Where Debian's ipxe, pxelinux, syslinux-common, shim-signed and grub-efi-amd64-signed
 # packages put the loaders.
@@ -43,6 +44,8 @@ DEFAULT_TFTP_ROOTS = ["/usr/lib/ipxe", "/usr/lib/PXELINUX", "/usr/lib/syslinux/m
 DEFAULT_LOADER_ALIASES: dict[str, str] = {
     "shimx64.efi": "shimx64.efi.signed",
     "grubx64.efi": "grubnetx64.efi.signed",
+    "shimaa64.efi": "shimaa64.efi.signed",  # arm64: scripts/arm64_os.py fetches them
+    "grubaa64.efi": "grubnetaa64.efi.signed",
 }
 
 
@@ -315,6 +318,10 @@ class ServerConfig(_Strict):
                              "clients under Secure Boot (it loads grubx64.efi beside it)")
     grub_loader: str = Field("grubx64.efi", description="boot file offered to UEFI x64 PXE "
                              "clients of a loader: grub profile without Secure Boot")
+    shim_loader_arm64: str = Field("shimaa64.efi", description="boot file offered to arm64 "
+                                   "UEFI PXE clients under Secure Boot")
+    grub_loader_arm64: str = Field("grubaa64.efi", description="boot file offered to other "
+                                   "arm64 UEFI PXE clients (unless loaders names one)")
     loader_aliases: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_LOADER_ALIASES),
         description="served loader name -> file name in tftp.roots (added to the defaults)")
@@ -376,6 +383,32 @@ def _template(v: str) -> str:
     return v
 
 
+def _inside_images(v: Any) -> Any:
+    for item in [v] if isinstance(v, str) else v:
+        if item.startswith("/") or ".." in Path(item).parts:
+            raise ValueError(f"{item!r} must be a path inside images_dir")
+    return v
+
+
+class ArchImages(_Strict):
+    """What a profile boots on another architecture than x86-64."""
+
+    kernel: str
+    initrds: list[str] = Field(default_factory=list)
+    cmdline: str | None = Field(None, description="replaces the profile's cmdline (e.g. "
+                                "another console=) when set")
+
+    @field_validator("kernel", "initrds")
+    @classmethod
+    def _relative(cls, v: Any) -> Any:
+        return _inside_images(v)
+
+    @field_validator("cmdline")
+    @classmethod
+    def _cmdline(cls, v: str | None) -> str | None:
+        return None if v is None else _template(v)
+
+
 class Profile(_Strict):
     """What a class of machines boots."""
 
@@ -400,6 +433,9 @@ class Profile(_Strict):
     commission: bool = Field(False, description="a commissioning OS: the node is "
                              "'commissioning' while it runs, 'ready' when its inventory is in")
     loaders: dict[str, str] = Field(default_factory=dict, description="per-arch loader override")
+    arches: dict[Literal["arm64"], ArchImages] = Field(
+        default_factory=dict, description="kernel and initrds (and cmdline) per other "
+        "architecture; kernel and initrds above are x86-64's")
     vars: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("cmdline")
@@ -410,10 +446,7 @@ class Profile(_Strict):
     @field_validator("kernel", "initrds")
     @classmethod
     def _relative(cls, v: Any) -> Any:
-        for item in [v] if isinstance(v, str) else v:
-            if item.startswith("/") or ".." in Path(item).parts:
-                raise ValueError(f"{item!r} must be a path inside images_dir")
-        return v
+        return _inside_images(v)
 
     @model_validator(mode="after")
     def _secure_boot_loader(self) -> Profile:

@@ -64,7 +64,9 @@ def wanted(cfg: ServerConfig) -> dict[str, str]:
     """What each boot path needs from the table: purpose -> served name."""
     return {**cfg.loaders, "pxelinux": cfg.pxelinux_loader,
             "Secure Boot (shim-signed)": cfg.shim_loader,
-            "GRUB (grub-efi-amd64-signed)": cfg.grub_loader}
+            "GRUB (grub-efi-amd64-signed)": cfg.grub_loader,
+            "arm64 Secure Boot (shim-signed:arm64)": cfg.shim_loader_arm64,
+            "arm64 GRUB (grub-efi-arm64-signed:arm64)": cfg.grub_loader_arm64}
 
 
 def missing(cfg: ServerConfig, table: LoaderTable) -> list[str]:

@@ -76,9 +76,12 @@ def test_render_refusals_and_local_boot() -> None:
 
 def test_stub_hands_over_by_mac_then_address() -> None:
     lines = grub.STUB.splitlines()
-    by_mac = lines.index("  configfile /grub/mac/${net_default_mac}.cfg")
-    by_ip = lines.index("  configfile /grub/ip/${net_default_ip}.cfg")
+    by_mac = lines.index("  configfile ${nb}/mac/${net_default_mac}.cfg")
+    by_ip = lines.index("  configfile ${nb}/ip/${net_default_ip}.cfg")
     assert by_mac < by_ip < lines.index("exit")
+    # an arm64 GRUB asks under grub/arm64/ (the profile's arches.arm64)
+    assert lines.index("set nb=/grub") < lines.index('if [ "$grub_cpu" = "arm64" ]; then') \
+        < lines.index("  set nb=/grub/arm64") < by_mac
 
 
 # -- configuration ------------------------------------------------------------------

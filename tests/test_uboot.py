@@ -63,8 +63,10 @@ def test_mkimage_lists_the_boot_script(tmp_path: Path) -> None:
 
 def test_boot_script_runs_the_node_script_by_mac() -> None:
     lines = uboot.SCRIPT.splitlines()
-    assert ("if tftpboot ${scriptaddr} uboot/${ethaddr}.scr.uimg; then "
-            "source ${scriptaddr}; fi") in lines
+    assert lines[1:4] == [
+        "setenv nb_dir uboot/",
+        "if test ${arch} = arm; then setenv nb_dir uboot/arm64/; fi",
+        "if tftpboot ${scriptaddr} ${nb_dir}${ethaddr}.scr.uimg; then source ${scriptaddr}; fi"]
     assert "'" not in uboot.SCRIPT and '"' not in uboot.SCRIPT  # see the module docstring
 
 

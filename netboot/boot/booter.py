@@ -25,7 +25,7 @@ import jinja2
 from ..config import ConfigStore, Machine, Profile
 from ..identity import Arch
 from ..ignition.artifacts import os_kernel_args
-from .spec import BootSpec, Client, Decision, Ignore, Loader, LocalBoot, Offer, Refusal
+from .spec import BootSpec, Client, Cpu, Decision, Ignore, Loader, LocalBoot, Offer, Refusal
 
 if TYPE_CHECKING:
     from ..ignition.artifacts import Artifacts, NodeArtifacts
@@ -124,10 +124,18 @@ class Booter:
                          machine=who)
         if client.arch is Arch.UNKNOWN:
             return Ignore("unsupported client architecture")
-        # GRUB is UEFI x64 only (other firmware of a grub profile boots through iPXE);
-        # under Secure Boot shim comes first and loads grubx64.efi from beside itself.
+        # GRUB on UEFI x64 for grub profiles (other firmware of a grub profile boots
+        # through iPXE); under Secure Boot shim comes first and loads grubx64.efi from
+        # beside itself. arm64 UEFI boots GRUB (Debian has no arm64 iPXE) unless a
+        # loader is named for it.
+        srv = snap.server
         if client.arch is Arch.UEFI_X64 and not client.http_boot and self.grub(r):
-            name = snap.server.shim_loader if self.secure_boot(r) else snap.server.grub_loader
+            name = srv.shim_loader if self.secure_boot(r) else srv.grub_loader
+            return Offer(name, profile=r.profile.name, machine=who)
+        if (client.arch is Arch.UEFI_ARM64 and not client.http_boot
+                and not (r.profile.loaders.get(client.arch.value)
+                         or srv.loaders.get(client.arch.value))):
+            name = srv.shim_loader_arm64 if self.secure_boot(r) else srv.grub_loader_arm64
             return Offer(name, profile=r.profile.name, machine=who)
         loader = r.profile.loaders.get(client.arch.value) or snap.server.loaders.get(
             client.arch.value)
@@ -139,13 +147,16 @@ class Booter:
         return Offer(loader, profile=r.profile.name, machine=who)
 
     # -- a loader asks: what does this machine boot? -------------------------
-    def decide(self, mac: str | None, uuid: str | None, loader: Loader = "ipxe") -> Decision:
+    def decide(self, mac: str | None, uuid: str | None, loader: Loader = "ipxe",
+               cpu: Cpu = "amd64") -> Decision:
         """The decision for a boot script (``ipxe``), a pxelinux config (``pxelinux``)
         or a GRUB config (``grub``).
 
         A pxelinux (GRUB) request for a machine whose profile does not boot pxelinux
         (GRUB) is a Refusal that is not a failure (the TFTP side answers "file not
-        found"). U-Boot (``uboot``) boots any profile's kernel.
+        found"). U-Boot (``uboot``) boots any profile's kernel. ``cpu`` is what the
+        loader runs on: ``arm64`` boots the profile's ``arches.arm64`` (a failed
+        Refusal when it names none), and takes GRUB whatever the profile's loader.
         """
         r = self.resolve(mac, uuid)
         if r.profile is None:
@@ -154,15 +165,24 @@ class Booter:
         if loader == "pxelinux" and profile.loader != "pxelinux":
             return Refusal(uuid, mac, f"profile {profile.name} does not boot pxelinux",
                            profile=profile.name)
-        if loader == "grub" and not self.grub(r):
+        if loader == "grub" and cpu == "amd64" and not self.grub(r):
             return Refusal(uuid, mac, f"profile {profile.name} does not boot GRUB",
                            profile=profile.name)
         hostname = self.hostname(r, mac)
         if self._local_boot(profile, uuid):
             return LocalBoot(uuid, mac, profile.name, hostname)
+        kernel, initrds, cmdline_src = profile.kernel, profile.initrds, profile.cmdline
+        if cpu != "amd64":
+            other = profile.arches.get(cpu)
+            if other is None:
+                return Refusal(uuid, mac, f"profile {profile.name} has no {cpu} kernel (give "
+                               f"it arches: {{{cpu}: {{kernel: ..., initrds: [...]}}}})",
+                               failed=True, profile=profile.name, hostname=hostname)
+            kernel, initrds = other.kernel, other.initrds
+            cmdline_src = other.cmdline if other.cmdline is not None else profile.cmdline
         ctx = self.context(r, mac, uuid)
         try:
-            cmdline = self._render(profile.cmdline, ctx)
+            cmdline = self._render(cmdline_src, ctx)
         except jinja2.TemplateError as exc:
             return Refusal(uuid, mac, f"profile {profile.name}: cmdline template: {exc}",
                            failed=True, profile=profile.name, hostname=hostname)
@@ -177,9 +197,8 @@ class Booter:
             assert oem is not None and self.artifacts is not None
             oem_url = self.artifacts.signed_url(self.base_url, "oem", oem.uuid)
             os_args = tuple(os_kernel_args(profile))
-        return BootSpec(uuid, mac, profile.name, hostname, profile.kernel,
-                        tuple(profile.initrds), cmdline, os_args, oem, oem_url,
-                        profile.commission)
+        return BootSpec(uuid, mac, profile.name, hostname, kernel, tuple(initrds), cmdline,
+                        os_args, oem, oem_url, profile.commission, cpu)
 
     def artifacts_for(self, mac: str | None, uuid: str) -> tuple[NodeArtifacts | None, str]:
         """The node's Ignition artefacts as a boot would make them (``netboot render``,

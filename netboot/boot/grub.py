@@ -21,18 +21,24 @@ from urllib.parse import urlsplit
 from .pxelinux import oem_path
 from .spec import Decision, LocalBoot, Refusal
 
-#: where GRUB finds a node's config (TFTP paths, no leading '/')
+#: where GRUB finds a node's config (TFTP paths, no leading '/'); an arm64 GRUB
+#: asks the same names under ARM64_DIR (its kernel is the profile's arches.arm64)
 MAC_DIR = "grub/mac/"
 IP_DIR = "grub/ip/"
+ARM64_DIR = "grub/arm64/"
 
 STUB = f"""\
 # netboot: each machine's own config, by MAC, else by address
 set timeout=0
+set nb=/grub
+if [ "$grub_cpu" = "arm64" ]; then
+  set nb=/{ARM64_DIR.rstrip("/")}
+fi
 if [ -n "$net_default_mac" ]; then
-  configfile /{MAC_DIR}${{net_default_mac}}.cfg
+  configfile ${{nb}}/mac/${{net_default_mac}}.cfg
 fi
 if [ -n "$net_default_ip" ]; then
-  configfile /{IP_DIR}${{net_default_ip}}.cfg
+  configfile ${{nb}}/ip/${{net_default_ip}}.cfg
 fi
 echo 'netboot: no boot configuration for this machine'
 sleep 10

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 #: who asks for a decision: an iPXE script, a pxelinux config, a GRUB config or a
 #: U-Boot script
 Loader = Literal["ipxe", "pxelinux", "grub", "uboot"]
+#: what the loader runs on, so which of a profile's kernels it boots
+Cpu = Literal["amd64", "arm64"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,8 @@ class BootSpec:
     oem_url: str | None = None
     #: a commissioning OS (the node is 'commissioning' while it runs, not 'booting')
     commission: bool = False
+    #: the CPU the kernel is for (the registry records it)
+    cpu: Cpu = "amd64"
 
 
 @dataclass(frozen=True, slots=True)

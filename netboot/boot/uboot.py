@@ -3,12 +3,14 @@ decision, nothing else.
 
 U-Boot's autoboot (Debian 12's 2023.01, distro boot) takes the first DHCP offer,
 the site's, and asks that offer's next-server over TFTP for ``boot.scr.uimg``
-(seen on the qemu-x86 and qemu-x86_64 builds; docs/firmware.md). It does not use
+(seen on the qemu-x86, qemu-x86_64 and qemu_arm64 builds; docs/firmware.md). It does not use
 a ProxyDHCP offer, so the site DHCP must name netboot as next-server, as for GRUB.
 
 ``boot.scr.uimg`` is one script for every machine: it loads and runs the node's own
 script, ``uboot/<mac>.scr.uimg`` (the MAC as U-Boot's ``${ethaddr}``: lower case,
-colons). That one loads the kernel and the initrd, sets the kernel arguments and boots with
+colons), or ``uboot/arm64/<mac>.scr.uimg`` on an ARM U-Boot (``${arch}`` is ``arm``;
+32-bit ARM is not served), which boots the profile's ``arches.arm64``. The node's
+script loads the kernel and the initrd, sets the kernel arguments and boots with
 ``zboot`` (x86) or ``booti`` (arm64, with the device tree U-Boot was given).
 Several initrds (the Ignition OEM archive is one more) are loaded one after the
 other in memory, which Linux reads as one initramfs; that needs U-Boot's
@@ -46,7 +48,9 @@ _SHELL = "$'\";\\"
 # the script became one echo).
 SCRIPT = f"""\
 echo netboot: U-Boot ${{arch}} ${{board}}, fetching the boot script of ${{ethaddr}}
-if tftpboot ${{scriptaddr}} {NODE_DIR}${{ethaddr}}{NODE_EXT}; then source ${{scriptaddr}}; fi
+setenv nb_dir {NODE_DIR}
+if test ${{arch}} = arm; then setenv nb_dir {NODE_DIR}arm64/; fi
+if tftpboot ${{scriptaddr}} ${{nb_dir}}${{ethaddr}}{NODE_EXT}; then source ${{scriptaddr}}; fi
 echo netboot: no boot script for this machine, see the log of netboot
 """
 
@@ -70,10 +74,8 @@ SCRIPT_IMAGE = script_image(SCRIPT)
 
 
 def node_mac(name: str) -> str | None:
-    """The MAC of a node script's TFTP path (``uboot/<mac>.scr.uimg``), else None."""
-    if not (name.startswith(NODE_DIR) and name.endswith(NODE_EXT)):
-        return None
-    return name[len(NODE_DIR):-len(NODE_EXT)]
+    """The MAC of a node script's name under NODE_DIR (``<mac>.scr.uimg``), else None."""
+    return name[:-len(NODE_EXT)] if name.endswith(NODE_EXT) else None
 
 
 def render(decision: Decision) -> str | None:

@@ -120,7 +120,8 @@ def check_profile_images(profiles: dict[str, Profile], images_dir: Path) -> list
     messages = []
     for name, prof in sorted(profiles.items()):
         missing: list[str] = []
-        for item in [prof.kernel, *prof.initrds]:
+        other = [f for a in prof.arches.values() for f in (a.kernel, *a.initrds)]
+        for item in [prof.kernel, *prof.initrds, *other]:
             try:
                 path = confine(root, item)  # the rules HTTP and TFTP serve by
             except ConfineError:
@@ -166,6 +167,8 @@ def _hint(item: str) -> str:
                    f" (if {version} is still that stream's release)"))
     if head == "demo":
         return "make images builds the demo OS"
+    if head == "arm64":
+        return "make images fetches the arm64 demo OS (scripts/arm64_os.py)"
     if head == "commission":
         return "make images builds the commissioning OS (scripts/commission_os.py)"
     return "copy it there, or bring it with netboot images import FILE.tar"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from ..boot import grub, pxelinux, uboot
 from ..boot.booter import Booter
 from ..boot.lifecycle import Lifecycle
-from ..boot.spec import Decision, Loader
+from ..boot.spec import Cpu, Decision, Loader
 from ..identity import IdentityError, node_uuid, normalise_mac, normalise_uuid
 from ..loaders import LoaderTable
 from ..metrics import Counters
@@ -36,11 +36,13 @@ class TftpRouter:
         if path == uboot.SCRIPT_NAME:
             return BytesProvider(uboot.SCRIPT_IMAGE)
         if path.startswith(uboot.NODE_DIR):
-            return self._uboot(path, client[0])
+            return self._uboot(path[len(uboot.NODE_DIR):], client[0])
         if path.startswith("pxelinux.cfg/"):
             return self._pxelinux(path[len("pxelinux.cfg/"):], client[0])
         if path == "grub/grub.cfg":
             return BytesProvider(grub.STUB.encode())
+        if path.startswith(grub.ARM64_DIR):
+            return self._grub("grub/" + path[len(grub.ARM64_DIR):], client[0], "arm64")
         if path.startswith((grub.MAC_DIR, grub.IP_DIR)):
             return self._grub(path, client[0])
         if path.startswith("oem/"):
@@ -68,30 +70,35 @@ class TftpRouter:
         uuid = self.lifecycle.sightings.uuid_for_mac(mac)
         return self._config(mac, uuid, address, "pxelinux", pxelinux.render)
 
-    def _uboot(self, path: str, address: str) -> Provider:
-        """A node's U-Boot script (``uboot/<mac>.scr.uimg``). U-Boot sends no option 97
-        and netboot's DHCP never answered it, so unless the MAC was seen with a UUID
-        before, the node is keyed by its MAC (the UUID made from it)."""
+    def _uboot(self, name: str, address: str) -> Provider:
+        """A node's U-Boot script (``uboot/<mac>.scr.uimg``, ``uboot/arm64/<mac>...``).
+        U-Boot sends no option 97 and netboot's DHCP never answered it, so unless the
+        MAC was seen with a UUID before, the node is keyed by its MAC (the UUID made
+        from it)."""
+        cpu: Cpu = "amd64"
+        if name.startswith("arm64/"):
+            name, cpu = name[len("arm64/"):], "arm64"
         try:
-            mac = normalise_mac(uboot.node_mac(path) or "")
+            mac = normalise_mac(uboot.node_mac(name) or "")
         except IdentityError:
             raise TftpError(ERR_NOT_FOUND, "file not found") from None
         uuid = self.lifecycle.sightings.uuid_for_mac(mac) or node_uuid(None, mac)
-        return self._config(mac, uuid, address, "uboot", uboot.render_image)
+        return self._config(mac, uuid, address, "uboot", uboot.render_image, cpu)
 
     def _config(self, mac: str | None, uuid: str | None, address: str, loader: Loader,
-                render: Callable[[Decision], str | bytes | None]) -> Provider:
+                render: Callable[[Decision], str | bytes | None],
+                cpu: Cpu = "amd64") -> Provider:
         """Admit, decide, render, record: a loader's config for this machine, or "file
         not found" when netboot does not serve it (the loader tries its next name)."""
         decision = self.lifecycle.admit(uuid, mac, address, "tftp") or self.booter.decide(
-            mac, uuid, loader)
+            mac, uuid, loader, cpu)
         text = render(decision)
         if text is None:
             raise TftpError(ERR_NOT_FOUND, "file not found")
         self.lifecycle.served(decision, address, "tftp")
         return BytesProvider(text.encode() if isinstance(text, str) else text)
 
-    def _grub(self, path: str, address: str) -> Provider:
+    def _grub(self, path: str, address: str, cpu: Cpu = "amd64") -> Provider:
         """A node's GRUB config, by MAC (``grub/mac/<mac>.cfg``) or by its own address
         (``grub/ip/<address>.cfg``: only the client at that address, as the node it
         last booted as)."""
@@ -115,7 +122,7 @@ class TftpRouter:
             uuid, mac = self.lifecycle.sightings.at(address)
             if mac is None:
                 raise TftpError(ERR_NOT_FOUND, "file not found")
-        return self._config(mac, uuid, address, "grub", grub.render)
+        return self._config(mac, uuid, address, "grub", grub.render, cpu)
 
     def _oem(self, name: str, address: str) -> Provider:
         """``oem/<uuid>.cpio.gz``: only to the address that just booted as that node.
