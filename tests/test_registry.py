@@ -263,3 +263,26 @@ async def test_v3_registry_gets_secure_boot_unknown_on_upgrade(tmp_path: Path) -
         assert node is not None and node.secure_boot is None and node.state == "installed"
     finally:
         await reg.close()
+
+
+async def test_v4_registry_gets_arch_unknown_then_records_a_boot(tmp_path: Path) -> None:
+    """Migration 5 adds ``arch``: None for the nodes already there, set by a boot and
+    kept across a reopen."""
+    uuid = "5db34dac-6aee-4034-9d7c-0037a2950004"
+    await old_registry(tmp_path, 4, (
+        "INSERT INTO nodes (uuid, first_seen, last_seen, state, state_since) "
+        f"VALUES ('{uuid}', 1, 1, 'installed', 1)", ()))
+    reg = await Registry.open(tmp_path, secret=b"s" * 32)
+    try:
+        node = reg.get(uuid)
+        assert node is not None and node.arch is None and node.state == "installed"
+        reg.observe(uuid, mac=None, address=None, source="test", boot=True, arch="arm64")
+        await reg.commit()
+    finally:
+        await reg.close()
+    reg = await Registry.open(tmp_path, secret=b"s" * 32)
+    try:
+        node = reg.get(uuid)
+        assert node is not None and node.arch == "arm64"
+    finally:
+        await reg.close()

@@ -254,6 +254,7 @@ class Lifecycle:
             return  # an endpoint that did not admit() first: not recorded, still bounded
         seen = reg.observe(uuid, mac=mac, address=address, source=source, boot=True,
                            hostname=decision.hostname, profile=decision.profile,
+                           arch=decision.cpu if isinstance(decision, BootSpec) else None,
                            **(identity or {}))
         if seen.created:  # first contact through a loader (no DHCP sighting recorded)
             self._publish(seen, source)

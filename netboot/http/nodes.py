@@ -101,6 +101,8 @@ class NodeOut(BaseModel):
     secure_boot: bool | None = Field(
         None, description="Secure Boot was on in the booted OS (its SecureBoot EFI "
         "variable, as the OS reported it); null: not reported (BIOS)")
+    arch: Literal["amd64", "arm64"] | None = Field(
+        None, description="the CPU architecture its last boot's kernel was for")
     stuck: bool = Field(False, description="deploying or commissioning for longer than "
                         "stuck_after")
     power: PowerState = Field(description="power as last polled from its BMC")

@@ -107,6 +107,8 @@ class Node:
     assigned_profile: str | None = None
     #: Secure Boot was on (True) or off (False) in its last report; None: never said (BIOS)
     secure_boot: bool | None = None
+    #: the CPU architecture of its last boot (amd64, arm64); None before one
+    arch: str | None = None
 
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         d = asdict(self)
@@ -218,7 +220,7 @@ def _node_row(n: Node) -> tuple[Any, ...]:
     return (n.uuid, n.serial, n.vendor, n.product, n.asset, n.address, n.hostname, n.profile,
             json.dumps(n.labels, sort_keys=True), n.boot_count, n.first_seen, n.last_seen,
             n.state, n.state_since, n.reason, int(n.armed), n.cycle_start, n.assigned_profile,
-            None if n.secure_boot is None else int(n.secure_boot),
+            None if n.secure_boot is None else int(n.secure_boot), n.arch,
             search_text(n.serial, n.hostname, n.macs))
 
 
@@ -378,8 +380,8 @@ class Registry:
                 boot: bool = False, **identity: str | bool | None) -> Change:
         """A sighting: create in 'discovered' if new, update the given fields, count a boot.
 
-        ``identity``: serial, vendor, product, asset, hostname, profile, secure_boot
-        (None: unchanged).
+        ``identity``: serial, vendor, product, asset, hostname, profile, secure_boot,
+        arch (None: unchanged).
         """
         uuid = normalise_uuid(uuid)
         mac = normalise_mac(mac) if mac else None

@@ -88,13 +88,19 @@ async def _m4_secure_boot(db: aiosqlite.Connection) -> None:
     await db.execute("ALTER TABLE nodes ADD COLUMN secure_boot INTEGER")
 
 
+async def _m5_arch(db: aiosqlite.Connection) -> None:
+    """The CPU architecture the node last booted a kernel for (``amd64``, ``arm64``),
+    from the loader that asked; NULL before its first boot."""
+    await db.execute("ALTER TABLE nodes ADD COLUMN arch TEXT")
+
+
 # Ordered; migration i+1 brings the schema from user_version i to i+1. Append only.
 MIGRATIONS: list[Callable[[aiosqlite.Connection], Awaitable[None]]] = [
-    _m1_initial, _m2_bmc_inventory_audit, _m3_node_pages, _m4_secure_boot]
+    _m1_initial, _m2_bmc_inventory_audit, _m3_node_pages, _m4_secure_boot, _m5_arch]
 
 NODE_COLS = ("uuid", "serial", "vendor", "product", "asset", "address", "hostname", "profile",
              "labels", "boot_count", "first_seen", "last_seen", "state", "state_since",
-             "reason", "armed", "cycle_start", "assigned_profile", "secure_boot")
+             "reason", "armed", "cycle_start", "assigned_profile", "secure_boot", "arch")
 #: what a node row is written with: its columns, then ``search`` (see _m3_node_pages)
 UPSERT_NODE = (f"INSERT OR REPLACE INTO nodes ({', '.join(NODE_COLS)}, search) "
                f"VALUES ({', '.join('?' * (len(NODE_COLS) + 1))})")
