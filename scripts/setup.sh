@@ -13,12 +13,15 @@ what=${1:-test}
 # shim-signed, grub-efi-amd64-signed: the Secure Boot chain (shimx64.efi.signed and
 # grubnetx64.efi.signed) and the GRUB loader (docs/firmware.md);
 # mmdebstrap, squashfs-tools: the stand-in Container Linux (`make coreos-image`);
-# u-boot-qemu, u-boot-tools (tests): U-Boot firmware for QEMU, and mkimage as the oracle
+# u-boot-qemu, u-boot-tools (tests): U-Boot firmware for QEMU, and mkimage as the oracle;
+# qemu-system-arm, qemu-efi-aarch64 (tests): arm64 guests (AAVMF); nginx-light: the
+# storm test's peer (tests/test_faults.py)
 RUN_PKGS=(ipxe pxelinux syslinux-common cpio busybox-static linux-image-amd64 iproute2 kmod gpgv
           ipmitool shim-signed grub-efi-amd64-signed mmdebstrap squashfs-tools)
 TEST_PKGS=("${RUN_PKGS[@]}" qemu-system-x86 ipxe-qemu ovmf dnsmasq-base tftp-hpa atftp curl
            ignition docker.io chromium chromium-driver prometheus iptables nftables gnupg gpgv
-           isc-dhcp-relay tcpdump tshark openipmi ipmitool u-boot-qemu u-boot-tools)
+           isc-dhcp-relay tcpdump tshark openipmi ipmitool u-boot-qemu u-boot-tools
+           qemu-system-arm qemu-efi-aarch64 nginx-light)
 BENCH_PKGS=("${TEST_PKGS[@]}" tftpd-hpa nginx-light wrk kea-admin gcc)
 
 case "$what" in

@@ -55,6 +55,9 @@ def can_run_lab() -> str | None:
     return None
 
 
+ARM64_FIRMWARE = ("uboot-arm64", "aavmf", "aavmf-sb")
+
+
 def smbios_args(uuid: str, serial: str, vendor: str, product: str) -> list[str]:
     """The SMBIOS system identity QEMU gives a guest (dmidecode, iPXE's ${uuid})."""
     return ["-smbios", f"type=1,uuid={uuid},serial={serial},manufacturer={vendor},"
@@ -206,11 +209,18 @@ class Lab:
         g = Guest(f"g{idx}", mac, uuid, serial, firmware, self.workdir / f"guest{idx}.log",
                   monitor=self.workdir / f"monitor{idx}.sock" if monitor else None)
         mon = f"unix:{g.monitor},server=on,wait=off" if g.monitor else "none"
-        cmd = ["qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mb), "-smp", "1",
+        if firmware in ARM64_FIRMWARE:  # QEMU's virt board; virtio-net is what it has
+            machine = ["qemu-system-aarch64", "-accel", "tcg", "-machine", "virt",
+                       "-cpu", "cortex-a57", "-uuid", uuid]
+            # without disable-legacy U-Boot gives every guest MAC 52:52:52:52:52:52
+            device = f"virtio-net-pci,netdev=n0,mac={mac},disable-legacy=on,romfile="
+        else:
+            machine = ["qemu-system-x86_64", "-accel", "tcg", "-boot", "n"]
+            device = f"{nic},netdev=n0,mac={mac}" + ("" if nic_rom else ",romfile=")
+        cmd = [*machine, "-m", str(memory_mb), "-smp", "1",
                *smbios_args(uuid, serial, vendor, product),
                "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
-               "-device", f"{nic},netdev=n0,mac={mac}" + ("" if nic_rom else ",romfile="),
-               "-boot", "n", "-serial", f"file:{g.log}", "-display", "none",
+               "-device", device, "-serial", f"file:{g.log}", "-display", "none",
                "-monitor", mon, "-no-reboot", *self.firmware_args(firmware, idx)]
         g.proc = self.spawn(self.ns_lab, *cmd, log=self.workdir / f"qemu{idx}.log")
         self.guests.append(g)
@@ -234,6 +244,9 @@ class Lab:
         - ``bios``: SeaBIOS, its console mirrored to serial;
         - ``uboot``: U-Boot (u-boot-qemu's qemu-x86 build, which boots an amd64
           kernel; its qemu-x86_64 build resets in ``zboot``) as the firmware;
+        - ``uboot-arm64``, ``aavmf``, ``aavmf-sb``: an arm64 guest (QEMU's virt board,
+          virtio-net) with U-Boot's qemu_arm64 build or AAVMF (UEFI, its own variable
+          store; ``-sb``: the store with Microsoft's keys, Secure Boot on);
         - ``uefi``: OVMF (2 MB build) with its own copy of the variable store;
         - ``uefi-sb``: OVMF's Secure Boot build (4 MB) on q35 with SMM, its variable
           store a copy of the one with Microsoft's keys enrolled: Secure Boot on;
@@ -249,6 +262,15 @@ class Lab:
             return ["-fw_cfg", "name=etc/sercon-port,string=1016"]
         if firmware == "uboot":  # console on serial; the x86_64 build resets in zboot
             return ["-bios", "/usr/lib/u-boot/qemu-x86/u-boot.rom"]
+        if firmware == "uboot-arm64":
+            return ["-bios", "/usr/lib/u-boot/qemu_arm64/u-boot.bin"]
+        if firmware in ("aavmf", "aavmf-sb"):  # -sb: Microsoft's keys, Secure Boot on
+            kind = ".ms" if firmware == "aavmf-sb" else ""
+            vars_copy = self.workdir / f"AAVMF_VARS{idx}.fd"
+            shutil.copy(f"/usr/share/AAVMF/AAVMF_VARS{kind}.fd", vars_copy)
+            return ["-drive", "if=pflash,format=raw,unit=0,readonly=on,"
+                    f"file=/usr/share/AAVMF/AAVMF_CODE{kind}.fd",
+                    "-drive", f"if=pflash,format=raw,unit=1,file={vars_copy}"]
         ovmf = "/usr/share/OVMF"
         if firmware == "uefi":
             code, store, extra = f"{ovmf}/OVMF_CODE.fd", f"{ovmf}/OVMF_VARS.fd", []

@@ -13,14 +13,15 @@ from typing import Any
 
 import pytest
 
+from netboot.config import DEFAULT_TFTP_ROOTS
 from tests.bmc_lab import bmc_lab  # noqa: F401  (a fixture: a guest behind a real BMC)
 from tests.lab import REPO, Lab, can_run_lab
 
 
 def build_demo_os() -> Path:
-    """images/ with what the bundled profiles boot: the demo OS, and the stand-in
+    """images/ with what the bundled profiles boot: the demo OS, the stand-in
     Container Linux (configs/profiles/coreos.yaml; built once per machine, cached
-    outside the clone, linked in here)."""
+    outside the clone, linked in here) and the arm64 loaders and demo OS."""
     images = REPO / "images"
     demo = images / "demo"
     python = str(REPO / ".venv/bin/python")
@@ -28,6 +29,8 @@ def build_demo_os() -> Path:
         subprocess.run([python, str(REPO / "scripts/demo_os.py"), str(demo)], check=True)
     subprocess.run([python, str(REPO / "scripts/coreos_image.py"), str(images / "coreos")],
                    check=True)
+    subprocess.run([python, str(REPO / "scripts/arm64_os.py"), str(images / "arm64")],
+                   check=True)  # up to date: no download
     return images
 
 
@@ -55,6 +58,7 @@ def write_lab_config(root: Path, images: Path, swarm: dict[str, Any] | None = No
     (cfg / "netboot.yaml").write_text(
         f"data_dir: {root / 'data'}\nimages_dir: {images}\n"
         f"ignition_dir: {REPO / 'ignition'}\ndefault_profile: default\n"
+        f"tftp:\n  roots: {json.dumps([*DEFAULT_TFTP_ROOTS, str(images / 'arm64/loaders')])}\n"
         "api:\n  admin_token: lab-admin-token\n"
         + ("swarm:\n" if swarm else "")
         + "".join(f"  {k}: {json.dumps(v)}\n" for k, v in swarm.items()) + extra)
