@@ -11,7 +11,9 @@ Each row is one guest: QEMU started, then the demo OS's first console line
 after the OS powered off (``done``). The lab is tests/lab.py's (the site's own
 DHCP in one namespace, the server under test in another, guests on a bridge);
 the peer runs with its default settings in the server's namespace, where netboot
-ran. Needs root, qemu-system-x86, ovmf, dnsmasq and nginx-light (make bench).
+ran. Needs root, qemu-system-x86, ovmf, dnsmasq and nginx-light (make bench); the
+arm64 and U-Boot paths also qemu-system-arm, qemu-efi-aarch64, u-boot-qemu and
+u-boot-tools (make test installs them) and images/arm64 (make images).
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ from tests.lab import Lab, can_run_lab  # noqa: E402
 
 KERNEL, INITRD = "demo/vmlinuz", "demo/initrd.cpio.gz"
 ARGS = "console=ttyS0 panic=-1 quiet netboot.profile=bench netboot.host=node"
+# arm64 paths boot the arm64 demo OS (scripts/arm64_os.py) on QEMU's virt board
+ARM_KERNEL, ARM_INITRD = "arm64/demo/vmlinuz", "arm64/demo/initrd.cpio.gz"
+ARM_ARGS = ARGS.replace("console=ttyS0", "console=ttyAMA0")
+REPO = Path(__file__).resolve().parents[1]
+ARM_LOADERS = REPO / "images/arm64/loaders"  # make images fetches them
 # the peer's per-node iPXE script (nginx's return string: nginx turns \\n into a newline)
 PEER_NODE_SCRIPT = ("#!ipxe\\nkernel http://{addr}:8080/images/" + KERNEL + " initrd=initrd "
                     + ARGS + "\\ninitrd --name initrd http://{addr}:8080/images/" + INITRD
@@ -45,6 +52,17 @@ PXELINUX_CFG = ("DEFAULT netboot\nPROMPT 0\nTIMEOUT 0\nLABEL netboot\n  KERNEL i
 # the peer's GRUB config: what netboot's grub/mac/<mac>.cfg says, as one static file
 GRUB_CFG = ("set timeout=0\nlinux /images/" + KERNEL + " " + ARGS + "\ninitrd /images/" + INITRD
             + "\nboot\n")
+ARM_GRUB_CFG = ("set timeout=0\nlinux /images/" + ARM_KERNEL + " " + ARM_ARGS
+                + "\ninitrd /images/" + ARM_INITRD + "\nboot\n")
+
+
+def uboot_script(kernel: str, initrd: str, args: str) -> str:
+    """The peer's U-Boot script: what a site writes for dnsmasq's TFTP (no per-node
+    file), the same commands netboot's node script runs."""
+    boot = ("zboot ${kernel_addr_r} 0 ${ramdisk_addr_r} ${filesize}" if "arm64" not in kernel
+            else "booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}")
+    return (f"setenv bootargs '{args}'\ntftpboot ${{kernel_addr_r}} images/{kernel}\n"
+            f"tftpboot ${{ramdisk_addr_r}} images/{initrd}\n{boot}\n")
 SHIM = "/usr/lib/shim/shimx64.efi.signed"
 NO_PEER = "; netboot only (no peer row)"
 GRUB = "/usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed"
@@ -70,6 +88,9 @@ class BootPath:
     #: GRUB takes its TFTP server from the site DHCP's next-server, not from the
     #: ProxyDHCP offer (docs/firmware.md): the site must name the boot server
     next_server: bool = False
+    arm64: bool = False  # an arm64 guest: the arm64 kernel, initrd and console
+    #: the peer's U-Boot script (boot.scr.uimg, made with mkimage), for U-Boot paths
+    uboot: str | None = None
 
 
 def _script_url(addr: str) -> str:
@@ -101,6 +122,22 @@ PATHS: dict[str, Callable[[str], BootPath]] = {
         f"--dhcp-boot=tag:http,http://{a}:8080/loader/ipxe.efi",
         f"--pxe-service=tag:ipxe,X86-64_EFI,netboot,{_script_url(a)}",),
         {"loader/ipxe.efi": "/usr/lib/ipxe/ipxe.efi"}),
+    # U-Boot binds the site DHCP's offer and asks its next-server for boot.scr.uimg:
+    # the peer is dnsmasq's TFTP serving one static script
+    "uboot-x86": lambda a: BootPath("uboot", "e1000", False, "ipxe", (), next_server=True,
+                                    uboot=uboot_script(KERNEL, INITRD, ARGS)),
+    "arm64-grub": lambda a: BootPath("aavmf", "virtio-net-pci", False, "ipxe", (
+        "--pxe-service=ARM64_EFI,netboot,grubaa64.efi",),
+        {"grubaa64.efi": f"{ARM_LOADERS}/grubnetaa64.efi.signed"}, next_server=True,
+        arm64=True),
+    "arm64-secure-boot": lambda a: BootPath("aavmf-sb", "virtio-net-pci", False, "grub", (
+        "--pxe-service=ARM64_EFI,netboot,shimaa64.efi",),
+        {"shimaa64.efi": f"{ARM_LOADERS}/shimaa64.efi.signed",
+         "grubaa64.efi": f"{ARM_LOADERS}/grubnetaa64.efi.signed"}, secure_boot=True,
+        next_server=True, arm64=True),
+    "uboot-arm64": lambda a: BootPath("uboot-arm64", "virtio-net-pci", False, "ipxe", (),
+                                      next_server=True, arm64=True,
+                                      uboot=uboot_script(ARM_KERNEL, ARM_INITRD, ARM_ARGS)),
 }
 
 
@@ -129,7 +166,12 @@ class Peer:
         (www / "images").symlink_to(images)
         (tftp / "pxelinux.cfg" / "default").write_text(PXELINUX_CFG)
         (tftp / "grub").mkdir()
-        (tftp / "grub" / "grub.cfg").write_text(GRUB_CFG)
+        (tftp / "grub" / "grub.cfg").write_text(ARM_GRUB_CFG if path.arm64 else GRUB_CFG)
+        if path.uboot is not None:
+            (root / "boot.txt").write_text(path.uboot)
+            subprocess.run(["mkimage", "-A", "invalid", "-O", "linux", "-T", "script", "-C",
+                            "none", "-d", str(root / "boot.txt"), str(tftp / "boot.scr.uimg")],
+                           check=True, capture_output=True)
         (www / "boot.ipxe").write_text(BOOT_IPXE.replace("{addr}", addr))
         conf = root / "nginx.conf"
         conf.write_text(NGINX_CONF.format(work=root, addr=addr, root=www, tftp=tftp,
@@ -166,7 +208,9 @@ def netboot(lab: Lab, root: Path, images: Path, path: BootPath) -> subprocess.Po
     config = write_lab_config(root, images, extra="default_profile: bench\n")
     (config.parent / "profiles" / "bench.yaml").write_text(
         f"loader: {path.loader}\nboot: always\nkernel: {KERNEL}\ninitrds: [{INITRD}]\n"
-        f"cmdline: {ARGS}\n" + ("secure_boot: true\n" if path.secure_boot else ""))
+        f"cmdline: {ARGS}\n" + ("secure_boot: true\n" if path.secure_boot else "")
+        + f"arches:\n  arm64:\n    kernel: {ARM_KERNEL}\n    initrds: [{ARM_INITRD}]\n"
+        f"    cmdline: {ARM_ARGS}\n")
     text = config.read_text().replace("default_profile: default\n", "")
     config.write_text(text)
     return lab.start_netboot(config)
@@ -201,7 +245,7 @@ def run(names: list[str], rounds: int, timeout: float, keep: Path | None) -> lis
         for r in range(rounds):
             # alternate which stack goes first, so neither always boots a warm lab
             stacks = ("netboot", "peer") if r % 2 == 0 else ("peer", "netboot")
-            if PATHS[name]("").dnsmasq is None:
+            if PATHS[name]("").dnsmasq is None and PATHS[name]("").uboot is None:
                 stacks = ("netboot",)
             for stack in stacks:
                 root = Path(tempfile.mkdtemp(prefix=f"fwboot-{name}-{stack}-", dir=keep))
@@ -265,7 +309,7 @@ def main() -> int:
             p = make("10.77.0.2")
             print(f"{name:14} firmware {p.firmware}, {p.nic}{'' if p.nic_rom else ' (no ROM)'},"
                   f" netboot loader {p.loader}{' (Secure Boot)' if p.secure_boot else ''}"
-                  f"{'' if p.dnsmasq is not None else NO_PEER}")
+                  f"{'' if p.dnsmasq is not None or p.uboot else NO_PEER}")
         return 0
     reason = can_run_lab()
     if reason:

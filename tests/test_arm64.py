@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -17,6 +16,7 @@ from netboot.config import ConfigStore
 from netboot.identity import Arch, node_uuid
 from tests.served import Served, serving
 from tests.test_grub import _read
+from tests.test_uboot import read_all
 
 MAC, SB_MAC, OLD_MAC = "52:54:00:a7:00:01", "52:54:00:a7:00:02", "52:54:00:a7:00:03"
 UUID = "5db34dac-6aee-4034-9d7c-0037a2950021"
@@ -57,6 +57,8 @@ def test_arm64_uefi_is_offered_grub_or_shim_unless_a_loader_is_named(
         MULTI + "loaders: {uefi-arm64: ipxe-arm64.efi}\n")
     own = _booter(config_tree).dhcp(Client(MAC, UUID, Arch.UEFI_ARM64))
     assert isinstance(own, Offer) and own.filename == "ipxe-arm64.efi"  # a site's own iPXE
+    sb = _booter(config_tree).dhcp(Client(SB_MAC, UUID, Arch.UEFI_ARM64))
+    assert isinstance(sb, Offer) and sb.filename == "shimaa64.efi"  # Secure Boot: shim
 
 
 def test_decision_takes_the_arm64_kernel_and_cmdline(config_tree: Path) -> None:
@@ -90,13 +92,43 @@ async def test_arm64_grub_and_uboot_routes_record_the_arch(served: Served) -> No
     assert "'/images/arm64/demo/vmlinuz' 'console=ttyAMA0' 'host=a1'" in text, text
     node = served.registry.get(UUID)
     assert node is not None and node.arch == "arm64" and node.state == "booting"
-    assert b"images/demo/vmlinuz" in _bytes(tftp(f"uboot/{MAC}.scr.uimg", addr))
+    assert b"images/demo/vmlinuz" in read_all(tftp(f"uboot/{MAC}.scr.uimg", addr))
     assert served.registry.get(UUID).arch == "amd64"  # the same machine, an x86 U-Boot
-    script = _bytes(tftp(f"uboot/arm64/{OLD_MAC}.scr.uimg", ("10.0.0.81", 1069)))
+    script = read_all(tftp(f"uboot/arm64/{OLD_MAC}.scr.uimg", ("10.0.0.81", 1069)))
     assert b"has no arm64 kernel" in script and b"tftpboot" not in script
     refused = served.registry.get(str(node_uuid(None, OLD_MAC)))
     assert refused is not None and refused.state == "error"
 
 
-def _bytes(provider: Any) -> bytes:
-    return provider.read_at(0, provider.size())
+async def test_an_arm64_ipxe_gets_the_arm64_kernel(served: Served) -> None:
+    """A site's own arm64 iPXE says ${buildarch} = arm64 in its script request."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{served.url}/ipxe/node", params={
+                "uuid": UUID, "mac": MAC, "buildarch": "arm64"}) as r:
+            text = await r.text()
+        async with s.get(f"{served.url}/ipxe/node", params={
+                "uuid": UUID, "mac": MAC, "buildarch": "x86_64"}) as r:
+            x86 = await r.text()
+    assert "/images/arm64/demo/vmlinuz" in text and "console=ttyAMA0" in text, text
+    assert "/images/demo/vmlinuz" in x86 and "arm64" not in x86, x86
+    assert served.registry.get(UUID).arch == "amd64"  # the last boot
+
+
+def test_check_warns_of_an_unsigned_arm64_kernel_under_secure_boot(config_tree: Path) -> None:
+    import subprocess
+    import sys
+
+    _tree(config_tree)
+    images = config_tree.parent / "images"
+    for f in ("demo/vmlinuz", "demo/initrd.cpio.gz", "arm64/demo/initrd.cpio.gz",
+              "extra/oem.cpio.gz"):
+        (images / f).parent.mkdir(parents=True, exist_ok=True)
+        (images / f).write_bytes(b"x")
+    (images / "arm64/demo/vmlinuz").write_bytes(b"MZ not really a PE")
+    (config_tree.parent / "profiles" / "multi.yaml").write_text(MULTI + "secure_boot: true\n")
+    out = subprocess.run([sys.executable, "-m", "netboot", "check", "--config",
+                          str(config_tree)], capture_output=True, text=True)
+    assert "profile multi: boots under Secure Boot, but its kernel arm64/demo/vmlinuz is " \
+        "not a PE image" in out.stderr, out.stderr

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -205,15 +206,26 @@ def ipmitool_processes(port: int) -> list[str]:
     return found
 
 
-def test_ipmi_driver_alone_is_killed_at_its_deadline_and_keeps_the_password_off_argv(sims):
+def test_ipmi_driver_alone_is_killed_at_its_deadline_and_keeps_the_password_off_argv(
+        sims, monkeypatch):
     """The driver's own bound (a caller without PowerService): a BMC that never
     answers costs timeout + 1 s, and the process is gone afterwards. The password
     travels in the environment, never on the command line."""
     dead = dead_ipmi()
     drv = open_driver(dead, timeout=0.5)
-    assert dead.password not in " ".join(drv.argv("power", "status"))
+    seen: list[tuple[list[str], dict[str, str]]] = []
+    real_run = subprocess.run
+
+    def spy(argv, **kw):  # what the process really gets
+        seen.append((list(argv), dict(kw.get("env") or {})))
+        return real_run(argv, **kw)
+
+    monkeypatch.setattr(subprocess, "run", spy)
     with pytest.raises(BmcError) as e:
         drv.state()
+    (argv, env), = seen
+    assert argv[0] == "ipmitool" and "-E" in argv and dead.password not in " ".join(argv)
+    assert env["IPMI_PASSWORD"] == dead.password
     assert e.value.kind == "timeout" and "no answer within 1.5 s" in str(e.value)
     assert not ipmitool_processes(dead.port)
     missing = IpmiDriver(ipmi(sims[0]), exe="ipmitool-not-installed")

@@ -63,10 +63,14 @@ def test_mkimage_lists_the_boot_script(tmp_path: Path) -> None:
 
 def test_boot_script_runs_the_node_script_by_mac() -> None:
     lines = uboot.SCRIPT.splitlines()
-    assert lines[1:4] == [
-        "setenv nb_dir uboot/",
-        "if test ${arch} = arm; then setenv nb_dir uboot/arm64/; fi",
-        "if tftpboot ${scriptaddr} ${nb_dir}${ethaddr}.scr.uimg; then source ${scriptaddr}; fi"]
+    assert lines[1:8] == [
+        "setenv nb_dir none",
+        "if test x${arch} = xx86; then setenv nb_dir uboot/; fi",
+        "if test x${cpu} = xarmv8; then setenv nb_dir uboot/arm64/; fi",
+        "if test ${nb_dir} = none; then",
+        "  echo netboot: only x86 and 64-bit ARM U-Boot are served",
+        "elif tftpboot ${scriptaddr} ${nb_dir}${ethaddr}.scr.uimg; then",
+        "  source ${scriptaddr}"]
     assert "'" not in uboot.SCRIPT and '"' not in uboot.SCRIPT  # see the module docstring
 
 
@@ -80,6 +84,7 @@ def test_node_script_quotes_the_arguments_and_boots_either_arch() -> None:
     assert "  zboot ${kernel_addr_r} 0 ${ramdisk_addr_r} ${filesize}" in lines
     assert "  booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}" in lines
     assert "setexpr" not in text  # one initrd: nothing the x86 builds lack
+    assert lines[0] == "echo netboot: booting u1, profile demo"
 
 
 def test_node_script_with_several_initrds_loads_them_back_to_back() -> None:
@@ -87,7 +92,12 @@ def test_node_script_with_several_initrds_loads_them_back_to_back() -> None:
     assert text is not None
     lines = text.splitlines()
     a, b = (lines.index(f"tftpboot ${{nb_rd}} images/{n} || exit") for n in ("a.gz", "b.gz"))
-    assert lines[a + 1] == lines[b + 1] == "setexpr nb_rd ${nb_rd} + ${filesize} || exit"
+    assert lines[a + 1] == lines[b + 1] == "setexpr nb_rd ${nb_rd} + ${filesize}"
+    # a U-Boot without setexpr stops before fetching anything, and says why
+    guard = lines.index("if setexpr nb_rd ${ramdisk_addr_r}; then")
+    assert guard < lines.index("tftpboot ${kernel_addr_r} images/demo/vmlinuz || exit")
+    assert lines[guard + 3].startswith("  echo netboot: this U-Boot has no setexpr")
+    assert lines[guard + 4] == "  exit" and ";" not in lines[guard + 3]
     assert "setexpr nb_rdsize ${nb_rd} - ${ramdisk_addr_r}" in lines
     assert "  zboot ${kernel_addr_r} 0 ${ramdisk_addr_r} ${nb_rdsize}" in lines
     none = uboot.render(_spec(initrds=()))
@@ -100,8 +110,21 @@ def test_node_script_refusals_and_local_boot() -> None:
     assert failed is not None and "NOT BOOTING" in failed
     assert not any(c in failed for c in "'\"$;"), failed  # nothing U-Boot's shell runs
     assert uboot.render(LocalBoot(UUID, MAC, "demo", "u1")) is not None
-    quoted = uboot.render(_spec(cmdline="msg='hi'"))
-    assert quoted is not None and "NOT BOOTING" in quoted and "setenv" not in quoted
+    for cmdline in ("msg='hi'", "a\rb"):
+        quoted = uboot.render(_spec(cmdline=cmdline))
+        assert quoted is not None and "NOT BOOTING" in quoted and "setenv" not in quoted
+
+
+@pytest.mark.parametrize("field", ["hostname", "profile"])
+def test_names_cannot_reach_the_shell(field: str) -> None:
+    hostile = "a;reset $x 'q\" b&&c|d>e#f(g)"
+    text = uboot.render(_spec(**{field: hostile}))
+    assert text is not None
+    echo = text.splitlines()[0]
+    assert echo.startswith("echo netboot: booting ") and not any(
+        c in echo for c in ";$'\"&|>#()"), echo
+    bad_path = uboot.render(_spec(kernel="demo/vm;reset"))
+    assert bad_path is not None and "NOT BOOTING" in bad_path and "tftpboot" not in bad_path
 
 
 @pytest.fixture
@@ -115,18 +138,18 @@ async def served(config_tree: Path) -> AsyncIterator[Served]:
         yield net
 
 
-def _read(provider: object) -> bytes:
+def read_all(provider: object) -> bytes:
     assert isinstance(provider, BytesProvider)
     return provider.read_at(0, provider.size())
 
 
 async def test_tftp_boot_script_and_node_script_move_the_lifecycle(served: Served) -> None:
     tftp, addr = served.services.tftp, ("10.0.0.70", 1069)
-    assert _read(tftp("boot.scr.uimg", addr)) == uboot.SCRIPT_IMAGE
-    image = _read(tftp(f"uboot/{MAC}.scr.uimg", addr))
+    assert read_all(tftp("boot.scr.uimg", addr)) == uboot.SCRIPT_IMAGE
+    image = read_all(tftp(f"uboot/{MAC}.scr.uimg", addr))
     text = image[72:].decode()  # after the header and the size table
     assert image == uboot.script_image(text)
-    assert "echo netboot: booting u1 (profile cb)" in text  # an iPXE profile: U-Boot boots it
+    assert "echo netboot: booting u1, profile cb" in text  # an iPXE profile: U-Boot boots it
     # no option 97 and no ProxyDHCP offer: the node is keyed by its MAC
     keyed = node_uuid(None, MAC)
     assert keyed is not None
@@ -159,3 +182,12 @@ def test_proxy_leaves_u_boot_dhcp_to_the_site_server(store: ConfigStore) -> None
                  67, ("0.0.0.0", 68))
     assert proxy.counters.get("dhcp_ignored_total", reason="u-boot") == 3
     assert proxy.counters.get("dhcp_offers_total", arch="uefi-x64", ipxe="no") == 1
+
+
+async def test_a_known_mac_keeps_its_node_after_a_restart(served: Served) -> None:
+    """No sighting this run (a restart), but the registry knows the MAC under its SMBIOS
+    UUID: the U-Boot script boots that node, not a second one keyed by MAC."""
+    served.registry.observe(UUID, mac=MAC, address=None, source="test")
+    read_all(served.services.tftp(f"uboot/{MAC}.scr.uimg", ("10.0.0.72", 1069)))
+    assert served.registry.get(UUID).state == "booting"
+    assert served.registry.get(str(node_uuid(None, MAC))) is None

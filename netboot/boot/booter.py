@@ -127,14 +127,14 @@ class Booter:
         # GRUB on UEFI x64 for grub profiles (other firmware of a grub profile boots
         # through iPXE); under Secure Boot shim comes first and loads grubx64.efi from
         # beside itself. arm64 UEFI boots GRUB (Debian has no arm64 iPXE) unless a
-        # loader is named for it.
+        # loader is named for it, and shim under Secure Boot whatever is named.
         srv = snap.server
         if client.arch is Arch.UEFI_X64 and not client.http_boot and self.grub(r):
             name = srv.shim_loader if self.secure_boot(r) else srv.grub_loader
             return Offer(name, profile=r.profile.name, machine=who)
-        if (client.arch is Arch.UEFI_ARM64 and not client.http_boot
-                and not (r.profile.loaders.get(client.arch.value)
-                         or srv.loaders.get(client.arch.value))):
+        if client.arch is Arch.UEFI_ARM64 and not client.http_boot and (
+                self.secure_boot(r) or not (r.profile.loaders.get(client.arch.value)
+                                            or srv.loaders.get(client.arch.value))):
             name = srv.shim_loader_arm64 if self.secure_boot(r) else srv.grub_loader_arm64
             return Offer(name, profile=r.profile.name, machine=who)
         loader = r.profile.loaders.get(client.arch.value) or snap.server.loaders.get(

@@ -37,7 +37,7 @@ def render(decision: Decision, base_url: str) -> str:
 def retry_script(refusal: Refusal, base_url: str) -> str:
     """Not now: wait, then ask for this machine's script again, in place of this one
     (``--replace``: however many times it is refused, the scripts do not nest)."""
-    return (f"#!ipxe\n{_say(refusal.reason)}sleep {refusal.retry:.0f}\n"
+    return (f"#!ipxe\n{say_line(refusal.reason)}sleep {refusal.retry:.0f}\n"
             f"chain --replace --autofree {base_url}/ipxe/node?{NODE_QUERY}\n")
 
 
@@ -56,16 +56,16 @@ def _boot(spec: BootSpec, images: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def refusal_lines(reason: str | None, say: str, drop: str = "$") -> str:
+def refusal_lines(reason: str | None, say: str, allow: frozenset[str] | None = None) -> str:
     """Two console lines (``say`` is iPXE's echo, pxelinux's SAY or U-Boot's echo)
-    telling why not; ``drop``: characters the loader's shell would act on."""
+    telling why not; ``allow``: the only characters the loader's shell takes as text."""
     return (f"{say} netboot: NOT BOOTING this machine: its boot configuration failed\n"
-            f"{_say(reason, say, drop)}")
+            f"{say_line(reason, say, allow)}")
 
 
-def _say(reason: str | None, say: str = "echo", drop: str = "$") -> str:
-    """One printable console line: no ${...} expansion, nothing that ends the
-    command."""
-    text = "".join(c if " " <= c < "\x7f" and c not in drop else " "
-                   for c in reason or "")[:400]
+def say_line(reason: str | None, say: str = "echo", allow: frozenset[str] | None = None) -> str:
+    """One printable console line: no ${...} expansion, nothing that ends the command
+    (with ``allow``, every other character is a space)."""
+    text = "".join(c if " " <= c < "\x7f" and c != "$" and (allow is None or c in allow)
+                   else " " for c in reason or "")[:400]
     return f"{say} netboot: {text}\n"

@@ -8,8 +8,9 @@ a ProxyDHCP offer, so the site DHCP must name netboot as next-server, as for GRU
 
 ``boot.scr.uimg`` is one script for every machine: it loads and runs the node's own
 script, ``uboot/<mac>.scr.uimg`` (the MAC as U-Boot's ``${ethaddr}``: lower case,
-colons), or ``uboot/arm64/<mac>.scr.uimg`` on an ARM U-Boot (``${arch}`` is ``arm``;
-32-bit ARM is not served), which boots the profile's ``arches.arm64``. The node's
+colons) on x86 (``${arch}`` is ``x86``), or ``uboot/arm64/<mac>.scr.uimg`` on a
+64-bit ARM U-Boot (``${cpu}`` is ``armv8``), which boots the profile's
+``arches.arm64``; any other U-Boot (32-bit ARM, RISC-V) is told it is not served. The node's
 script loads the kernel and the initrd, sets the kernel arguments and boots with
 ``zboot`` (x86) or ``booti`` (arm64, with the device tree U-Boot was given).
 Several initrds (the Ignition OEM archive is one more) are loaded one after the
@@ -28,10 +29,12 @@ Both are legacy U-Boot script images, what ``mkimage -A invalid -O linux -T scri
 
 from __future__ import annotations
 
+import string
 import struct
 import zlib
 
-from .ipxe import refusal_lines
+from .ipxe import refusal_lines, say_line
+from .pxelinux import oem_path
 from .spec import Decision, LocalBoot, Refusal
 
 #: the name U-Boot asks for when DHCP names no boot file
@@ -39,18 +42,26 @@ SCRIPT_NAME = "boot.scr.uimg"
 #: where a node's own script is (TFTP path, no leading '/'): NODE_DIR + mac + NODE_EXT
 NODE_DIR = "uboot/"
 NODE_EXT = ".scr.uimg"
-#: what U-Boot's shell would act on in text we echo or quote
-_SHELL = "$'\";\\"
+#: what we let into an echo line: U-Boot's shell acts on quotes, ; & | < > # $ \\ ( )
+_TEXT = frozenset(string.ascii_letters + string.digits + " ._:=/@+,-")
+#: what a TFTP path in a tftpboot line may hold (it is not quoted)
+_PATH = frozenset(string.ascii_letters + string.digits + "._/+-")
 
 # The x86 builds define no fdt; the arm64 ones boot with the tree QEMU or the board
-# gave U-Boot. No quotes or apostrophes in echo lines: U-Boot's shell reads an
-# apostrophe inside double quotes as the start of a quoted string (seen: the rest of
-# the script became one echo).
+# gave U-Boot. Variables that may be unset are compared as x${var}: the x86 builds set
+# no cpu, and a bare `test ${cpu} = armv8` was true there (seen). No quotes or
+# apostrophes in echo lines: U-Boot's shell reads an apostrophe inside double quotes
+# as the start of a quoted string (seen: the rest of the script became one echo).
 SCRIPT = f"""\
-echo netboot: U-Boot ${{arch}} ${{board}}, fetching the boot script of ${{ethaddr}}
-setenv nb_dir {NODE_DIR}
-if test ${{arch}} = arm; then setenv nb_dir {NODE_DIR}arm64/; fi
-if tftpboot ${{scriptaddr}} ${{nb_dir}}${{ethaddr}}{NODE_EXT}; then source ${{scriptaddr}}; fi
+echo netboot: U-Boot ${{arch}} ${{cpu}} ${{board}}, fetching the boot script of ${{ethaddr}}
+setenv nb_dir none
+if test x${{arch}} = xx86; then setenv nb_dir {NODE_DIR}; fi
+if test x${{cpu}} = xarmv8; then setenv nb_dir {NODE_DIR}arm64/; fi
+if test ${{nb_dir}} = none; then
+  echo netboot: only x86 and 64-bit ARM U-Boot are served
+elif tftpboot ${{scriptaddr}} ${{nb_dir}}${{ethaddr}}{NODE_EXT}; then
+  source ${{scriptaddr}}
+fi
 echo netboot: no boot script for this machine, see the log of netboot
 """
 
@@ -86,30 +97,43 @@ def render(decision: Decision) -> str | None:
     if isinstance(decision, Refusal):
         if not decision.failed:
             return None
-        return refusal_lines(decision.reason, "echo", _SHELL)
+        return refusal_lines(decision.reason, "echo", _TEXT)
     args = " ".join([*decision.os_args, decision.cmdline])
-    if any(c in args for c in "'\n"):
-        return refusal_lines("the kernel arguments hold an apostrophe or a newline, "
-                             "which a U-Boot script cannot quote", "echo", _SHELL)
+    if any(c in args for c in "'\n\r"):
+        return refusal_lines("the kernel arguments hold an apostrophe or a line break, "
+                             "which a U-Boot script cannot quote", "echo", _TEXT)
     files = [f"images/{i}" for i in decision.initrds]
     if decision.oem is not None:
-        files.append(f"oem/{decision.oem.uuid}.cpio.gz")
-    lines = [f"echo netboot: booting {decision.hostname} (profile {decision.profile})",
-             f"setenv bootargs '{args}'",
-             f"tftpboot ${{kernel_addr_r}} images/{decision.kernel} || exit"]
+        files.append(oem_path(decision.oem.uuid))
+    kernel = f"images/{decision.kernel}"
+    if not all(set(f) <= _PATH for f in (kernel, *files)):
+        return refusal_lines(f"profile {decision.profile}: a kernel or initrd path holds "
+                             "characters other than letters, digits and . _ / + -, which "
+                             "a U-Boot script would act on", "echo", _TEXT)
+    lines = [say_line(f"booting {decision.hostname}, profile {decision.profile}", "echo",
+                      _TEXT).rstrip("\n")]
+    if len(files) > 1:  # back to back in memory: needs setexpr, which some builds lack
+        lines += ["if setexpr nb_rd ${ramdisk_addr_r}; then",
+                  f"  echo netboot: {len(files)} initrds, one after the other",
+                  "else",
+                  f"  echo netboot: this U-Boot has no setexpr, which {len(files)} initrds "
+                  "need, so give this machine a profile with one initrd",
+                  "  exit",
+                  "fi"]
+    lines += [f"setenv bootargs '{args}'",
+              f"tftpboot ${{kernel_addr_r}} {kernel} || exit"]
     if len(files) == 1:
         lines.append(f"tftpboot ${{ramdisk_addr_r}} {files[0]} || exit")
         zboot, booti = "${ramdisk_addr_r} ${filesize}", "${ramdisk_addr_r}:${filesize}"
-    elif files:  # each right after the one before (needs setexpr: not in the x86 builds)
-        lines.append("setenv nb_rd ${ramdisk_addr_r}")
+    elif files:
         for f in files:
             lines += [f"tftpboot ${{nb_rd}} {f} || exit",
-                      "setexpr nb_rd ${nb_rd} + ${filesize} || exit"]
+                      "setexpr nb_rd ${nb_rd} + ${filesize}"]
         lines.append("setexpr nb_rdsize ${nb_rd} - ${ramdisk_addr_r}")
         zboot, booti = "${ramdisk_addr_r} ${nb_rdsize}", "${ramdisk_addr_r}:${nb_rdsize}"
     else:
         zboot, booti = "0 0", "-"
-    lines += ["if test ${arch} = x86; then",
+    lines += ["if test x${arch} = xx86; then",
               f"  zboot ${{kernel_addr_r}} 0 {zboot}",
               "else",
               f"  booti ${{kernel_addr_r}} {booti} ${{fdtcontroladdr}}",

@@ -75,18 +75,19 @@ def secure_boot_warnings(store: ConfigStore) -> list[str]:
             snap.server.secure_boot or name in by_machine)
         if not secure:
             continue
-        path = store.server.images_dir / prof.kernel
-        try:
-            if signed(path):
-                continue
-            why = "has no PE signature (certificate table)"
-        except NotPE as exc:
-            why = f"is not a PE image ({exc})"
-        except OSError:
-            continue  # missing: check_profile_images says so
-        out.append(f"profile {name}: boots under Secure Boot, but its kernel {prof.kernel} "
-                   f"{why}: shim and GRUB will refuse it (use a signed kernel, e.g. "
-                   "Debian's linux-image-amd64, or sign it with sbsign)")
+        for kernel in (prof.kernel, *(a.kernel for a in prof.arches.values())):
+            path = store.server.images_dir / kernel
+            try:
+                if signed(path):
+                    continue
+                why = "has no PE signature (certificate table)"
+            except NotPE as exc:
+                why = f"is not a PE image ({exc})"
+            except OSError:
+                continue  # missing: check_profile_images says so
+            out.append(f"profile {name}: boots under Secure Boot, but its kernel {kernel} "
+                       f"{why}: shim and GRUB will refuse it (use a signed kernel, e.g. "
+                       "Debian's linux-image-amd64 or -arm64, or sign it with sbsign)")
     return out
 
 

@@ -9,7 +9,7 @@ import logging
 from aiohttp import web
 
 from ..boot import grub, ipxe
-from ..boot.spec import Refusal
+from ..boot.spec import Cpu, Refusal
 from ..identity import IdentityError, node_uuid, normalise_mac, normalise_uuid
 from .context import ctx_of
 from .routes import Route
@@ -46,8 +46,10 @@ async def node_ipxe(request: web.Request) -> web.Response:
     uuid = node_uuid(uuid, mac)
     # a new machine over limits.new_nodes is told to ask again, before anything is decided
     booter = ctx.booter_for(address)  # URLs in the address family the client used
+    # iPXE's ${buildarch}: arm64 for an arm64 build, which boots the profile's arches.arm64
+    cpu: Cpu = "arm64" if _param(request, "buildarch") == "arm64" else "amd64"
     decision = ctx.lifecycle.admit(uuid, mac, address, "ipxe") or booter.decide(
-        mac, uuid, "ipxe")
+        mac, uuid, "ipxe", cpu)
     script = ipxe.render(decision, booter.base_url)
     ctx.lifecycle.served(decision, address, "ipxe",
                          {ours: _param(request, q) for q, ours in _IDENTITY.items()})

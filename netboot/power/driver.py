@@ -7,8 +7,8 @@ from typing import Protocol
 
 from netboot.power.bmc import BmcConfig
 
-#: Seconds a driver allows the library for one BMC exchange (before retries
-#: of its own) unless the caller says otherwise.
+#: Seconds a driver allows one BMC call (ipmitool is killed a second later; sushy's
+#: connect and read timeouts) unless the caller says otherwise.
 DEFAULT_TIMEOUT = 10.0
 
 

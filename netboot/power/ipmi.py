@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 
 from netboot.power.bmc import IPMI_PORT, BmcConfig
 from netboot.power.driver import DEFAULT_TIMEOUT, BmcError, BootDevice, PowerState, scrub
@@ -60,10 +61,11 @@ class IpmiDriver:
         return [self.exe, "-I", "lanplus", "-H", c.address, "-p", str(c.port or IPMI_PORT),
                 "-U", c.username, "-E", "-C", "3", "-N", "1", "-R", "3", "-v", *command]
 
-    def _call(self, what: str, *command: str) -> str:
+    def _call(self, what: str, *command: str, limit: float | None = None) -> str:
+        """Run ipmitool once; ``limit``: seconds before it is killed (timeout + grace)."""
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C",
                "IPMI_PASSWORD": self.cfg.password}
-        limit = self.timeout + KILL_GRACE
+        limit = self.timeout + KILL_GRACE if limit is None else limit
         try:
             r = subprocess.run(self.argv(*command), env=env, capture_output=True,
                                text=True, errors="replace", timeout=limit,
@@ -119,11 +121,15 @@ class IpmiDriver:
 
     def cycle(self) -> None:
         """On if off, else a hard reset (chassis control 3): a power cycle of
-        a machine that is off is refused by many BMCs."""
-        if self.state() == PowerState.OFF:
-            self.on()
+        a machine that is off is refused by many BMCs. Two calls, killed together
+        at one deadline (timeout + grace from the first)."""
+        deadline = time.monotonic() + self.timeout + KILL_GRACE
+        off = self.state() == PowerState.OFF
+        left = max(0.1, deadline - time.monotonic())
+        if off:
+            self._call("power on", "power", "on", limit=left)
         else:
-            self._call("power cycle (reset)", "power", "reset")
+            self._call("power cycle (reset)", "power", "reset", limit=left)
 
     def set_boot(self, device: BootDevice, persistent: bool) -> None:
         dev = _BOOTDEV[BootDevice(device)]

@@ -14,8 +14,9 @@ every call runs in a bounded thread pool, never on the event loop. The rules:
   cannot be killed, so it runs until the driver gives up by itself (the IPMI
   driver kills its ipmitool one second later; sushy stops at its read/connect
   timeout, which is set to this same timeout). Until then that BMC answers
-  `busy` and one worker slot stays taken; the session it used is thrown away
-  when the thread ends. Other BMCs are unaffected unless every worker is stuck.
+  `busy` and one worker slot stays taken; its driver (a Redfish session) is
+  thrown away when the thread ends. Other BMCs are unaffected unless every worker
+  is stuck.
 - The poller never takes more than `poll_workers` slots, so an operator's
   power action finds a free worker even while a thousand BMCs are polled.
 """

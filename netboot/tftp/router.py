@@ -2,8 +2,8 @@
 script, OEM archives, images, loaders.
 
 Admit (a new node), decide, render, record, as on the HTTP side: the lifecycle admits
-a new node, the Booter decides, :mod:`netboot.boot.pxelinux` or :mod:`netboot.boot.grub`
-renders, the lifecycle records.
+a new node, the Booter decides, :mod:`netboot.boot.pxelinux`, :mod:`netboot.boot.grub`
+or :mod:`netboot.boot.uboot` renders, the lifecycle records.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ class TftpRouter:
     def _uboot(self, name: str, address: str) -> Provider:
         """A node's U-Boot script (``uboot/<mac>.scr.uimg``, ``uboot/arm64/<mac>...``).
         U-Boot sends no option 97 and netboot's DHCP never answered it, so unless the
-        MAC was seen with a UUID before, the node is keyed by its MAC (the UUID made
-        from it)."""
+        MAC was seen with a UUID before (this run, or in the registry), the node is keyed
+        by its MAC (the UUID made from it)."""
         cpu: Cpu = "amd64"
         if name.startswith("arm64/"):
             name, cpu = name[len("arm64/"):], "arm64"
@@ -82,7 +82,11 @@ class TftpRouter:
             mac = normalise_mac(uboot.node_mac(name) or "")
         except IdentityError:
             raise TftpError(ERR_NOT_FOUND, "file not found") from None
-        uuid = self.lifecycle.sightings.uuid_for_mac(mac) or node_uuid(None, mac)
+        uuid = self.lifecycle.sightings.uuid_for_mac(mac)
+        if uuid is None and self.lifecycle.registry is not None:
+            known = self.lifecycle.registry.by_mac(mac)  # booted here before (a restart)
+            uuid = known.uuid if known is not None else None
+        uuid = uuid or node_uuid(None, mac)
         return self._config(mac, uuid, address, "uboot", uboot.render_image, cpu)
 
     def _config(self, mac: str | None, uuid: str | None, address: str, loader: Loader,

@@ -41,7 +41,7 @@ def test_uboot_x86_boots_the_demo_os_by_mac(lab_env: LabEnv) -> None:
     print(f"u-boot x86 guest: {time.monotonic() - started:.1f} s")
     assert "NETBOOT-TESTOS-DONE" in console, console[-4000:]
     assert f"fetching the boot script of {mac}" in console  # netboot's boot.scr.uimg
-    assert "netboot: booting uboot-x86 (profile default)" in console  # the node's own
+    assert "netboot: booting uboot-x86, profile default" in console  # the node's own
     assert "netboot.host=uboot-x86" in console and "NETBOOT-TESTOS callback ok" in console
     keyed = node_uuid(None, mac)
     node = lab_env.node_in(str(keyed), "installed", 15)
