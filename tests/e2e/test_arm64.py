@@ -8,6 +8,7 @@ A profile without an arm64 kernel refuses an arm64 machine, and says why.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ import pytest
 
 from netboot.identity import node_uuid
 from tests.e2e.conftest import LabEnv, lab_config, running_lab
+from tests.e2e.test_ignition_boot import PROFILE, _ignition_lines, _render
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -84,3 +86,24 @@ def test_a_profile_without_an_arm64_kernel_refuses_the_machine(lab_env: LabEnv) 
     assert "NOT BOOTING this machine" in console, console[-3000:]
     node = lab_env.node_in(guest.uuid, "error", 15)
     assert "profile demo-pxelinux has no arm64 kernel" in node["reason"], node
+
+
+def test_uboot_arm64_loads_the_oem_archive_after_the_initrd(lab_env: LabEnv) -> None:
+    """An Ignition profile: two initrds (the demo OS's and the OEM archive), loaded back
+    to back with setexpr; the OS finds the config netboot rendered for it."""
+    profiles = lab_env.config.parent / "profiles"
+    arm = ("arches:\n  arm64:\n    kernel: arm64/demo/vmlinuz\n"
+           "    initrds: [arm64/demo/initrd.cpio.gz]\n"
+           "    cmdline: console=ttyAMA0 panic=-1 quiet netboot.host={{ hostname }}"
+           " netboot.callback={{ node_urls.installed }}\n")
+    (profiles / "ign-arm.yaml").write_text(PROFILE.format(loader="ipxe") + arm)
+    lab_env.wait_loaded({"ign-arm"}, 0)
+    mac = "52:54:00:a6:00:05"
+    _, console = _boot(lab_env, "uboot-arm64", mac, "arm-ign", profile="ign-arm")
+    assert "netboot: 2 initrds, one after the other" in console, console[-3000:]
+    keyed = str(node_uuid(None, mac))
+    config = _render(lab_env, keyed)
+    assert b"arm-ign" in config
+    assert _ignition_lines(console).get("/usr/share/oem/config.ign") == \
+        hashlib.sha256(config).hexdigest(), console[-3000:]
+    _installed(lab_env, keyed)
