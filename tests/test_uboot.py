@@ -191,3 +191,16 @@ async def test_a_known_mac_keeps_its_node_after_a_restart(served: Served) -> Non
     read_all(served.services.tftp(f"uboot/{MAC}.scr.uimg", ("10.0.0.72", 1069)))
     assert served.registry.get(UUID).state == "booting"
     assert served.registry.get(str(node_uuid(None, MAC))) is None
+
+
+async def test_arguments_a_script_cannot_quote_put_the_node_in_error(served: Served,
+                                                                      config_tree: Path) -> None:
+    """The Booter refuses them (the node is 'error', with why), not only the renderer."""
+    (config_tree.parent / "profiles" / "cb.yaml").write_text(
+        "kernel: demo/vmlinuz\ncmdline: \"console=ttyS0 msg='hi'\"\n")
+    served.services.booter.config.reload()
+    text = read_all(served.services.tftp(f"uboot/{MAC}.scr.uimg", ("10.0.0.73", 1069)))
+    assert b"NOT BOOTING" in text and b"setenv" not in text
+    node = served.registry.get(str(node_uuid(None, MAC)))
+    assert node is not None and node.state == "error"
+    assert "cannot quote" in (node.reason or ""), node

@@ -25,6 +25,7 @@ import jinja2
 from ..config import ConfigStore, Machine, Profile
 from ..identity import Arch
 from ..ignition.artifacts import os_kernel_args
+from . import uboot
 from .spec import BootSpec, Client, Cpu, Decision, Ignore, Loader, LocalBoot, Offer, Refusal
 
 if TYPE_CHECKING:
@@ -197,8 +198,12 @@ class Booter:
             assert oem is not None and self.artifacts is not None
             oem_url = self.artifacts.signed_url(self.base_url, "oem", oem.uuid)
             os_args = tuple(os_kernel_args(profile))
-        return BootSpec(uuid, mac, profile.name, hostname, kernel, tuple(initrds), cmdline,
+        spec = BootSpec(uuid, mac, profile.name, hostname, kernel, tuple(initrds), cmdline,
                         os_args, oem, oem_url, profile.commission, cpu)
+        if loader == "uboot" and (why := uboot.unscriptable(spec)) is not None:
+            return Refusal(uuid, mac, why, failed=True, profile=profile.name,
+                           hostname=hostname)
+        return spec
 
     def artifacts_for(self, mac: str | None, uuid: str) -> tuple[NodeArtifacts | None, str]:
         """The node's Ignition artefacts as a boot would make them (``netboot render``,

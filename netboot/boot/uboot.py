@@ -35,7 +35,7 @@ import zlib
 
 from .ipxe import refusal_lines, say_line
 from .pxelinux import oem_path
-from .spec import Decision, LocalBoot, Refusal
+from .spec import BootSpec, Decision, LocalBoot, Refusal
 
 #: the name U-Boot asks for when DHCP names no boot file
 SCRIPT_NAME = "boot.scr.uimg"
@@ -89,6 +89,27 @@ def node_mac(name: str) -> str | None:
     return name[:-len(NODE_EXT)] if name.endswith(NODE_EXT) else None
 
 
+def _parts(spec: BootSpec) -> tuple[str, str, list[str]]:
+    """(kernel arguments, kernel path, initrd paths) as the script names them."""
+    files = [f"images/{i}" for i in spec.initrds]
+    if spec.oem is not None:
+        files.append(oem_path(spec.oem.uuid))
+    return " ".join([*spec.os_args, spec.cmdline]), f"images/{spec.kernel}", files
+
+
+def unscriptable(spec: BootSpec) -> str | None:
+    """Why ``spec`` cannot go into a U-Boot script, or None: its kernel arguments go in
+    single quotes (no apostrophe or line break) and its paths unquoted."""
+    args, kernel, files = _parts(spec)
+    if any(c in args for c in "'\n\r"):
+        return (f"profile {spec.profile}: the kernel arguments hold an apostrophe or a "
+                "line break, which a U-Boot script cannot quote")
+    if not all(set(f) <= _PATH for f in (kernel, *files)):
+        return (f"profile {spec.profile}: a kernel or initrd path holds characters other "
+                "than letters, digits and . _ / + -, which a U-Boot script would act on")
+    return None
+
+
 def render(decision: Decision) -> str | None:
     """A node's script for ``decision``; None when netboot does not serve it (U-Boot
     then says so and goes on with its other boot targets)."""
@@ -98,18 +119,10 @@ def render(decision: Decision) -> str | None:
         if not decision.failed:
             return None
         return refusal_lines(decision.reason, "echo", _TEXT)
-    args = " ".join([*decision.os_args, decision.cmdline])
-    if any(c in args for c in "'\n\r"):
-        return refusal_lines("the kernel arguments hold an apostrophe or a line break, "
-                             "which a U-Boot script cannot quote", "echo", _TEXT)
-    files = [f"images/{i}" for i in decision.initrds]
-    if decision.oem is not None:
-        files.append(oem_path(decision.oem.uuid))
-    kernel = f"images/{decision.kernel}"
-    if not all(set(f) <= _PATH for f in (kernel, *files)):
-        return refusal_lines(f"profile {decision.profile}: a kernel or initrd path holds "
-                             "characters other than letters, digits and . _ / + -, which "
-                             "a U-Boot script would act on", "echo", _TEXT)
+    why = unscriptable(decision)
+    if why is not None:  # the Booter refuses these first; never render them
+        return refusal_lines(why, "echo", _TEXT)
+    args, kernel, files = _parts(decision)
     lines = [say_line(f"booting {decision.hostname}, profile {decision.profile}", "echo",
                       _TEXT).rstrip("\n")]
     if len(files) > 1:  # back to back in memory: needs setexpr, which some builds lack
