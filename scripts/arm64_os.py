@@ -68,6 +68,18 @@ def kernel_package() -> str:
 
 def build(out: Path) -> None:
     ensure_arch()
+    try:
+        _build(out)
+    except subprocess.CalledProcessError as exc:
+        if "apt-get" not in exc.cmd[0]:
+            raise
+        # apt's lists are older than the archive (a version was replaced): once more
+        print("arm64_os: download failed; apt-get update and once more", flush=True)
+        run("apt-get", "update", "-q")
+        _build(out)
+
+
+def _build(out: Path) -> None:
     wanted = [kernel_package(), *PACKAGES]
     stamp = " ".join(f"{p}={candidate(p + ':arm64')}" for p in wanted)
     done = out / ".packages"
