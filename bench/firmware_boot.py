@@ -56,11 +56,11 @@ ARM_GRUB_CFG = ("set timeout=0\nlinux /images/" + ARM_KERNEL + " " + ARM_ARGS
                 + "\ninitrd /images/" + ARM_INITRD + "\nboot\n")
 
 
-def uboot_script(kernel: str, initrd: str, args: str) -> str:
+def uboot_script(kernel: str, initrd: str, args: str, *, arm64: bool) -> str:
     """The peer's U-Boot script: what a site writes for dnsmasq's TFTP (no per-node
     file), the same commands netboot's node script runs."""
-    boot = ("zboot ${kernel_addr_r} 0 ${ramdisk_addr_r} ${filesize}" if "arm64" not in kernel
-            else "booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}")
+    boot = ("booti ${kernel_addr_r} ${ramdisk_addr_r}:${filesize} ${fdtcontroladdr}" if arm64
+            else "zboot ${kernel_addr_r} 0 ${ramdisk_addr_r} ${filesize}")
     return (f"setenv bootargs '{args}'\ntftpboot ${{kernel_addr_r}} images/{kernel}\n"
             f"tftpboot ${{ramdisk_addr_r}} images/{initrd}\n{boot}\n")
 SHIM = "/usr/lib/shim/shimx64.efi.signed"
@@ -125,7 +125,7 @@ PATHS: dict[str, Callable[[str], BootPath]] = {
     # U-Boot binds the site DHCP's offer and asks its next-server for boot.scr.uimg:
     # the peer is dnsmasq's TFTP serving one static script
     "uboot-x86": lambda a: BootPath("uboot", "e1000", False, "ipxe", (), next_server=True,
-                                    uboot=uboot_script(KERNEL, INITRD, ARGS)),
+                                    uboot=uboot_script(KERNEL, INITRD, ARGS, arm64=False)),
     "arm64-grub": lambda a: BootPath("aavmf", "virtio-net-pci", False, "ipxe", (
         "--pxe-service=ARM64_EFI,netboot,grubaa64.efi",),
         {"grubaa64.efi": f"{ARM_LOADERS}/grubnetaa64.efi.signed"}, next_server=True,
@@ -137,7 +137,8 @@ PATHS: dict[str, Callable[[str], BootPath]] = {
         next_server=True, arm64=True),
     "uboot-arm64": lambda a: BootPath("uboot-arm64", "virtio-net-pci", False, "ipxe", (),
                                       next_server=True, arm64=True,
-                                      uboot=uboot_script(ARM_KERNEL, ARM_INITRD, ARM_ARGS)),
+                                      uboot=uboot_script(ARM_KERNEL, ARM_INITRD, ARM_ARGS,
+                                                         arm64=True)),
 }
 
 

@@ -133,11 +133,12 @@ class Booter:
         if client.arch is Arch.UEFI_X64 and not client.http_boot and self.grub(r):
             name = srv.shim_loader if self.secure_boot(r) else srv.grub_loader
             return Offer(name, profile=r.profile.name, machine=who)
-        if client.arch is Arch.UEFI_ARM64 and not client.http_boot and (
-                self.secure_boot(r) or not (r.profile.loaders.get(client.arch.value)
-                                            or srv.loaders.get(client.arch.value))):
-            name = srv.shim_loader_arm64 if self.secure_boot(r) else srv.grub_loader_arm64
-            return Offer(name, profile=r.profile.name, machine=who)
+        if client.arch is Arch.UEFI_ARM64 and not client.http_boot:
+            secure = self.secure_boot(r)
+            if secure or not (r.profile.loaders.get(client.arch.value)
+                              or srv.loaders.get(client.arch.value)):
+                name = srv.shim_loader_arm64 if secure else srv.grub_loader_arm64
+                return Offer(name, profile=r.profile.name, machine=who)
         loader = r.profile.loaders.get(client.arch.value) or snap.server.loaders.get(
             client.arch.value)
         if not loader:

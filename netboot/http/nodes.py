@@ -12,6 +12,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..boot.lifecycle import NotCommissioning
+from ..boot.spec import Cpu
 from ..config import IPv4Text
 from ..identity import normalise_mac
 from ..storage.pages import DEFAULT_LIMIT, MAX_LIMIT, MAX_QUERY, CursorError
@@ -101,7 +102,7 @@ class NodeOut(BaseModel):
     secure_boot: bool | None = Field(
         None, description="Secure Boot was on in the booted OS (its SecureBoot EFI "
         "variable, as the OS reported it); null: not reported (BIOS)")
-    arch: Literal["amd64", "arm64"] | None = Field(
+    arch: Cpu | None = Field(
         None, description="the CPU architecture its last boot's kernel was for")
     stuck: bool = Field(False, description="deploying or commissioning for longer than "
                         "stuck_after")
