@@ -177,13 +177,22 @@ class ApiSettings(_Strict):
                              "false: a viewer token or above")
     secret: str | None = Field(None, repr=False,
                                description="HMAC key for node tokens and signed URLs; "
-                               "generated into data_dir/secret when unset")
+                               "else secret_file, else $NETBOOT_SECRET, else generated "
+                               "into data_dir/secret (one instance only)")
+    secret_file: Path | None = Field(None, description="file holding the HMAC key (e.g. a "
+                                     "Docker secret); the instances of a fleet share one")
     stuck_after: float = Field(1800, gt=0, description="seconds in 'deploying' before 'stuck'")
     webhooks: list[WebhookSettings] = Field(default_factory=list)
 
 
 class RegistrySettings(_Strict):
-    """How much history the registry keeps (docs/registry.md: Storage and durability)."""
+    """Where the registry lives and how much history it keeps (docs/registry.md: Storage
+    and durability; docs/operations.md: Running a fleet). ``registry: postgresql://...``
+    is short for ``registry: {url: postgresql://...}``."""
+
+    url: str | None = Field(None, repr=False, description="postgresql://user@host/db: a "
+                            "registry shared by several instances; default: SQLite in "
+                            "data_dir")
 
     events_max_age: float = Field(30 * 86400, gt=0, description="seconds an event is kept "
                                   "(default 30 days)")
@@ -194,6 +203,19 @@ class RegistrySettings(_Strict):
     audit_max_rows: int = Field(1_000_000, ge=1000, description="audit rows kept at most; "
                                 "the oldest go first")
     prune_every: float = Field(60, gt=0, description="seconds between retention passes")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _url_alone(cls, v: Any) -> Any:
+        return {"url": v} if isinstance(v, str) else v
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("postgresql://", "postgres://")):
+            raise ValueError("registry url must be postgresql://user@host/db (SQLite, the "
+                             "default, needs no url: it lives in data_dir)")
+        return v
 
 
 class SiteConfig(_Strict):
@@ -336,6 +358,9 @@ class ServerConfig(_Strict):
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     bmc: BmcSettings = Field(default_factory=BmcSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    instance: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                                 description="this instance's name in a fleet, recorded "
+                                 "with the nodes it serves (default: the host name)")
     limits: Limits = Field(default_factory=Limits)
     signed_url_ttl: float = Field(3600, gt=0, description="seconds a signed Ignition/OEM URL "
                                   "stays valid")

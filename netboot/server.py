@@ -8,7 +8,7 @@ import logging
 import os
 import secrets
 import signal
-import sqlite3
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +36,7 @@ from .loaders import missing as missing_loaders
 from .metrics import Counters, NodeMetrics
 from .netutil import choose_interface, interface_ipv4, interfaces
 from .power.service import PowerService
+from .storage.db import ENGINE_ERRORS, redact
 from .storage.registry import EventRetention, Registry, RegistryError
 from .tftp.provider import RootResolver
 from .tftp.router import TftpRouter
@@ -72,10 +73,35 @@ def pick_address(interface: str | None, address: str | None) -> tuple[str | None
     return chosen
 
 
-def load_secret(data_dir: Path, configured: str | None) -> bytes:
-    """The HMAC key for node tokens: from config, else generated once into data_dir."""
-    if configured:
-        return configured.encode()
+class SecretError(SetupError):
+    """No usable HMAC key: say where one goes."""
+
+
+def load_secret(cfg: ServerConfig) -> bytes:
+    """The HMAC key for node tokens and signed URLs: ``api.secret``, else the file
+    ``api.secret_file``, else ``$NETBOOT_SECRET``, else generated once into data_dir.
+
+    A fleet (a PostgreSQL registry) must share one key, so it is never generated there:
+    every instance would make its own and refuse the others' tokens."""
+    if cfg.api.secret:
+        return cfg.api.secret.encode()
+    if cfg.api.secret_file is not None:
+        try:
+            key = cfg.api.secret_file.read_bytes().strip()
+        except OSError as exc:
+            raise SecretError(f"api.secret_file {cfg.api.secret_file}: {exc.strerror}") from None
+        if not key:
+            raise SecretError(f"api.secret_file {cfg.api.secret_file} is empty")
+        return key
+    if os.environ.get("NETBOOT_SECRET", "").strip():
+        return os.environ["NETBOOT_SECRET"].strip().encode()
+    if cfg.registry.url:
+        raise SecretError(
+            "a registry shared by several instances (registry: postgresql://...) needs one "
+            "HMAC key on every instance, or tokens made by one fail on the others: set "
+            "NETBOOT_SECRET, or api.secret_file (e.g. /run/secrets/netboot_secret), on each "
+            "(generate one with: openssl rand -hex 32)")
+    data_dir = cfg.data_dir
     path = data_dir / "secret"
     try:
         return path.read_bytes().strip()
@@ -210,20 +236,32 @@ async def open_registry(cfg: ServerConfig) -> tuple[Registry | None, bytes]:
     registry (nothing is recorded) and with a secret that lasts until restart."""
     try:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        secret = load_secret(cfg.data_dir, cfg.api.secret)
+        secret = load_secret(cfg)
     except OSError as exc:
         log.error("data_dir %s unusable: %s; signing with a temporary secret until restart",
                   cfg.data_dir, exc)
         secret = (cfg.api.secret or secrets.token_hex(32)).encode()
     try:
         registry = await Registry.open(cfg.data_dir, secret=secret,
-                                       retention=event_retention(cfg))
-    except (OSError, sqlite3.Error, RegistryError) as exc:
-        log.error("data_dir %s unusable: %s%s; serving boot files without the registry "
-                  "(boots are not recorded until it is fixed and netboot restarted)",
-                  cfg.data_dir, exc, _write_probe(cfg.data_dir))
+                                       retention=event_retention(cfg), **registry_place(cfg))
+    except (OSError, *ENGINE_ERRORS, RegistryError) as exc:
+        if cfg.registry.url:
+            log.error("registry %s unusable: %s; serving boot files without the registry "
+                      "(boots are not recorded until it is reachable and netboot restarted)",
+                      redact(cfg.registry.url), exc)
+        else:
+            log.error("data_dir %s unusable: %s%s; serving boot files without the registry "
+                      "(boots are not recorded until it is fixed and netboot restarted)",
+                      cfg.data_dir, exc, _write_probe(cfg.data_dir))
         return None, secret
+    log.info("registry: %s (instance %s, %d nodes)", registry.location, registry.instance,
+             sum(registry.counts_by_state().values()))
     return registry, secret
+
+
+def registry_place(cfg: ServerConfig) -> dict[str, Any]:
+    """Where netboot.yaml puts the registry, and this instance's name (Registry.open)."""
+    return {"url": cfg.registry.url, "instance": cfg.instance or socket.gethostname()}
 
 
 def _write_probe(directory: Path) -> str:

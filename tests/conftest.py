@@ -42,3 +42,32 @@ def config_tree(tmp_path: Path) -> Path:
 @pytest.fixture
 def store(config_tree: Path) -> ConfigStore:
     return ConfigStore(config_tree)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the session (tests/pgsql.py); skipped, with the
+    reason, where Debian's server is not installed."""
+    from tests.pgsql import PgServer
+
+    try:
+        server = PgServer.start()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def regdb(request: pytest.FixtureRequest, tmp_path: Path):
+    """A registry's place on each engine: a data dir (SQLite), or a fresh database on the
+    session's PostgreSQL. Registry tests take this and run against both."""
+    import asyncio
+
+    from tests.nodes import RegistryPlace
+
+    if request.param == "sqlite":
+        return RegistryPlace("sqlite", tmp_path)
+    server = request.getfixturevalue("postgres")
+    url = asyncio.run(server.fresh_database())
+    return RegistryPlace("postgresql", tmp_path, url)

@@ -5,10 +5,11 @@ the commit as well, like an acknowledged API call does."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from netboot.storage.registry import MIGRATIONS, Node, Registry
+from netboot.storage.registry import DB_NAME, MIGRATIONS, Node, Registry
 
 
 class Clock:
@@ -19,6 +20,46 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
+
+
+@dataclass
+class RegistryPlace:
+    """Where a test's registry lives, on either engine (the ``regdb`` fixture): the same
+    place on every ``open()``, so a test can close and reopen it."""
+
+    backend: str  # sqlite | postgresql
+    data_dir: Path
+    url: str | None = None
+
+    async def open(self, *, secret: bytes = b"test-secret", **kw: Any) -> Registry:
+        return await Registry.open(self.data_dir, secret=secret, url=self.url, **kw)
+
+    async def rows(self, sql: str) -> list[tuple[Any, ...]]:
+        """A query straight to the database, past the registry (what is really stored)."""
+        if self.url is None:
+            import sqlite3
+
+            db = sqlite3.connect(self.data_dir / DB_NAME)
+            try:
+                return [tuple(r) for r in db.execute(sql)]
+            finally:
+                db.close()
+        import asyncpg
+
+        conn = await asyncpg.connect(self.url)
+        try:
+            return [tuple(r) for r in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    async def refuse_writes(self, reg: Registry, refuse: bool) -> None:
+        """Fault injection: make every write of ``reg`` fail (no public path makes either
+        engine refuse writes; root ignores file modes)."""
+        if self.url is None:
+            await reg._db.execute(f"PRAGMA query_only = {int(refuse)}")
+        else:
+            await reg._db.execute(
+                f"SET default_transaction_read_only = {'on' if refuse else 'off'}")
 
 
 async def observe(reg: Registry, uuid: str, **kw: Any) -> Node:
@@ -69,15 +110,31 @@ async def populate(reg: Registry, n: int, *, clock: Clock | None = None) -> list
     return [uuid_of(i) for i in range(n)]
 
 
-async def old_registry(data_dir: Path, version: int,
+async def old_registry(place: Path | RegistryPlace, version: int,
                        *rows: tuple[str, tuple[Any, ...]]) -> None:
-    """A registry file at schema ``version`` holding ``rows`` (SQL, parameters), as an
-    older netboot left it: the next Registry.open() migrates it."""
-    import aiosqlite
+    """A registry at schema ``version`` holding ``rows`` (SQL, parameters), as an older
+    netboot left it: the next Registry.open() migrates it. ``place``: a data dir (SQLite)
+    or a RegistryPlace on either engine."""
+    from netboot.storage.db import Db, PgDb, SqliteDb
 
-    async with aiosqlite.connect(data_dir / "registry.sqlite3", isolation_level=None) as db:
+    url = place.url if isinstance(place, RegistryPlace) else None
+    data_dir = place.data_dir if isinstance(place, RegistryPlace) else place
+    db: Db
+    if url is None:
+        db = await SqliteDb.connect(data_dir / "registry.sqlite3")
+    else:
+        import asyncpg
+
+        db = PgDb(await asyncpg.connect(url))
+    try:
         for m in MIGRATIONS[:version]:
             await m(db)
-        await db.execute(f"PRAGMA user_version = {version}")
+        if url is None:
+            await db.execute(f"PRAGMA user_version = {version}")
+        else:
+            await db.execute("CREATE TABLE netboot_schema (version INTEGER NOT NULL)")
+            await db.execute("INSERT INTO netboot_schema (version) VALUES (?)", (version,))
         for sql, params in rows:
             await db.execute(sql, params)
+    finally:
+        await db.close()

@@ -1,38 +1,47 @@
-"""Registry unit tests against a real SQLite file in tmp_path."""
+"""Registry unit tests, each against both engines: a real SQLite file in tmp_path and a
+real PostgreSQL database (the ``regdb`` fixture)."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from pathlib import Path
 
 import pytest
 
-from netboot.storage.registry import EVENTS_SHOWN, MIGRATIONS, STATES, Registry, RegistryError
-from tests.nodes import Clock, forget, observe, old_registry, patch, transition
+from netboot.storage.registry import EVENTS_SHOWN, MIGRATIONS, STATES, RegistryError
+from tests.nodes import (
+    Clock,
+    RegistryPlace,
+    forget,
+    observe,
+    old_registry,
+    patch,
+    transition,
+)
 
 SECRET = b"test-secret"
 U1 = "4c4c4544-0042-3510-8052-b4c04f384d32"
 U2 = "00000000-0000-0000-0000-0000000000a2"
 
 
-async def _open(d: Path, **kw) -> Registry:
-    return await Registry.open(d, secret=SECRET, **kw)
-
-
-async def test_migrates_from_empty_and_reopens(tmp_path: Path) -> None:
-    reg = await _open(tmp_path)
+async def test_migrates_from_empty_and_reopens(regdb: RegistryPlace) -> None:
+    reg = await regdb.open(secret=SECRET, instance="rack1-a")
     await observe(reg, U1.upper(), mac="52-54-00-AA-BB-01", address="10.0.0.5", source="dhcp",
                       serial="SN1", vendor="Dell", product="R640")
     await reg.close()
-    db = sqlite3.connect(tmp_path / "registry.sqlite3")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
-    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert {"nodes", "macs", "events"} <= tables
-    db.close()
+    if regdb.backend == "sqlite":
+        assert (await regdb.rows("PRAGMA user_version"))[0][0] == len(MIGRATIONS)
+        assert (await regdb.rows("PRAGMA journal_mode"))[0][0] == "wal"
+        tables = {r[0] for r in await regdb.rows(
+            "SELECT name FROM sqlite_master WHERE type='table'")}
+    else:
+        assert await regdb.rows("SELECT version FROM netboot_schema") == [(len(MIGRATIONS),)]
+        tables = {r[0] for r in await regdb.rows(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert {"nodes", "macs", "events", "bmcs", "inventory", "audit"} <= tables
+    assert await regdb.rows("SELECT instance, version FROM nodes") == [("rack1-a", 1)]
 
-    reg = await _open(tmp_path)
+    reg = await regdb.open(secret=SECRET)
     try:
         n = reg.get(U1)
         assert n is not None and n.serial == "SN1" and n.vendor == "Dell"
@@ -43,17 +52,21 @@ async def test_migrates_from_empty_and_reopens(tmp_path: Path) -> None:
         await reg.close()
 
 
-async def test_refuses_newer_schema(tmp_path: Path) -> None:
-    db = sqlite3.connect(tmp_path / "registry.sqlite3")
-    db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
-    db.close()
+async def test_refuses_newer_schema(regdb: RegistryPlace) -> None:
+    if regdb.backend == "sqlite":
+        db = sqlite3.connect(regdb.data_dir / "registry.sqlite3")
+        db.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+        db.close()
+    else:
+        await (await regdb.open(secret=SECRET)).close()
+        await regdb.rows(f"UPDATE netboot_schema SET version = {len(MIGRATIONS) + 1}")
     with pytest.raises(RegistryError, match="newer"):
-        await _open(tmp_path)
+        await regdb.open(secret=SECRET)
 
 
-async def test_events_in_order_and_lifecycle(tmp_path: Path) -> None:
+async def test_events_in_order_and_lifecycle(regdb: RegistryPlace) -> None:
     clock = Clock()
-    reg = await _open(tmp_path, clock=clock)
+    reg = await regdb.open(secret=SECRET, clock=clock)
     try:
         await observe(reg, U1, mac="52:54:00:aa:bb:01", address="10.0.0.5", source="dhcp")
         clock.t += 1
@@ -88,8 +101,8 @@ async def test_events_in_order_and_lifecycle(tmp_path: Path) -> None:
         await reg.close()
 
 
-async def test_filters(tmp_path: Path) -> None:
-    reg = await _open(tmp_path)
+async def test_filters(regdb: RegistryPlace) -> None:
+    reg = await regdb.open(secret=SECRET)
     try:
         await observe(reg, U1, mac=None, address=None, source="t", profile="coreos")
         await observe(reg, U2, mac=None, address=None, source="t", profile="debian")
@@ -107,8 +120,8 @@ async def test_filters(tmp_path: Path) -> None:
         await reg.close()
 
 
-async def test_tokens(tmp_path: Path) -> None:
-    reg = await _open(tmp_path)
+async def test_tokens(regdb: RegistryPlace) -> None:
+    reg = await regdb.open(secret=SECRET)
     try:
         t1 = reg.node_token(U1)
         assert len(t1) == 32 and t1 == reg.node_token(U1.upper())
@@ -118,15 +131,15 @@ async def test_tokens(tmp_path: Path) -> None:
         assert not reg.check_node_token(U1, "")
     finally:
         await reg.close()
-    other = await Registry.open(tmp_path, secret=b"another")
+    other = await regdb.open(secret=b"another")
     try:
         assert not other.check_node_token(U1, t1)
     finally:
         await other.close()
 
 
-async def test_mac_moves_and_forget(tmp_path: Path) -> None:
-    reg = await _open(tmp_path)
+async def test_mac_moves_and_forget(regdb: RegistryPlace) -> None:
+    reg = await regdb.open(secret=SECRET)
     try:
         await observe(reg, U1, mac="52:54:00:00:00:01", address=None, source="t")
         await observe(reg, U2, mac="52:54:00:00:00:01", address=None, source="t")
@@ -138,7 +151,7 @@ async def test_mac_moves_and_forget(tmp_path: Path) -> None:
         assert await reg.events(U2) == []
     finally:
         await reg.close()
-    reg = await _open(tmp_path)
+    reg = await regdb.open(secret=SECRET)
     try:
         assert reg.get(U2) is None and reg.by_mac("52:54:00:00:00:01") is None
         assert reg.get(U1) is not None
@@ -146,8 +159,8 @@ async def test_mac_moves_and_forget(tmp_path: Path) -> None:
         await reg.close()
 
 
-async def test_concurrent_writes_are_group_committed(tmp_path: Path) -> None:
-    reg = await _open(tmp_path)
+async def test_concurrent_writes_are_group_committed(regdb: RegistryPlace) -> None:
+    reg = await regdb.open(secret=SECRET)
     uuids = [f"00000000-0000-0000-0000-{i:012x}" for i in range(1000)]
     try:
         await asyncio.gather(*(observe(reg, u, mac=f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}",
@@ -157,36 +170,33 @@ async def test_concurrent_writes_are_group_committed(tmp_path: Path) -> None:
         assert reg.stats.commits < 100
     finally:
         await reg.close()
-    db = sqlite3.connect(tmp_path / "registry.sqlite3")
-    assert db.execute("SELECT count(*) FROM nodes").fetchone()[0] == 1000
-    assert db.execute("SELECT count(*) FROM macs").fetchone()[0] == 1000
-    assert db.execute("SELECT count(*) FROM events").fetchone()[0] == 2000
-    db.close()
+    assert await regdb.rows("SELECT count(*) FROM nodes") == [(1000,)]
+    assert await regdb.rows("SELECT count(*) FROM macs") == [(1000,)]
+    assert await regdb.rows("SELECT count(*) FROM events") == [(2000,)]
 
 
-async def test_failed_commit_raises_and_reloads(tmp_path: Path) -> None:
-    reg = await _open(tmp_path)
+async def test_failed_commit_raises_and_reloads(regdb: RegistryPlace) -> None:
+    reg = await regdb.open(secret=SECRET)
     try:
         await observe(reg, U1, mac=None, address=None, source="t")
-        # Fault injection: no public path makes SQLite refuse writes (root ignores file
-        # modes; test_faults fills a real data dir for the whole-server version of this).
-        await reg._db.execute("PRAGMA query_only = 1")  # every write now fails
+        # test_faults fills a real data dir for the whole-server version of this
+        await regdb.refuse_writes(reg, True)  # every write now fails
         with pytest.raises(RegistryError, match="write failed"):
             await observe(reg, U2, mac="52:54:00:00:00:02", address=None, source="t")
         # memory was reloaded from disk: it does not claim what was not committed
         assert reg.get(U2) is None and reg.by_mac("52:54:00:00:00:02") is None
         assert reg.get(U1) is not None
-        await reg._db.execute("PRAGMA query_only = 0")
+        await regdb.refuse_writes(reg, False)
         await observe(reg, U2, mac=None, address=None, source="t")
         assert reg.get(U2) is not None
     finally:
         await reg.close()
 
 
-async def test_bmc_inventory_and_audit_persist_and_forget(tmp_path: Path) -> None:
+async def test_bmc_inventory_and_audit_persist_and_forget(regdb: RegistryPlace) -> None:
     from netboot.storage.registry import BmcRecord
 
-    reg = await _open(tmp_path)
+    reg = await regdb.open(secret=SECRET)
     try:
         await observe(reg, U1)
         with pytest.raises(KeyError):
@@ -199,7 +209,7 @@ async def test_bmc_inventory_and_audit_persist_and_forget(tmp_path: Path) -> Non
         assert "sealed" not in repr(reg.bmc(U1))
     finally:
         await reg.close()
-    reg = await _open(tmp_path)
+    reg = await regdb.open(secret=SECRET)
     try:
         bmc = reg.bmc(U1)
         assert bmc is not None and bmc.address == "10.0.1.7" and bmc.secret == b"sealed"
@@ -214,10 +224,10 @@ async def test_bmc_inventory_and_audit_persist_and_forget(tmp_path: Path) -> Non
         await reg.close()
 
 
-async def test_lookups_accept_any_spelling_and_miss_cheaply(tmp_path: Path) -> None:
+async def test_lookups_accept_any_spelling_and_miss_cheaply(regdb: RegistryPlace) -> None:
     """get/by_mac take any spelling of a UUID or MAC; a key already in normal form that
     is not indexed is a plain miss (the DHCP path asks for every unknown client)."""
-    reg = await _open(tmp_path)
+    reg = await regdb.open(secret=SECRET)
     try:
         await observe(reg, U1, mac="52:54:00:aa:bb:01", address="10.0.0.5", source="dhcp")
         node = reg.get(U1)
@@ -232,10 +242,10 @@ async def test_lookups_accept_any_spelling_and_miss_cheaply(tmp_path: Path) -> N
         await reg.close()
 
 
-async def test_a_nodes_history_is_read_as_its_latest_page(tmp_path: Path) -> None:
+async def test_a_nodes_history_is_read_as_its_latest_page(regdb: RegistryPlace) -> None:
     """A node with a long history (one that boots in a loop) shows its latest
     EVENTS_SHOWN events, oldest first, not all of them."""
-    reg = await _open(tmp_path)
+    reg = await regdb.open(secret=SECRET)
     try:
         await observe(reg, U1, mac="52:54:00:aa:bb:01", address="10.0.0.5", source="dhcp")
         for i in range(EVENTS_SHOWN + 50):
@@ -252,12 +262,12 @@ async def test_a_nodes_history_is_read_as_its_latest_page(tmp_path: Path) -> Non
         await reg.close()
 
 
-async def test_v3_registry_gets_secure_boot_unknown_on_upgrade(tmp_path: Path) -> None:
+async def test_v3_registry_gets_secure_boot_unknown_on_upgrade(regdb: RegistryPlace) -> None:
     """Migration 4 adds ``secure_boot``: the nodes already there have never said (None)."""
-    await old_registry(tmp_path, 3, (
+    await old_registry(regdb, 3, (
         "INSERT INTO nodes (uuid, first_seen, last_seen, state, state_since) "
         "VALUES ('5db34dac-6aee-4034-9d7c-0037a2950003', 1, 1, 'installed', 1)", ()))
-    reg = await Registry.open(tmp_path, secret=b"s" * 32)
+    reg = await regdb.open(secret=b"s" * 32)
     try:
         node = reg.get("5db34dac-6aee-4034-9d7c-0037a2950003")
         assert node is not None and node.secure_boot is None and node.state == "installed"
@@ -265,14 +275,14 @@ async def test_v3_registry_gets_secure_boot_unknown_on_upgrade(tmp_path: Path) -
         await reg.close()
 
 
-async def test_v4_registry_gets_arch_unknown_then_records_a_boot(tmp_path: Path) -> None:
+async def test_v4_registry_gets_arch_unknown_then_records_a_boot(regdb: RegistryPlace) -> None:
     """Migration 5 adds ``arch``: None for the nodes already there, set by a boot and
     kept across a reopen."""
     uuid = "5db34dac-6aee-4034-9d7c-0037a2950004"
-    await old_registry(tmp_path, 4, (
+    await old_registry(regdb, 4, (
         "INSERT INTO nodes (uuid, first_seen, last_seen, state, state_since) "
         f"VALUES ('{uuid}', 1, 1, 'installed', 1)", ()))
-    reg = await Registry.open(tmp_path, secret=b"s" * 32)
+    reg = await regdb.open(secret=b"s" * 32)
     try:
         node = reg.get(uuid)
         assert node is not None and node.arch is None and node.state == "installed"
@@ -280,7 +290,7 @@ async def test_v4_registry_gets_arch_unknown_then_records_a_boot(tmp_path: Path)
         await reg.commit()
     finally:
         await reg.close()
-    reg = await Registry.open(tmp_path, secret=b"s" * 32)
+    reg = await regdb.open(secret=b"s" * 32)
     try:
         node = reg.get(uuid)
         assert node is not None and node.arch == "arm64"

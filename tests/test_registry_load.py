@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -66,18 +67,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _start(data_dir: Path, port: int, secret: str) -> asyncio.subprocess.Process:
-    """The real ``netboot serve``, HTTP only, on 127.0.0.1:port with its data in data_dir."""
+async def _start(data_dir: Path, port: int, secret: str | None, *,
+                 env: dict[str, str] | None = None, **settings: Any
+                 ) -> asyncio.subprocess.Process:
+    """The real ``netboot serve``, HTTP only, on 127.0.0.1:port with its data in data_dir
+    (``settings``: more of netboot.yaml; ``env``: added to the environment)."""
     config = write_config(data_dir / "config", data_dir, http_host="127.0.0.1", http_port=port,
                           dhcp={"enabled": False}, tftp={"enabled": False},
-                          api={"secret": secret})
+                          **({"api": {"secret": secret}} if secret else {}), **settings)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "netboot", "serve", "--config", str(config), cwd=ROOT,
+        env={**os.environ, **(env or {})},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     assert proc.stdout is not None
+    lines: list[bytes] = []
     while True:  # serve logs "dashboard: ..." once every listener is up
         line = await asyncio.wait_for(proc.stdout.readline(), 30)
-        assert line, "netboot serve exited before it was ready"
+        assert line, f"netboot serve exited before it was ready: {b''.join(lines).decode()}"
+        lines.append(line)
         if b"dashboard:" in line:
             break
     asyncio.get_running_loop().create_task(_drain(proc.stdout))

@@ -128,6 +128,8 @@ class Lifecycle:
         #: why boots are not recorded (no registry, full or read-only data dir), for /health
         self.problem = problem
         self._listeners: list[Listener] = []
+        if registry is not None:  # a fleet: what other instances did reaches our listeners
+            registry.on_remote = self._remote
         self._notes: asyncio.Queue[tuple[str, str, str]] = asyncio.Queue(NOTE_QUEUE_SIZE)
         self._queued: set[str] = set()  # UUIDs in _notes: one token, one note each
         self._stuck: set[str] = set()
@@ -561,6 +563,17 @@ class Lifecycle:
             self._stuck.discard(node.uuid)
         self._emit(LifecycleEvent(node.state, node, change.old, source, node.state_since))
 
+    def _remote(self, change: Change) -> None:
+        """Another instance changed a node (a fleet on PostgreSQL): tell the listeners
+        (dashboards' live updates) when its state moved. Counted by that instance, not
+        here, so a fleet's metrics add up."""
+        node = change.node
+        if node.state not in STUCK_STATES:
+            self._stuck.discard(node.uuid)
+        if change.moved:
+            self._emit(LifecycleEvent(node.state, node, change.old,
+                                      f"instance {node.instance or '?'}", node.state_since))
+
     def _emit(self, event: LifecycleEvent) -> None:
         for listener in self._listeners:
             try:
@@ -590,6 +603,6 @@ class Lifecycle:
 
     def _write_failed(self, exc: BaseException) -> None:
         self.counters.inc("registry_write_errors_total")
-        where = self.registry.path.parent if self.registry is not None else "the data dir"
+        where = self.registry.location if self.registry is not None else "the data dir"
         self.problem = f"registry in {where}: {exc}"
         self._write_errors.record(type(exc).__name__, exc, where)

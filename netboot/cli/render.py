@@ -52,7 +52,7 @@ async def node_artifacts(args: argparse.Namespace) -> Any:
     from ..config import ConfigError, ConfigStore
     from ..identity import IdentityError, normalise_mac, normalise_uuid
     from ..ignition.artifacts import Artifacts
-    from ..server import SetupError, load_secret, pick_address
+    from ..server import SetupError, load_secret, pick_address, registry_place
     from ..storage.registry import Registry
 
     try:
@@ -65,8 +65,11 @@ async def node_artifacts(args: argparse.Namespace) -> Any:
         _iface, addr = pick_address(cfg.interface, cfg.address)
     except SetupError as exc:
         raise RenderError(str(exc)) from None
-    secret = load_secret(cfg.data_dir, cfg.api.secret)
-    registry = await Registry.open(cfg.data_dir, secret=secret)
+    try:
+        secret = load_secret(cfg)
+    except SetupError as exc:
+        raise RenderError(str(exc)) from None
+    registry = await Registry.open(cfg.data_dir, secret=secret, **registry_place(cfg))
     try:
         artifacts = Artifacts.from_config(cfg, secret)
         await artifacts.swarm.refresh()

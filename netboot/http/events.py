@@ -69,7 +69,7 @@ class EventHub:
         n = e.node
         self.publish("node", {"uuid": n.uuid, "event": e.kind, "state": n.state,
                               "reason": n.reason, "address": n.address,
-                              "hostname": n.hostname, "time": e.time})
+                              "hostname": n.hostname, "instance": n.instance, "time": e.time})
 
     def on_power(self, statuses: dict[Any, PowerStatus]) -> None:
         """After a poll round or an action: publish the power states that changed."""

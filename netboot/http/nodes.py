@@ -104,6 +104,9 @@ class NodeOut(BaseModel):
         "variable, as the OS reported it); null: not reported (BIOS)")
     arch: Cpu | None = Field(
         None, description="the CPU architecture its last boot's kernel was for")
+    instance: str | None = Field(
+        None, description="the netboot instance that served it last (a fleet sharing one "
+        "registry: its `instance:` name)")
     stuck: bool = Field(False, description="deploying or commissioning for longer than "
                         "stuck_after")
     power: PowerState = Field(description="power as last polled from its BMC")

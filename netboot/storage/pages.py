@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .db import Dialect
 from .schema import RegistryError
 
 DEFAULT_LIMIT = 100
@@ -86,7 +87,8 @@ def _like(text: str) -> str:
     return f"%{escaped}%"
 
 
-def page_sql(f: NodeFilter, cursor: Cursor | None, limit: int) -> tuple[str, list[Any]]:
+def page_sql(f: NodeFilter, cursor: Cursor | None, limit: int,
+             dialect: Dialect = "sqlite") -> tuple[str, list[Any]]:
     """SELECT uuid, first_seen of up to ``limit + 1`` rows from ``cursor`` in its direction
     (one more than the page: whether another page follows)."""
     if not 1 <= limit <= MAX_LIMIT:
@@ -108,7 +110,11 @@ def page_sql(f: NodeFilter, cursor: Cursor | None, limit: int) -> tuple[str, lis
         args.append(_like(f.q))
     if f.label is not None:
         key, sep, value = f.label.partition("=")
-        if sep:
+        if dialect == "postgresql":  # labels is JSON text (one schema for both engines)
+            where.append("(nodes.labels::jsonb ->> ?) = ?" if sep
+                         else "jsonb_exists(nodes.labels::jsonb, ?)")
+            args += [key, value] if sep else [key]
+        elif sep:
             where.append("EXISTS (SELECT 1 FROM json_each(nodes.labels) "
                          "WHERE key = ? AND value = ?)")
             args += [key, value]

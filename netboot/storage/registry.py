@@ -22,6 +22,19 @@ file does not hold; the futures of everything since fail with RegistryError.
 Lists are read from disk a page at a time (``page``, keyset cursors: see
 :mod:`.pages`); the writer also keeps the events table within its retention limits
 (``EventRetention``), a bounded batch at a time between commits.
+
+**A fleet on PostgreSQL** (``registry: postgresql://...``; engines in :mod:`.db`).
+Each instance keeps the same index, and the database stays the truth:
+
+- every commit NOTIFYs the UUIDs it wrote on :data:`CHANNEL`, and the other
+  instances reload those rows (cost: the rows changed, never a scan);
+- a node row carries a ``version``; an instance writes a row only over the version
+  its change was made on, in one conditional upsert for the whole batch. A row that
+  another instance moved first is not overwritten: it is reloaded, and the writes
+  this instance made to that node since it last read it are applied again, in order,
+  on top of the fresh row, as the row lock of ``SELECT ... FOR UPDATE`` would have
+  had them; callers waiting on ``commit()`` wait for that second write;
+- ``nodes.instance`` is the instance that served the node last.
 """
 
 from __future__ import annotations
@@ -32,14 +45,12 @@ import hashlib
 import hmac
 import json
 import logging
-import sqlite3
+import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
-
-import aiosqlite
 
 from ..identity import (
     IdentityError,
@@ -48,6 +59,7 @@ from ..identity import (
     normalise_mac,
     normalise_uuid,
 )
+from .db import ENGINE_ERRORS, Db, PgPool, SqliteDb, is_postgresql, pg_connect, redact
 from .pages import DEFAULT_LIMIT, Cursor, NodeFilter, page_sql, search_text
 from .schema import (
     AUDIT_COLS,
@@ -61,6 +73,7 @@ from .schema import (
     UPSERT_INVENTORY,
     UPSERT_MAC,
     UPSERT_NODE,
+    UPSERT_NODES_PG,
     EventRow,
     RegistryError,
     migrate,
@@ -76,7 +89,13 @@ log = logging.getLogger("netboot.registry")
 STATES: tuple[str, ...] = ("discovered", "commissioning", "ready", "booting", "deploying",
                            "installed", "error")
 DB_NAME = "registry.sqlite3"
+#: the NOTIFY channel of a PostgreSQL registry: "<instance id> <uuid> <uuid>..."
+CHANNEL = "netboot_nodes"
+#: a NOTIFY payload stays under PostgreSQL's 8,000 bytes: this many UUIDs per message
+NOTIFY_UUIDS = 200
 _T = TypeVar("_T")
+#: a write method and its arguments, kept to apply again after a lost race (PostgreSQL)
+_Op = tuple[str, tuple[Any, ...], dict[str, Any]]
 
 
 @dataclass
@@ -109,6 +128,8 @@ class Node:
     secure_boot: bool | None = None
     #: the CPU architecture of its last boot (amd64, arm64); None before one
     arch: str | None = None
+    #: the netboot instance that served it last (``instance:`` in netboot.yaml)
+    instance: str | None = None
 
     def to_json(self, now: float | None = None) -> dict[str, Any]:
         d = asdict(self)
@@ -184,6 +205,10 @@ class RegistryStats:
     events_pruned: int = 0
     audit_pruned: int = 0
     prune_batches: int = 0
+    #: node writes another instance had overtaken (reloaded and applied again)
+    conflicts: int = 0
+    #: node rows reloaded because another instance changed them
+    remote_reloads: int = 0
 
 
 #: how many of a node's events its detail (API, dashboard page) shows: the latest
@@ -209,6 +234,15 @@ def _lookup(index: dict[str, Any], key: str, normalise: Callable[[str], str],
     return hit
 
 
+def _bmc_record(r: tuple[Any, ...]) -> tuple[str, BmcRecord]:
+    d = dict(zip(BMC_COLS, r))
+    uuid = d.pop("uuid")
+    d["verify_tls"] = bool(d["verify_tls"])
+    if d["secret"] is not None:
+        d["secret"] = bytes(d["secret"])
+    return uuid, BmcRecord(**d)
+
+
 def _bmc_row(uuid: str, b: BmcRecord | None) -> tuple[Any, ...]:
     if b is None:
         return (uuid, None)
@@ -216,12 +250,12 @@ def _bmc_row(uuid: str, b: BmcRecord | None) -> tuple[Any, ...]:
             b.updated, int(b.verify_tls))
 
 
-def _node_row(n: Node) -> tuple[Any, ...]:
+def _node_row(n: Node, version: int) -> tuple[Any, ...]:
     return (n.uuid, n.serial, n.vendor, n.product, n.asset, n.address, n.hostname, n.profile,
             json.dumps(n.labels, sort_keys=True), n.boot_count, n.first_seen, n.last_seen,
             n.state, n.state_since, n.reason, int(n.armed), n.cycle_start, n.assigned_profile,
-            None if n.secure_boot is None else int(n.secure_boot), n.arch,
-            search_text(n.serial, n.hostname, n.macs))
+            None if n.secure_boot is None else int(n.secure_boot), n.arch, n.instance,
+            search_text(n.serial, n.hostname, n.macs), version)
 
 
 @dataclass
@@ -235,6 +269,8 @@ class _Batch:
     bmcs: list[tuple[Any, ...]] = field(default_factory=list)
     inventory: list[tuple[str, float, str]] = field(default_factory=list)
     audit: list[tuple[Any, ...]] = field(default_factory=list)
+    #: the write methods behind each node's change (PostgreSQL: to apply again)
+    ops: dict[str, list[_Op]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.nodes or self.macs_set or self.macs_del or self.events or self.deleted
@@ -244,13 +280,23 @@ class _Batch:
 class Registry:
     """The node inventory. Open with ``await Registry.open(...)``; close when done."""
 
-    def __init__(self, db: aiosqlite.Connection, reader: aiosqlite.Connection, *, secret: bytes,
-                 clock: Callable[[], float], path: Path,
-                 retention: EventRetention = EventRetention()):
-        #: the database file (its directory is the data dir)
+    def __init__(self, db: Db, reader: SqliteDb | PgPool, *, secret: bytes,
+                 clock: Callable[[], float], path: Path | None, location: str,
+                 instance: str | None = None, retention: EventRetention = EventRetention()):
+        #: the database file (its directory is the data dir); None for PostgreSQL
         self.path = path
+        #: where the registry lives, for messages (a file, or a URL without its password)
+        self.location = location
+        #: this instance's name, written into the rows of the nodes it serves
+        self.instance = instance
+        #: "<instance>-<random>": tells this process's NOTIFYs from another's of that name
+        self._me = f"{instance or '-'}-{secrets.token_hex(4)}"
         self._db = db
         self._reader = reader
+        self._listener: Any = None
+        self._fleet = db.dialect == "postgresql"
+        #: called with each change another instance made (lifecycle: to the dashboards)
+        self.on_remote: Callable[[Change], None] | None = None
         self._secret = secret
         self._clock = clock
         self.stats = RegistryStats()
@@ -274,6 +320,12 @@ class Registry:
         self.retention = retention
         self._prune_waiters: list[asyncio.Future[int]] = []
         self._pruned = 0  # rows removed by the pass under way
+        #: each node's row version as this instance last wrote or read it
+        self._versions: dict[str, int] = {}
+        #: PostgreSQL: the write methods behind each pending change, in order
+        self._ops: dict[str, list[_Op]] = {}
+        self._remote: set[str] = set()  # UUIDs another instance wrote, to reload
+        self._remote_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:  # never the secret
         return f"Registry({len(self._nodes)} nodes)"
@@ -282,23 +334,53 @@ class Registry:
     @classmethod
     async def open(cls, data_dir: Path, *, secret: bytes, clock: Callable[[], float] = time.time,
                    synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
-                   retention: EventRetention = EventRetention()) -> Registry:
+                   retention: EventRetention = EventRetention(), url: str | None = None,
+                   instance: str | None = None) -> Registry:
+        """The registry in ``data_dir`` (SQLite), or at ``url`` (``postgresql://...``)."""
+        if is_postgresql(url):
+            assert url is not None
+            return await cls._open_pg(url, secret=secret, clock=clock, retention=retention,
+                                      instance=instance)
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         path = data_dir / DB_NAME
-        db = await aiosqlite.connect(path, isolation_level=None)
+        db = await SqliteDb.connect(path)
         try:
             await db.execute("PRAGMA journal_mode=WAL")
             await db.execute(f"PRAGMA synchronous={synchronous}")
-            await db.execute("PRAGMA busy_timeout=5000")
             await migrate(db)
-            reader = await aiosqlite.connect(path, isolation_level=None)
+            reader = await SqliteDb.connect(path)
         except BaseException:
             await db.close()
             raise
-        await reader.execute("PRAGMA busy_timeout=5000")
-        self = cls(db, reader, secret=secret, clock=clock, path=path, retention=retention)
+        self = cls(db, reader, secret=secret, clock=clock, path=path, location=str(path),
+                   instance=instance, retention=retention)
         await self._load()
+        self._writer_task = asyncio.create_task(self._writer(), name="registry-writer")
+        return self
+
+    @classmethod
+    async def _open_pg(cls, url: str, *, secret: bytes, clock: Callable[[], float],
+                       retention: EventRetention, instance: str | None) -> Registry:
+        holder: list[Registry] = []
+
+        def notified(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+            if holder:
+                holder[0]._notified(payload)
+
+        writer, reader, listener = await pg_connect(url, on_notify=notified, channel=CHANNEL)
+        try:
+            await migrate(writer)
+            self = cls(writer, reader, secret=secret, clock=clock, path=None,
+                       location=redact(url), instance=instance, retention=retention)
+            self._listener = listener
+            holder.append(self)  # LISTEN before the load: nothing committed between is missed
+            await self._load()
+        except BaseException:
+            await listener.close()
+            await reader.close()
+            await writer.close()
+            raise
         self._writer_task = asyncio.create_task(self._writer(), name="registry-writer")
         return self
 
@@ -315,6 +397,12 @@ class Registry:
         for w in self._prune_waiters:
             if not w.done():
                 w.set_exception(RegistryError("registry is closed"))
+        if self._remote_task is not None:
+            self._remote_task.cancel()
+            await asyncio.gather(self._remote_task, return_exceptions=True)
+        if self._listener is not None:
+            with contextlib.suppress(*ENGINE_ERRORS, OSError):
+                await self._listener.close()
         await self._reader.close()
         await self._db.close()
 
@@ -323,27 +411,24 @@ class Registry:
         nodes: dict[str, Node] = {}
         mac_index: dict[str, str] = {}
         by_state: dict[str, set[str]] = {s: set() for s in STATES}
-        async with self._db.execute(f"SELECT {', '.join(NODE_COLS)} FROM nodes") as cur:
-            async for r in cur:
-                node = Node(**row_to_fields(r))
-                nodes[node.uuid] = node
-                by_state.setdefault(node.state, set()).add(node.uuid)
-        async with self._db.execute("SELECT mac, uuid FROM macs ORDER BY rowid") as cur:
-            async for mac, uuid in cur:
-                node = nodes.get(uuid)
-                if node is not None:
-                    node.macs.append(mac)
-                    mac_index[mac] = uuid
+        versions: dict[str, int] = {}
+        for r in await self._db.fetchall(f"SELECT {', '.join(NODE_COLS)}, version FROM nodes"):
+            node = Node(**row_to_fields(r))
+            nodes[node.uuid] = node
+            versions[node.uuid] = r[-1]
+            by_state.setdefault(node.state, set()).add(node.uuid)
+        for mac, uuid in await self._db.fetchall(f"SELECT mac, uuid FROM macs {self._mac_order}"):
+            node = nodes.get(uuid)
+            if node is not None:
+                node.macs.append(mac)
+                mac_index[mac] = uuid
         bmcs: dict[str, BmcRecord] = {}
-        async with self._db.execute(f"SELECT {', '.join(BMC_COLS)} FROM bmcs") as cur:
-            async for r in cur:
-                d = dict(zip(BMC_COLS, r))
-                uuid = d.pop("uuid")
-                d["verify_tls"] = bool(d["verify_tls"])
-                if uuid in nodes:
-                    bmcs[uuid] = BmcRecord(**d)
+        for r in await self._db.fetchall(f"SELECT {', '.join(BMC_COLS)} FROM bmcs"):
+            uuid, bmc = _bmc_record(r)
+            if uuid in nodes:
+                bmcs[uuid] = bmc
         self._nodes, self._mac_index, self._by_state = nodes, mac_index, by_state
-        self._bmcs = bmcs
+        self._bmcs, self._versions = bmcs, versions
         #: how many times the index was (re)built from disk (a failed commit reloads it)
         self.loads += 1
 
@@ -385,8 +470,12 @@ class Registry:
         """
         uuid = normalise_uuid(uuid)
         mac = normalise_mac(mac) if mac else None
+        self._record(uuid, "observe", (uuid,), dict(mac=mac, address=address, source=source,
+                                                    boot=boot, **identity))
         now = self._clock()
         old = self._nodes.get(uuid)
+        if self.instance is not None:
+            identity["instance"] = self.instance
         if old is None:
             node = Node(uuid=uuid, first_seen=now, last_seen=now, state_since=now,
                         cycle_start=now, address=address,
@@ -425,6 +514,8 @@ class Registry:
         old = self._nodes.get(uuid)
         if old is None:
             old = self.observe(uuid, mac=None, address=address, source=source).node
+        self._record(uuid, "set_state", (uuid, state), dict(source=source, address=address,
+                                                            reason=reason))
         if old.state == state and (state != "error" or reason == old.reason):
             node = old
             if address and address != old.address:
@@ -433,7 +524,7 @@ class Registry:
             return Change(node, node)
         node = replace(old, state=state, state_since=now, last_seen=now,
                        reason=reason if state == "error" else None,
-                       address=address or old.address)
+                       address=address or old.address, instance=self.instance or old.instance)
         if state == "installed":
             node.armed = False
             node.cycle_start = None
@@ -452,6 +543,9 @@ class Registry:
         old = self._nodes.get(uuid)
         if old is None:
             raise KeyError(uuid)
+        self._record(uuid, "patch", (uuid,), dict(rearm=rearm, labels=labels, profile=profile,
+                                                  hostname=hostname, assign=assign,
+                                                  source=source))
         now = self._clock()
         node = replace(old, labels=dict(old.labels))
         changed: list[str] = []
@@ -485,6 +579,7 @@ class Registry:
         """An event that changes no field (e.g. 'stuck')."""
         node = self._nodes.get(uuid)
         if node is not None:
+            self._record(uuid, "add_event", (uuid, kind, detail), dict(source=source))
             self._events.append((uuid, self._clock(), kind, node.state, None, source, None,
                                  detail))
 
@@ -500,6 +595,7 @@ class Registry:
                 del self._mac_index[mac]
                 self._dirty_macs[mac] = None
         self._dirty.discard(uuid)
+        self._ops.pop(uuid, None)
         self._bmcs.pop(uuid, None)
         self._dirty_bmcs.discard(uuid)
         self._inventory = [i for i in self._inventory if i[0] != uuid]
@@ -577,9 +673,8 @@ class Registry:
         at = Cursor.decode(cursor) if cursor else None
         with contextlib.suppress(RegistryError):
             await self.commit()
-        sql, args = page_sql(where or NodeFilter(), at, limit)
-        async with self._reader.execute(sql, args) as cur:
-            rows: list[tuple[str, float]] = list(await cur.fetchall())  # type: ignore[arg-type]
+        sql, args = page_sql(where or NodeFilter(), at, limit, self._db.dialect)
+        rows = await self._reader.fetchall(sql, args)
         more = len(rows) > limit
         rows = rows[:limit]
         if at is not None and at.direction == "prev":
@@ -602,10 +697,9 @@ class Registry:
         uuid = normalise_uuid(uuid)
         with contextlib.suppress(RegistryError):
             await self.commit()
-        async with self._reader.execute(
-                "SELECT id, time, kind, state, prev, source, address, detail FROM events "
-                "WHERE uuid = ? ORDER BY id DESC LIMIT ?", (uuid, limit)) as cur:
-            rows = await cur.fetchall()
+        rows = await self._reader.fetchall(
+            "SELECT id, time, kind, state, prev, source, address, detail FROM events "
+            "WHERE uuid = ? ORDER BY id DESC LIMIT ?", (uuid, limit))
         return [dict(zip(EVENT_COLS, r)) for r in reversed(rows)]
 
     async def inventory(self, uuid: str) -> tuple[float, dict[str, Any]] | None:
@@ -613,20 +707,18 @@ class Registry:
         uuid = normalise_uuid(uuid)
         with contextlib.suppress(RegistryError):
             await self.commit()
-        async with self._reader.execute("SELECT time, data FROM inventory WHERE uuid = ?",
-                                        (uuid,)) as cur:
-            row = await cur.fetchone()
-        return (row[0], json.loads(row[1])) if row else None
+        rows = await self._reader.fetchall("SELECT time, data FROM inventory WHERE uuid = ?",
+                                           (uuid,))
+        return (rows[0][0], json.loads(rows[0][1])) if rows else None
 
     async def audit(self, *, target: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """The newest audit rows first, for one node (``target``) or all."""
         with contextlib.suppress(RegistryError):
             await self.commit()
         where, args = ("WHERE target = ?", (target,)) if target else ("", ())
-        async with self._reader.execute(
-                f"SELECT {', '.join(AUDIT_COLS)} FROM audit {where} ORDER BY id DESC LIMIT ?",
-                (*args, max(1, min(limit, 10_000)))) as cur:
-            rows = await cur.fetchall()
+        rows = await self._reader.fetchall(
+            f"SELECT {', '.join(AUDIT_COLS)} FROM audit {where} ORDER BY id DESC LIMIT ?",
+            (*args, max(1, min(limit, 10_000))))
         return [dict(zip(AUDIT_COLS, r)) for r in rows]
 
     # -- internals ------------------------------------------------------------
@@ -637,33 +729,45 @@ class Registry:
         self._nodes[node.uuid] = node
         self._dirty.add(node.uuid)
 
+    def _record(self, uuid: str, method: str, args: tuple[Any, ...],
+                kwargs: dict[str, Any]) -> None:
+        """Keep a write (PostgreSQL) to apply again should another instance win the row."""
+        if self._fleet:
+            self._ops.setdefault(uuid, []).append((method, args, kwargs))
+
     def _take(self) -> _Batch:
         batch = _Batch(
-            nodes=[_node_row(self._nodes[u]) for u in self._dirty if u in self._nodes],
+            nodes=[_node_row(self._nodes[u], self._versions.get(u, 0) + 1)
+                   for u in self._dirty if u in self._nodes],
             macs_set=[(m, v[0], v[1]) for m, v in self._dirty_macs.items() if v is not None],
             macs_del=[(m,) for m, v in self._dirty_macs.items() if v is None],
             events=self._events, deleted=[(u,) for u in self._deleted],
             bmcs=[_bmc_row(u, self._bmcs.get(u)) for u in self._dirty_bmcs],
             inventory=self._inventory, audit=self._audit)
+        batch.ops, self._ops = self._ops, {}
         self._dirty, self._dirty_macs, self._events, self._deleted = set(), {}, [], set()
         self._dirty_bmcs, self._inventory, self._audit = set(), [], []
         return batch
 
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE on the writer's connection; COMMIT, or ROLLBACK on any error."""
-        db = self._db
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            await db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):  # keep the first error, not this one
-                await db.execute("ROLLBACK")
-            raise
+    @property
+    def _mac_order(self) -> str:
+        """A node's MACs in the order it was seen with them."""
+        return "ORDER BY rowid" if self._db.dialect == "sqlite" else "ORDER BY first_seen, mac"
 
-    async def _write(self, b: _Batch) -> None:
-        async with self._transaction() as db:
+    async def _upsert_nodes(self, db: Db, rows: list[tuple[Any, ...]]) -> set[str]:
+        """Write the node rows; the UUIDs of those another instance had moved on (not
+        written: PostgreSQL only)."""
+        if not rows:
+            return set()
+        if db.dialect == "sqlite":
+            await db.executemany(UPSERT_NODE, rows)
+            return set()
+        written = await db.fetchall(UPSERT_NODES_PG, [list(col) for col in zip(*rows)])
+        return {r[0] for r in rows} - {r[0] for r in written}
+
+    async def _write(self, b: _Batch) -> set[str]:
+        """Commit a batch; the UUIDs whose write lost a race (to apply again)."""
+        async with self._db.transaction() as db:
             if b.deleted:
                 await db.executemany("DELETE FROM bmcs WHERE uuid = ?", b.deleted)
                 await db.executemany("DELETE FROM inventory WHERE uuid = ?", b.deleted)
@@ -672,12 +776,11 @@ class Registry:
                 await db.executemany("DELETE FROM nodes WHERE uuid = ?", b.deleted)
             if b.macs_del:
                 await db.executemany("DELETE FROM macs WHERE mac = ?", b.macs_del)
-            if b.nodes:
-                await db.executemany(UPSERT_NODE, b.nodes)
+            lost = await self._upsert_nodes(db, b.nodes)
             if b.macs_set:
-                await db.executemany(UPSERT_MAC, b.macs_set)
+                await db.executemany(UPSERT_MAC, [m for m in b.macs_set if m[1] not in lost])
             if b.events:
-                await db.executemany(INSERT_EVENT, b.events)
+                await db.executemany(INSERT_EVENT, [e for e in b.events if e[0] not in lost])
             for row in b.bmcs:
                 if row[1] is None:
                     await db.execute("DELETE FROM bmcs WHERE uuid = ?", (row[0],))
@@ -687,7 +790,115 @@ class Registry:
                 await db.executemany(UPSERT_INVENTORY, b.inventory)
             if b.audit:
                 await db.executemany(INSERT_AUDIT, b.audit)
+            if self._fleet:
+                changed = sorted({r[0] for r in b.nodes} - lost | {d[0] for d in b.deleted}
+                                 | {r[0] for r in b.bmcs})
+                for i in range(0, len(changed), NOTIFY_UUIDS):  # delivered at COMMIT
+                    await db.execute("SELECT pg_notify(?, ?)", (CHANNEL, " ".join(
+                        [self._me, *changed[i:i + NOTIFY_UUIDS]])))
         self.stats.commits += 1
+        for r in b.nodes:
+            if r[0] not in lost:
+                self._versions[r[0]] = r[-1]
+        for (u,) in b.deleted:
+            self._versions.pop(u, None)
+        return lost
+
+    # -- a fleet: other instances' commits (PostgreSQL) --------------------------
+    def _notified(self, payload: str) -> None:
+        """A NOTIFY on CHANNEL: another instance committed these nodes; reload them."""
+        sender, *uuids = payload.split()
+        if sender == self._me or self._closing:
+            return
+        self._remote.update(uuids)
+        if self._remote_task is None or self._remote_task.done():
+            self._remote_task = asyncio.get_running_loop().create_task(
+                self._reload_remote(), name="registry-remote")
+
+    async def _reload_remote(self) -> None:
+        while self._remote and not self._closing:
+            uuids, self._remote = sorted(self._remote), set()
+            try:
+                fresh, bmcs = await self._fetch(uuids)
+            except Exception as exc:  # the next NOTIFY, or a failed write, reloads them
+                log.warning("reloading %d node(s) another instance changed failed: %s",
+                            len(uuids), exc)
+                return
+            for u in uuids:
+                change = self._swap(u, fresh.get(u), bmcs.get(u), self._ops.pop(u, []))
+                self.stats.remote_reloads += 1
+                if change is not None and self.on_remote is not None:
+                    try:
+                        self.on_remote(change)
+                    except Exception:
+                        log.exception("registry on_remote listener failed")
+            if self._dirty:
+                self._wake.set()
+
+    async def _rebase(self, lost: set[str], ops: dict[str, list[_Op]]) -> None:
+        """Writes another instance overtook: the fresh rows, then the writes again."""
+        self.stats.conflicts += len(lost)
+        log.debug("%d node write(s) overtaken by another instance; applying them again",
+                  len(lost))
+        fresh, bmcs = await self._fetch(sorted(lost))
+        for u in sorted(lost):
+            self._swap(u, fresh.get(u), bmcs.get(u), ops.get(u, []) + self._ops.pop(u, []),
+                       force=True)
+
+    async def _fetch(self, uuids: list[str]) -> tuple[dict[str, tuple[Node, int]],
+                                                       dict[str, BmcRecord]]:
+        """The committed rows of these nodes, from one snapshot."""
+        assert isinstance(self._reader, PgPool)
+        node_rows, mac_rows, bmc_rows = await self._reader.snapshot([
+            (f"SELECT {', '.join(NODE_COLS)}, version FROM nodes WHERE uuid = ANY(?::text[])",
+             (uuids,)),
+            f"SELECT mac, uuid FROM macs WHERE uuid = ANY(?::text[]) {self._mac_order}",
+            f"SELECT {', '.join(BMC_COLS)} FROM bmcs WHERE uuid = ANY(?::text[])"], (uuids,))
+        nodes = {r[0]: (Node(**row_to_fields(r)), r[-1]) for r in node_rows}
+        for mac, uuid in mac_rows:
+            if uuid in nodes:
+                nodes[uuid][0].macs.append(mac)
+        return nodes, dict(_bmc_record(r) for r in bmc_rows)
+
+    def _swap(self, uuid: str, fresh: tuple[Node, int] | None, bmc: BmcRecord | None,
+              replay: list[_Op], *, force: bool = False) -> Change | None:
+        """Put a node's committed row in the index in place of this instance's view, then
+        apply ``replay`` (this instance's writes not yet in that row) on top. A row older
+        than one this instance wrote is stale news and ignored (unless ``force``)."""
+        version = fresh[1] if fresh is not None else None
+        known = self._versions.get(uuid)
+        if not force and version is not None and known is not None and version <= known \
+                and not replay:
+            return None
+        old = self._nodes.pop(uuid, None)
+        if old is not None:
+            self._by_state.get(old.state, set()).discard(uuid)
+            for mac in old.macs:
+                if self._mac_index.get(mac) == uuid:
+                    del self._mac_index[mac]
+        self._dirty.discard(uuid)
+        self._events = [e for e in self._events if e[0] != uuid]  # the replay makes them again
+        if uuid not in self._dirty_bmcs:
+            if bmc is None:
+                self._bmcs.pop(uuid, None)
+            else:
+                self._bmcs[uuid] = bmc
+        if fresh is None:
+            self._versions.pop(uuid, None)
+        else:
+            node, self._versions[uuid] = fresh
+            self._nodes[uuid] = node
+            self._by_state.setdefault(node.state, set()).add(uuid)
+            for mac in node.macs:
+                self._mac_index[mac] = uuid
+        for method, args, kwargs in replay:
+            try:
+                getattr(self, method)(*args, **kwargs)
+            except (KeyError, ValueError, IdentityError) as exc:  # e.g. patch of a node gone
+                log.info("registry: %s of %s not applied again after another instance's "
+                         "change: %s", method, uuid, exc)
+        node = self._nodes.get(uuid)
+        return None if node is None else Change(node, old)
 
     def prune_events(self) -> asyncio.Future[int]:
         """Run a retention pass now (the writer runs one every ``retention.every`` s); the
@@ -698,7 +909,7 @@ class Registry:
         """Delete up to ``retention.batch`` rows in one transaction: events first, then
         audit rows with what is left of the batch (each table by its own limits)."""
         r = self.retention
-        async with self._transaction() as db:
+        async with self._db.transaction() as db:
             events = await self._prune_table(db, "events", r.max_rows, r.max_age, r.batch)
             audit = 0
             if events < r.batch:
@@ -709,25 +920,22 @@ class Registry:
         self.stats.audit_pruned += audit
         return events + audit
 
-    async def _prune_table(self, db: aiosqlite.Connection, table: str, max_rows: int,
+    async def _prune_table(self, db: Db, table: str, max_rows: int,
                            max_age: float, budget: int) -> int:
         """Delete up to ``budget`` rows of ``table`` (events or audit), oldest ids first:
         beyond ``max_rows`` below the newest id, then older than ``max_age`` (by the
         injected clock). Ids grow with time, so the age check looks only at the oldest
         rows: the scan is bounded."""
-        async with db.execute(f"SELECT max(id) FROM {table}") as cur:  # noqa: S608
-            row = await cur.fetchone()
-        if row is None or row[0] is None:
+        row = (await db.fetchall(f"SELECT max(id) FROM {table}"))[0]  # noqa: S608
+        if row[0] is None:
             return 0
-        cur = await db.execute(
+        removed = await db.execute(
             f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE id <= ? "  # noqa: S608
             "ORDER BY id LIMIT ?)", (row[0] - max_rows, budget))
-        removed = max(0, cur.rowcount)
         if removed < budget:
-            cur = await db.execute(
+            removed += await db.execute(
                 f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY id "  # noqa: S608
                 "LIMIT ?) AND time < ?", (budget - removed, self._clock() - max_age))
-            removed += max(0, cur.rowcount)
         return removed
 
     async def _prune_step(self) -> bool:
@@ -767,8 +975,13 @@ class Registry:
             waiters, self._waiters = self._waiters, []
             batch = self._take()
             try:
-                if batch:
-                    await self._write(batch)
+                lost = await self._write(batch) if batch else set()
+                if lost:
+                    await self._rebase(lost, batch.ops)
+                    if self._dirty:  # the writes applied again: the callers wait for them
+                        self._waiters = waiters + self._waiters
+                        self._wake.set()
+                        continue
             except Exception as exc:
                 self.stats.commit_failures += 1
                 log.debug("registry commit failed: %s; reloading the index from disk", exc)

@@ -1,0 +1,134 @@
+"""Several instances on one PostgreSQL registry (issue 15): each keeps its own index, the
+database stays the truth. Real PostgreSQL (tests/pgsql.py), several Registry objects in one
+process standing for the instances (each with its own connections, as separate processes
+would have)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from netboot.storage.registry import Change, Registry
+from tests.nodes import RegistryPlace
+
+SECRET = b"fleet-secret"
+U1 = "4c4c4544-0042-3510-8052-b4c04f384d32"
+
+
+async def _until(what: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for another instance's NOTIFY to arrive (a deadline, not a speed claim)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not what():
+        assert loop.time() < end, "the other instance never saw the change"
+        await asyncio.sleep(0.02)
+
+
+async def _fleet(postgres, n: int, tmp_path) -> tuple[RegistryPlace, list[Registry]]:
+    place = RegistryPlace("postgresql", tmp_path, await postgres.fresh_database())
+    # opened at once: the migrations run under the advisory lock, once
+    regs = await asyncio.gather(*(place.open(secret=SECRET, instance=f"i{k}")
+                                  for k in range(n)))
+    return place, list(regs)
+
+
+async def test_instances_starting_at_once_migrate_once_and_see_each_others_nodes(
+        postgres, tmp_path) -> None:
+    place, (a, b, c) = await _fleet(postgres, 3, tmp_path)
+    try:
+        assert await place.rows("SELECT version FROM netboot_schema") == [(6,)]
+        seen: list[Change] = []
+        c.on_remote = seen.append
+        a.observe(U1, mac="52:54:00:aa:bb:01", address="10.0.0.5", source="dhcp", serial="SN1")
+        await a.commit()
+        await _until(lambda: b.get(U1) is not None and c.get(U1) is not None)
+        for other in (b, c):
+            node = other.get(U1)
+            assert node.serial == "SN1" and node.macs == ["52:54:00:aa:bb:01"]
+            assert node.instance == "i0"  # who served it last
+            assert other.by_mac("52:54:00:aa:bb:01") is node
+        assert [ch.node.uuid for ch in seen] == [U1] and seen[0].old is None
+        # B moves it on; A and C follow, and the row says B served it last
+        b.set_state(U1, "booting", source="http", address="10.0.0.5")
+        await b.commit()
+        await _until(lambda: a.get(U1).state == "booting" and c.get(U1).state == "booting")
+        assert a.get(U1).instance == "i1"
+        assert await place.rows("SELECT state, instance FROM nodes") == [("booting", "i1")]
+        # a forget on one instance reaches the others
+        c.forget(U1)
+        await c.commit()
+        await _until(lambda: a.get(U1) is None and b.get(U1) is None)
+        assert a.by_mac("52:54:00:aa:bb:01") is None
+    finally:
+        for r in (a, b, c):
+            await r.close()
+
+
+async def test_racing_transitions_lose_nothing_and_keep_one_row(postgres, tmp_path) -> None:
+    """Two instances move the same node from the same version at once: one writes first,
+    the other's write is not put over it; it reloads the row and applies its own change
+    on top, so the history holds both, in the order they committed."""
+    place, (a, b) = await _fleet(postgres, 2, tmp_path)
+    try:
+        a.observe(U1, mac=None, address=None, source="dhcp")
+        await a.commit()
+        await _until(lambda: b.get(U1) is not None)
+        a.set_state(U1, "booting", source="http")
+        b.set_state(U1, "installed", source="callback")
+        await asyncio.gather(a.commit(), b.commit())
+        assert a.stats.conflicts + b.stats.conflicts == 1
+        rows = await place.rows("SELECT state, version FROM nodes")
+        assert len(rows) == 1
+        events = await a.events(U1)
+        moves = [(e["from"], e["state"]) for e in events if e["kind"] == "state"]
+        assert moves in ([("discovered", "booting"), ("booting", "installed")],
+                         [("discovered", "installed"), ("installed", "booting")]), moves
+        final = moves[-1][1]
+        assert rows[0][0] == final
+        await _until(lambda: a.get(U1).state == final and b.get(U1).state == final)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_rack_seen_by_both_halves_of_an_ha_pair_is_one_row_per_node(
+        postgres, tmp_path) -> None:
+    """Both instances of an HA pair answer every DHCP client: each records the same 300
+    new machines at the same time. One row per node and per MAC, every sighting's event
+    kept, and both indexes end equal to the database."""
+    place, (a, c) = await _fleet(postgres, 2, tmp_path)
+    uuids = [f"00000000-0000-0000-0000-{i:012x}" for i in range(300)]
+    try:
+        async def sight(reg: Registry) -> None:
+            for i, u in enumerate(uuids):
+                reg.observe(u, mac=f"02:00:00:00:{i >> 8:02x}:{i & 255:02x}", address=None,
+                            source="dhcp", boot=True)
+                if i % 25 == 0:
+                    await asyncio.sleep(0)  # interleave with the other instance's commits
+            await reg.commit()
+
+        await asyncio.gather(sight(a), sight(c))
+        assert await place.rows("SELECT count(*), count(DISTINCT uuid) FROM nodes") == [(300, 300)]
+        assert await place.rows("SELECT count(*) FROM macs") == [(300,)]
+        # 'discovered' once per node (whoever created it), and both instances' boots
+        kinds = dict(await place.rows("SELECT kind, count(*) FROM events GROUP BY kind"))
+        assert kinds == {"discovered": 300, "boot": 600}, kinds
+        boots = dict(await place.rows("SELECT uuid, boot_count FROM nodes"))
+        assert set(boots.values()) == {2}
+        for reg in (a, c):
+            await _until(lambda reg=reg: all(
+                (n := reg.get(u)) is not None and n.boot_count == 2 for u in uuids))
+    finally:
+        await a.close()
+        await c.close()
+
+
+async def test_tokens_made_by_one_instance_are_honoured_by_another(postgres, tmp_path) -> None:
+    """The HMAC secret is shared (NETBOOT_SECRET or api.secret_file on every instance):
+    a node token one instance made checks on the other."""
+    _, (a, b) = await _fleet(postgres, 2, tmp_path)
+    try:
+        assert b.check_node_token(U1, a.node_token(U1))
+    finally:
+        await a.close()
+        await b.close()
