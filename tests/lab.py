@@ -197,12 +197,14 @@ class Lab:
                    uuid: str | None = None, serial: str = "SN-TEST-1",
                    vendor: str = "NetbootLab", product: str = "QemuBlade",
                    nic: str = "e1000", nic_rom: bool = True, memory_mb: int = 512,
-                   monitor: bool = False) -> Guest:
+                   monitor: bool = False, reboot: bool = False) -> Guest:
         """Start a guest that PXE-boots from the lab bridge.
 
         ``nic_rom=False`` drops the NIC's iPXE option ROM, so OVMF boots with its
         own EDK2 PXE client (over its built-in virtio-net driver) instead of iPXE.
         ``monitor=True`` gives it a QEMU monitor socket (see :meth:`monitor`).
+        ``reboot=True``: a reboot restarts the firmware (default: QEMU exits, so a test
+        sees a failed boot at once), for a guest that must retry its boot.
         """
         idx, tap, mac = self.new_tap(mac)
         uuid = uuid or str(uuidlib.uuid4())
@@ -221,7 +223,8 @@ class Lab:
                *smbios_args(uuid, serial, vendor, product),
                "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no",
                "-device", device, "-serial", f"file:{g.log}", "-display", "none",
-               "-monitor", mon, "-no-reboot", *self.firmware_args(firmware, idx)]
+               "-monitor", mon, *([] if reboot else ["-no-reboot"]),
+               *self.firmware_args(firmware, idx)]
         g.proc = self.spawn(self.ns_lab, *cmd, log=self.workdir / f"qemu{idx}.log")
         self.guests.append(g)
         return g
