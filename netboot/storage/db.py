@@ -52,10 +52,13 @@ class Db(Protocol):
 
 #: what a failing engine raises (besides RegistryError and OSError)
 ENGINE_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,)
+#: what the database aborts a transaction with that a second try may pass
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = ()
 try:  # asyncpg is a dependency; the guard keeps SQLite usable if a site removed it
     import asyncpg
 
     ENGINE_ERRORS = (sqlite3.Error, asyncpg.PostgresError, asyncpg.InterfaceError)
+    TRANSIENT_ERRORS = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 except ImportError:  # pragma: no cover
     asyncpg = None  # type: ignore[assignment]
 

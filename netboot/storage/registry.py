@@ -59,7 +59,16 @@ from ..identity import (
     normalise_mac,
     normalise_uuid,
 )
-from .db import ENGINE_ERRORS, Db, PgPool, SqliteDb, is_postgresql, pg_connect, redact
+from .db import (
+    ENGINE_ERRORS,
+    TRANSIENT_ERRORS,
+    Db,
+    PgPool,
+    SqliteDb,
+    is_postgresql,
+    pg_connect,
+    redact,
+)
 from .pages import DEFAULT_LIMIT, Cursor, NodeFilter, page_sql, search_text
 from .schema import (
     AUDIT_COLS,
@@ -93,6 +102,8 @@ DB_NAME = "registry.sqlite3"
 CHANNEL = "netboot_nodes"
 #: a NOTIFY payload stays under PostgreSQL's 8,000 bytes: this many UUIDs per message
 NOTIFY_UUIDS = 200
+#: how many times a commit the database aborted (deadlock, serialization) is tried
+TRANSIENT_TRIES = 5
 _T = TypeVar("_T")
 #: a write method and its arguments, kept to apply again after a lost race (PostgreSQL)
 _Op = tuple[str, tuple[Any, ...], dict[str, Any]]
@@ -209,6 +220,8 @@ class RegistryStats:
     conflicts: int = 0
     #: node rows reloaded because another instance changed them
     remote_reloads: int = 0
+    #: commits the database aborted (deadlock, serialization) and that were tried again
+    retries: int = 0
 
 
 #: how many of a node's events its detail (API, dashboard page) shows: the latest
@@ -736,14 +749,18 @@ class Registry:
             self._ops.setdefault(uuid, []).append((method, args, kwargs))
 
     def _take(self) -> _Batch:
+        """Everything pending, as rows. Rows that lock (nodes, MACs, BMCs, deletes) go in
+        key order: instances sharing a PostgreSQL registry then take their row locks in
+        the same order and cannot deadlock on each other's batches."""
         batch = _Batch(
             nodes=[_node_row(self._nodes[u], self._versions.get(u, 0) + 1)
-                   for u in self._dirty if u in self._nodes],
-            macs_set=[(m, v[0], v[1]) for m, v in self._dirty_macs.items() if v is not None],
-            macs_del=[(m,) for m, v in self._dirty_macs.items() if v is None],
-            events=self._events, deleted=[(u,) for u in self._deleted],
-            bmcs=[_bmc_row(u, self._bmcs.get(u)) for u in self._dirty_bmcs],
-            inventory=self._inventory, audit=self._audit)
+                   for u in sorted(self._dirty) if u in self._nodes],
+            macs_set=sorted((m, v[0], v[1]) for m, v in self._dirty_macs.items()
+                            if v is not None),
+            macs_del=sorted((m,) for m, v in self._dirty_macs.items() if v is None),
+            events=self._events, deleted=sorted((u,) for u in self._deleted),
+            bmcs=[_bmc_row(u, self._bmcs.get(u)) for u in sorted(self._dirty_bmcs)],
+            inventory=sorted(self._inventory), audit=self._audit)
         batch.ops, self._ops = self._ops, {}
         self._dirty, self._dirty_macs, self._events, self._deleted = set(), {}, [], set()
         self._dirty_bmcs, self._inventory, self._audit = set(), [], []
@@ -766,7 +783,21 @@ class Registry:
         return {r[0] for r in rows} - {r[0] for r in written}
 
     async def _write(self, b: _Batch) -> set[str]:
-        """Commit a batch; the UUIDs whose write lost a race (to apply again)."""
+        """Commit a batch; the UUIDs whose write lost a race (to apply again). A
+        transaction PostgreSQL aborted to break a deadlock or a serialization conflict
+        with another instance is tried again, a few times, before it counts as failed."""
+        for attempt in range(TRANSIENT_TRIES):
+            try:
+                return await self._write_once(b)
+            except TRANSIENT_ERRORS as exc:
+                if attempt == TRANSIENT_TRIES - 1:
+                    raise
+                self.stats.retries += 1
+                log.debug("registry commit aborted by the database (%s); trying again", exc)
+                await asyncio.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _write_once(self, b: _Batch) -> set[str]:
         async with self._db.transaction() as db:
             if b.deleted:
                 await db.executemany("DELETE FROM bmcs WHERE uuid = ?", b.deleted)
