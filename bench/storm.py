@@ -190,21 +190,29 @@ def netboot_stack(lab: StormLab, root: Path, a: argparse.Namespace, n: int,
     server = NetbootServer(lab, root, kernel_size=a.kernel_size, initrd_size=a.initrd_size,
                            src=a.src, extra_yaml=f"tftp:\n  max_transfers: {transfers}\n"
                            + (f"  workers: {a.tftp_workers}\n" if a.tftp_workers is not None
-                              else ""))
+                              else "") + getattr(a, "extra_yaml", ""))
+    pxelinux_machines(server, machines)
+    server.start(timeout=120)
+    return server
+
+
+def pxelinux_machines(server: NetbootServer, machines: list[Machine]) -> None:
+    """The pxelinux profile, and a machine file naming it for each pxelinux machine."""
     profile = server.profile_path.read_text().replace("loader: ipxe", "loader: pxelinux")
     (server.cfg / "profiles" / f"{STORM_PXELINUX_PROFILE}.yaml").write_text(profile)
     for m in machines:
         if m.kind == "pxelinux":
             (server.cfg / "machines" / f"storm-{m.index:05d}.yaml").write_text(
                 f'mac: "{m.mac_text}"\nprofile: {STORM_PXELINUX_PROFILE}\n')
-    server.start(timeout=120)
-    return server
 
 
 #: netboot's own counters worth keeping beside a storm's figures
 COUNTERS = ("tftp_handed_off", "tftp_hand_off_skipped", "tftp_transfers_completed",
             "tftp_transfers_failed", "tftp_size_probes", "tftp_retransmits",
-            "tftp_refused", "dhcp_offers_total", "dhcp_acks_total")
+            "tftp_refused", "dhcp_offers_total", "dhcp_acks_total",
+            "dhcp_overload_dropped_total", "dhcp_delayed_dropped_total",
+            "dhcp_paced_dropped_total", "dhcp_send_dropped_total", "new_nodes_refused_total",
+            "registry_write_errors_total")
 
 
 def netboot_counters(server: NetbootServer) -> dict[str, float]:

@@ -170,14 +170,59 @@ class DhcpMux(asyncio.DatagramProtocol):
         q.put_nowait(r)  # type: ignore[arg-type]
 
 
-async def dhcp_exchange(mux: DhcpMux, xid: int, packet: bytes, dest: tuple[str, int],
+class _SockSender:
+    """The part of a datagram transport DhcpMux uses (sendto), on a plain socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.dropped = 0
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self.sock.sendto(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.dropped += 1  # as a full NIC queue would; the machine's timer resends
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+def attach_batched(mux: DhcpMux, sock: socket.socket, batch: int = 512) -> None:
+    """Feed ``mux`` from ``sock`` reading every queued datagram per wake-up (up to
+    ``batch``), not one per event-loop pass as a datagram transport does: the shared
+    sockets take every reply of the storm (three per DISCOVER from an HA fleet), and one
+    datagram per pass let the backlog outlast the machines' DHCP timers."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    mux.transport = _SockSender(sock)  # type: ignore[assignment]
+
+    def drain() -> None:
+        for _ in range(batch):
+            try:
+                data, addr = sock.recvfrom(2048)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            mux.datagram_received(data, addr)
+
+    loop.add_reader(sock.fileno(), drain)
+
+
+async def dhcp_exchange(mux: DhcpMux, xid: int, packet: bytes,
+                        dest: tuple[str, int] | list[tuple[str, int]],
                         want: int, phase: str) -> DhcpReply:
+    """Send ``packet`` to ``dest`` (several: as a relay with several helper addresses
+    does) until a reply of type ``want`` comes; the first one wins."""
+    dests = dest if isinstance(dest, list) else [dest]
     q: asyncio.Queue[DhcpReply] = asyncio.Queue()
     mux.waiting[xid] = q
     try:
         for timeout in DHCP_TIMEOUTS:
             assert mux.transport is not None
-            mux.transport.sendto(packet, dest)
+            for d in dests:
+                mux.transport.sendto(packet, d)
             deadline = time.monotonic() + timeout
             while (left := deadline - time.monotonic()) > 0:
                 try:
@@ -520,8 +565,9 @@ class Storm:
                                         OFFER, phase)
         else:
             pkt = build_dhcp(xid, m.mac, DISCOVER, opts, giaddr=socket.inet_aton(a.relay))
-            offer = await dhcp_exchange(self.mux, xid, pkt, (a.server, a.dhcp_port), OFFER,
-                                        phase)
+            offer = await dhcp_exchange(self.mux, xid, pkt,
+                                        [(s, a.dhcp_port) for s in a.server.split(",")],
+                                        OFFER, phase)
         if offer.bootfile:
             return offer
         # No file in the offer: ask the boot server on 4011, as a PXE ROM does, naming
@@ -806,21 +852,19 @@ def direct_socket(interface: str) -> socket.socket:
 
 
 async def run(a: argparse.Namespace) -> dict[str, Any]:
-    loop = asyncio.get_running_loop()
     mux = DhcpMux()
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     big_receive_buffer(sock)
     sock.bind((a.relay, a.relay_port))
-    await loop.create_datagram_endpoint(lambda: mux, sock=sock)
+    attach_batched(mux, sock)
     storm = Storm(a, mux)
     if a.phase_limit:
         storm.sems = {p: asyncio.Semaphore(a.phase_limit) for p in PHASES}
     machines = make_machines(a.n, a.seed, a.mix)[a.first:]
     if any(m.kind == "direct" for m in machines):
         storm.direct = DhcpMux()
-        await loop.create_datagram_endpoint(lambda: storm.direct,  # type: ignore[arg-type,return-value]
-                                            sock=direct_socket(a.interface))
+        attach_batched(storm.direct, direct_socket(a.interface))
     storm.t0 = time.monotonic()
     await asyncio.gather(*(storm.machine(m) for m in machines))
     wall = time.monotonic() - storm.t0
@@ -866,7 +910,9 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=100, help="machines")
     ap.add_argument("--first", type=int, default=0, help="skip machines below this index")
-    ap.add_argument("--server", default="10.79.0.2")
+    ap.add_argument("--server", default="10.79.0.2",
+                    help="where relayed DISCOVERs go; several, comma-separated: a relay "
+                    "with several helper addresses (the first OFFER wins)")
     ap.add_argument("--relay", default="10.79.0.3", help="relay address (giaddr), udp/67 here")
     ap.add_argument("--relay-port", type=int, default=67)
     ap.add_argument("--dhcp-port", type=int, default=67)

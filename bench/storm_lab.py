@@ -5,6 +5,11 @@
     ns <tag>-cli: eth0 10.79.0.3/16   -- the DHCP relay address and the machines' own
                   addresses 10.79.10.1 ... (one per simulated machine)
 
+With ``servers=K`` (K > 1: a fleet, bench/storm_fleet.py) the client namespace holds a
+bridge br0 instead (10.79.0.3 and the machines' addresses on it), and K server
+namespaces hang off it: <tag>-boot at 10.79.0.2, then <tag>-boot1 ... at 10.79.0.4 ...
+(``server_ns(k)``, ``server_addr(k)``).
+
 Only 10.79.0.0/16 addresses, and only inside these namespaces. Everything
 started here is stopped by ``down()``; ``StormLab`` is a context manager.
 Used by bench/storm.py and tests/test_faults.py, tests/test_hostile.py.
@@ -183,6 +188,7 @@ class StormLab(Lab):
     server side (``ns_srv``), its ``ns_lab`` the machines' side (``ns_cli``)."""
 
     machines: int = 0  # addresses to add in the client namespace
+    servers: int = 1  # server namespaces (more than one: on a bridge in the client's)
     wire: bool = False  # tap devices joined by bench/storm_wire.py instead of a veth pair
     tag: str = field(default_factory=lambda: "st" + uuidlib.uuid4().hex[:6])
     mounts: list[Path] = field(default_factory=list)
@@ -195,6 +201,18 @@ class StormLab(Lab):
     @property
     def ns_cli(self) -> str:
         return self.ns_lab
+
+    @property
+    def cli_dev(self) -> str:
+        """The client namespace's interface: eth0, or br0 with several servers."""
+        return "br0" if self.servers > 1 else "eth0"
+
+    def server_ns(self, k: int) -> str:
+        return self.ns_srv if k == 0 else f"{self.ns_srv}{k}"
+
+    @staticmethod
+    def server_addr(k: int) -> str:
+        return SERVER_ADDR if k == 0 else f"10.79.0.{3 + k}"
 
     def __enter__(self) -> StormLab:
         try:
@@ -211,7 +229,23 @@ class StormLab(Lab):
         self.workdir.mkdir(parents=True, exist_ok=True)
         for ns in (self.ns_srv, self.ns_cli):
             sh("ip", "netns", "add", ns)
-        if self.wire:
+        if self.servers > 1:
+            assert not self.wire, "the user-space wire joins two namespaces only"
+            self.ns(self.ns_cli, "ip", "link", "add", "br0", "type", "bridge")
+            self.ns(self.ns_cli, "ip", "link", "set", "br0", "up")
+            for k in range(self.servers):
+                ns = self.server_ns(k)
+                if k:
+                    sh("ip", "netns", "add", ns)
+                sh("ip", "link", "add", f"vs{k}", "netns", self.ns_cli, "type", "veth",
+                   "peer", "name", "eth0", "netns", ns)
+                self.ns(self.ns_cli, "ip", "link", "set", f"vs{k}", "master", "br0", "up")
+                self.ns(ns, "ip", "addr", "add", f"{self.server_addr(k)}/16", "dev", "eth0")
+                self.ns(ns, "ip", "link", "set", "eth0", "up")
+                self.ns(ns, "ip", "link", "set", "lo", "up")
+            self.ns(self.ns_cli, "ip", "addr", "add", f"{RELAY_ADDR}/16", "dev", "br0")
+            self.ns(self.ns_cli, "ip", "link", "set", "lo", "up")
+        elif self.wire:
             self.control = self.workdir / "wire.json"
             self.control.write_text('{"loss": 0, "reorder": 0, "delay_ms": 0}')
             for ns in (self.ns_srv, self.ns_cli):
@@ -228,12 +262,13 @@ class StormLab(Lab):
         else:
             sh("ip", "link", "add", "eth0", "netns", self.ns_srv, "type", "veth",
                "peer", "name", "eth0", "netns", self.ns_cli)
-        for ns, addr in ((self.ns_srv, SERVER_ADDR), (self.ns_cli, RELAY_ADDR)):
-            self.ns(ns, "ip", "addr", "add", f"{addr}/16", "dev", "eth0")
-            self.ns(ns, "ip", "link", "set", "eth0", "up")
-            self.ns(ns, "ip", "link", "set", "lo", "up")
+        if self.servers == 1:
+            for ns, addr in ((self.ns_srv, SERVER_ADDR), (self.ns_cli, RELAY_ADDR)):
+                self.ns(ns, "ip", "addr", "add", f"{addr}/16", "dev", "eth0")
+                self.ns(ns, "ip", "link", "set", "eth0", "up")
+                self.ns(ns, "ip", "link", "set", "lo", "up")
         if self.machines:
-            batch = "".join(f"addr add {machine_addr(i)}/16 dev eth0\n"
+            batch = "".join(f"addr add {machine_addr(i)}/16 dev {self.cli_dev}\n"
                             for i in range(self.machines))
             subprocess.run(["ip", "-n", self.ns_cli, "-batch", "-"], input=batch, text=True,
                            check=True, capture_output=True)
@@ -297,6 +332,8 @@ class StormLab(Lab):
 
     def down(self) -> None:
         super().down()
+        for k in range(1, self.servers):
+            sh("ip", "netns", "del", self.server_ns(k), check=False)
         for m in reversed(self.mounts):
             sh("umount", "-l", str(m), check=False)
         for path, old, ours in reversed(self.sysctl_restore):
@@ -357,6 +394,9 @@ class NetbootServer:
     extra_yaml: str = ""
     proc: subprocess.Popen | None = None
     starts: int = 0
+    #: which of the lab's server namespaces it runs in (StormLab.server_ns)
+    index: int = 0
+    env: dict[str, str] = field(default_factory=dict)
     #: run netboot from this source tree (e.g. a `git archive` export) instead of the
     #: installed one; default $STORM_NETBOOT_SRC, else the working tree
     src: Path | None = field(default_factory=lambda: (Path(os.environ["STORM_NETBOOT_SRC"])
@@ -376,20 +416,25 @@ class NetbootServer:
         self.config = self.cfg / "netboot.yaml"
         self.config.write_text(
             f"data_dir: {data}\nimages_dir: {self.images}\nignition_dir: {REPO / 'ignition'}\n"
-            f"default_profile: storm\naddress: {SERVER_ADDR}\n"
+            f"default_profile: storm\naddress: {self.addr}\n"
             "api:\n  admin_token: storm-admin-token\n" + self.extra_yaml)
         self.log = self.root / "netboot.log"
 
     @property
+    def addr(self) -> str:
+        return StormLab.server_addr(self.index)
+
+    @property
     def url(self) -> str:
-        return f"http://{SERVER_ADDR}:8080"
+        return f"http://{self.addr}:8080"
 
     def start(self, wait: bool = True, timeout: float = 30) -> subprocess.Popen:
         offset = self.log.stat().st_size if self.log.exists() else 0
-        env = None
+        env = {**os.environ, **self.env} if self.env else None
         if self.src is not None:
-            env = {**os.environ, "PYTHONPATH": str(self.src)}
-        self.proc = self.lab.spawn(self.lab.ns_srv, str(VENV_BIN / "python"), "-m", "netboot",
+            env = {**(env or os.environ), "PYTHONPATH": str(self.src)}
+        self.proc = self.lab.spawn(self.lab.server_ns(self.index), str(VENV_BIN / "python"),
+                                   "-m", "netboot",
                                    "serve", "--config", str(self.config), "--interface", "eth0",
                                    log=self.log, env=env)
         self.starts += 1
@@ -421,9 +466,9 @@ class NetbootServer:
         """One HTTP request from the client namespace (path sent as is)."""
         import http.client
 
-        conn = http.client.HTTPConnection(SERVER_ADDR, 8080, timeout=timeout)
+        conn = http.client.HTTPConnection(self.addr, 8080, timeout=timeout)
         conn.sock = netns_socket(self.lab.ns_cli, socket.SOCK_STREAM,
-                                 connect=(SERVER_ADDR, 8080), timeout=timeout)
+                                 connect=(self.addr, 8080), timeout=timeout)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             resp = conn.getresponse()
