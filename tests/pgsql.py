@@ -68,6 +68,14 @@ class PgServer:
             raise RuntimeError(f"PostgreSQL did not start: {exc.stderr}{log}") from exc
         return server
 
+    def restart(self) -> None:
+        """Stop the server (fast: every connection is cut) and start it again."""
+        data = str(self.root / "data")
+        self._run("pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+        self._run("pg_ctl", "-D", data, "-l", str(self.root / "log"), "-w", "-t", "60",
+                  "-o", f"-k {self.root} -c listen_addresses='' -c fsync=off "
+                  "-c max_connections=200", "start")
+
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.root / "data"), "-m", "immediate", "-w", "stop",
                   check=False)

@@ -198,3 +198,47 @@ async def test_two_instances_writing_the_same_rows_at_once_do_not_deadlock(
     assert [s["failures"] for s in stats] == [0, 0], stats
     assert await place.rows("SELECT state, count(*) FROM nodes GROUP BY state") == [
         ("installed", 1000)]
+
+
+async def test_a_lost_listen_connection_reconnects_and_catches_up(tmp_path) -> None:
+    """What another instance commits while this one's LISTEN connection is down is not
+    heard of: the connection comes back by itself and the index is resynced. A server
+    restart cuts every connection: writes fail while it is down, and work after it
+    (the writer reconnects). A private server: the restart must not cut other tests."""
+    from tests.pgsql import PgServer
+
+    server = PgServer.start()
+    a = b = None
+    try:
+        place = RegistryPlace("postgresql", tmp_path, await server.fresh_database())
+        a = await place.open(secret=SECRET, instance="a")
+        b = await place.open(secret=SECRET, instance="b")
+        # cut B's LISTEN connection only, then A writes a node B cannot hear of
+        await place.rows("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE query LIKE 'LISTEN%'")
+        a.observe(U1, mac="52:54:00:aa:bb:01", address=None, source="dhcp", serial="SN1")
+        await a.commit()
+        await _until(lambda: b.get(U1) is not None, timeout=30)
+        assert b.stats.relistens >= 1 and b.stats.resyncs >= 1
+        assert b.by_mac("52:54:00:aa:bb:01") is b.get(U1)
+
+        await asyncio.get_running_loop().run_in_executor(None, server.restart)
+        u2 = "00000000-0000-0000-0000-0000000000b2"
+        for _ in range(20):  # the first commit may meet the cut connection
+            a.observe(u2, mac=None, address=None, source="dhcp")
+            try:
+                await a.commit()
+                break
+            except Exception:
+                await asyncio.sleep(0.2)
+        await _until(lambda: b.get(u2) is not None, timeout=30)
+        b.set_state(u2, "booting", source="http")
+        await b.commit()
+        await _until(lambda: a.get(u2) is not None and a.get(u2).state == "booting",
+                     timeout=30)
+        assert await place.rows("SELECT count(*) FROM nodes") == [(2,)]
+    finally:
+        for r in (a, b):
+            if r is not None:
+                await r.close()
+        server.stop()

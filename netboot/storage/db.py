@@ -123,13 +123,23 @@ def pg_sql(sql: str) -> str:
 
 
 class PgDb:
-    """One asyncpg connection (the writer, or the migration's)."""
+    """One asyncpg connection (the writer, or the migration's). With ``url``, a
+    connection found closed (the server restarted, the link broke) is replaced on its
+    next use: the statement that met the break fails, the next one reconnects."""
 
     dialect: Dialect = "postgresql"
 
-    def __init__(self, conn: Any):
+    def __init__(self, conn: Any, url: str | None = None):
         self.conn = conn
+        self.url = url
+        self.reconnects = 0
         self._sql: dict[str, str] = {}
+
+    async def _c(self) -> Any:
+        if self.url is not None and self.conn.is_closed():
+            self.conn = await asyncpg.connect(self.url, timeout=10)
+            self.reconnects += 1
+        return self.conn
 
     def _q(self, sql: str) -> str:
         q = self._sql.get(sql)
@@ -138,21 +148,21 @@ class PgDb:
         return q
 
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
-        status = await self.conn.execute(self._q(sql), *args)
+        status = await (await self._c()).execute(self._q(sql), *args)
         tail = status.rsplit(" ", 1)[-1] if isinstance(status, str) else ""
         return int(tail) if tail.isdigit() else 0
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
         if rows:
-            await self.conn.executemany(self._q(sql), rows)
+            await (await self._c()).executemany(self._q(sql), rows)
 
     async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in await self.conn.fetch(self._q(sql), *args)]
+        return [tuple(r) for r in await (await self._c()).fetch(self._q(sql), *args)]
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[PgDb]:
-        async with self.conn.transaction():
+        async with (await self._c()).transaction():
             yield self
 
     async def close(self) -> None:
@@ -201,21 +211,28 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-async def pg_connect(url: str, *, on_notify: Callable[..., Any] | None = None,
-                     channel: str = "") -> tuple[PgDb, PgPool, Any]:
-    """The writer, the reader pool and (with ``on_notify``) the listening connection."""
+async def pg_connect(url: str) -> tuple[PgDb, PgPool]:
+    """The writer (reconnecting) and the reader pool (asyncpg's pool replaces a broken
+    connection by itself)."""
     if asyncpg is None:  # pragma: no cover
         raise RuntimeError("a postgresql:// registry needs asyncpg (pip install asyncpg)")
-    writer = PgDb(await asyncpg.connect(url, timeout=10))
-    pool = listener = None
+    writer = PgDb(await asyncpg.connect(url, timeout=10), url)
     try:
         pool = await asyncpg.create_pool(url, min_size=1, max_size=4, timeout=10)
-        if on_notify is not None:
-            listener = await asyncpg.connect(url, timeout=10)
-            await listener.add_listener(channel, on_notify)
     except BaseException:
         await writer.close()
-        if pool is not None:
-            await pool.close()
         raise
-    return writer, PgPool(pool), listener
+    return writer, PgPool(pool)
+
+
+async def pg_listen(url: str, channel: str, on_notify: Callable[..., Any],
+                    on_lost: Callable[[Any], None]) -> Any:
+    """A connection LISTENing on ``channel``; ``on_lost`` is called if it terminates."""
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        await conn.add_listener(channel, on_notify)
+        conn.add_termination_listener(on_lost)
+    except BaseException:
+        await conn.close()
+        raise
+    return conn

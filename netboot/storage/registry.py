@@ -67,6 +67,7 @@ from .db import (
     SqliteDb,
     is_postgresql,
     pg_connect,
+    pg_listen,
     redact,
 )
 from .pages import DEFAULT_LIMIT, Cursor, NodeFilter, page_sql, search_text
@@ -222,6 +223,9 @@ class RegistryStats:
     remote_reloads: int = 0
     #: commits the database aborted (deadlock, serialization) and that were tried again
     retries: int = 0
+    #: times the LISTEN connection was made again, and the index resynced in whole
+    relistens: int = 0
+    resyncs: int = 0
 
 
 #: how many of a node's events its detail (API, dashboard page) shows: the latest
@@ -307,6 +311,11 @@ class Registry:
         self._db = db
         self._reader = reader
         self._listener: Any = None
+        self._url: str | None = None  # PostgreSQL: to LISTEN again after a break
+        self._relisten_task: asyncio.Task[None] | None = None
+        #: the index may not match the database (a reload failed, or NOTIFYs were missed
+        #: while the LISTEN connection was down): resynced before the next commit
+        self._stale = False
         self._fleet = db.dialect == "postgresql"
         #: called with each change another instance made (lifecycle: to the dashboards)
         self.on_remote: Callable[[Change], None] | None = None
@@ -375,22 +384,19 @@ class Registry:
     @classmethod
     async def _open_pg(cls, url: str, *, secret: bytes, clock: Callable[[], float],
                        retention: EventRetention, instance: str | None) -> Registry:
-        holder: list[Registry] = []
-
-        def notified(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
-            if holder:
-                holder[0]._notified(payload)
-
-        writer, reader, listener = await pg_connect(url, on_notify=notified, channel=CHANNEL)
+        writer, reader = await pg_connect(url)
+        self = cls(writer, reader, secret=secret, clock=clock, path=None,
+                   location=redact(url), instance=instance, retention=retention)
+        self._url = url
         try:
             await migrate(writer)
-            self = cls(writer, reader, secret=secret, clock=clock, path=None,
-                       location=redact(url), instance=instance, retention=retention)
-            self._listener = listener
-            holder.append(self)  # LISTEN before the load: nothing committed between is missed
+            # LISTEN before the load: nothing committed in between is missed
+            self._listener = await pg_listen(url, CHANNEL, self._on_notify, self._listener_lost)
             await self._load()
         except BaseException:
-            await listener.close()
+            self._closing = True  # a listener ending now is no break to recover from
+            if self._listener is not None:
+                await self._listener.close()
             await reader.close()
             await writer.close()
             raise
@@ -410,9 +416,10 @@ class Registry:
         for w in self._prune_waiters:
             if not w.done():
                 w.set_exception(RegistryError("registry is closed"))
-        if self._remote_task is not None:
-            self._remote_task.cancel()
-            await asyncio.gather(self._remote_task, return_exceptions=True)
+        for task in (self._remote_task, self._relisten_task):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self._listener is not None:
             with contextlib.suppress(*ENGINE_ERRORS, OSError):
                 await self._listener.close()
@@ -836,6 +843,61 @@ class Registry:
         return lost
 
     # -- a fleet: other instances' commits (PostgreSQL) --------------------------
+    def _on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self._notified(payload)
+
+    def _listener_lost(self, _conn: Any) -> None:
+        """The LISTEN connection ended (the server restarted, the link broke): connect
+        again, and resync, since what was committed meanwhile was not heard of."""
+        if self._closing:
+            return
+        log.warning("registry: lost the LISTEN connection to %s; reconnecting (changes "
+                    "other instances make meanwhile are read once it is back)", self.location)
+        if self._relisten_task is None or self._relisten_task.done():
+            self._relisten_task = asyncio.get_running_loop().create_task(
+                self._relisten(), name="registry-relisten")
+
+    async def _relisten(self) -> None:
+        assert self._url is not None
+        delay = 0.5
+        while not self._closing:
+            try:
+                self._listener = await pg_listen(self._url, CHANNEL, self._on_notify,
+                                                 self._listener_lost)
+            except (OSError, TimeoutError, *ENGINE_ERRORS) as exc:
+                log.debug("registry: LISTEN again failed: %s; next try in %.1f s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self.stats.relistens += 1
+            log.warning("registry: listening to %s again; resyncing the index",
+                        self.location)
+            self._stale = True
+            self._wake.set()  # the writer resyncs before its next commit
+            return
+
+    async def _resync(self) -> None:
+        """Every row from the database in place of the index's, the writes still pending
+        applied again on top (a scan: only after a break, never per request)."""
+        assert isinstance(self._reader, PgPool)
+        node_rows, mac_rows, bmc_rows = await self._reader.snapshot([
+            f"SELECT {', '.join(NODE_COLS)}, version FROM nodes",
+            f"SELECT mac, uuid FROM macs {self._mac_order}",
+            f"SELECT {', '.join(BMC_COLS)} FROM bmcs"])
+        fresh = {r[0]: (Node(**row_to_fields(r)), r[-1]) for r in node_rows}
+        for mac, uuid in mac_rows:
+            if uuid in fresh:
+                fresh[uuid][0].macs.append(mac)
+        bmcs = dict(_bmc_record(r) for r in bmc_rows)
+        for u in sorted(set(fresh) | set(self._nodes)):
+            change = self._swap(u, fresh.get(u), bmcs.get(u), self._ops.pop(u, []),
+                                force=True)
+            if change is not None and change.moved and self.on_remote is not None:
+                with contextlib.suppress(Exception):
+                    self.on_remote(change)
+        self._stale = False
+        self.stats.resyncs += 1
+
     def _notified(self, payload: str) -> None:
         """A NOTIFY on CHANNEL: another instance committed these nodes; reload them."""
         sender, *uuids = payload.split()
@@ -1003,6 +1065,11 @@ class Registry:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), max(0.0, prune_at - loop.time()))
             self._wake.clear()
+            if self._stale and self._fleet:
+                try:
+                    await self._resync()
+                except Exception as exc:
+                    log.debug("registry resync failed: %s; trying again later", exc)
             waiters, self._waiters = self._waiters, []
             batch = self._take()
             try:
@@ -1018,8 +1085,9 @@ class Registry:
                 log.debug("registry commit failed: %s; reloading the index from disk", exc)
                 try:
                     await self._load()
-                except Exception:
-                    log.exception("registry reload failed")
+                except Exception as reload_exc:
+                    self._stale = True  # PostgreSQL: resynced once the database answers
+                    log.error("registry reload failed: %s", reload_exc)
                 # everything changed in memory since is undone by the reload: fail it too
                 waiters += self._waiters
                 self._waiters = []
