@@ -67,7 +67,8 @@ async def serving(config: Path, *, secret: bytes = SECRET, admin_token: str | No
     store = ConfigStore(config)
     cfg = store.server
     reg = await Registry.open(cfg.data_dir, secret=secret, clock=clock,
-                              retention=event_retention(cfg)) if registry else None
+                              retention=event_retention(cfg),
+                              url=cfg.registry.url) if registry else None
     table = dict(tokens or {})
     if admin_token:
         table[admin_token] = ("admin", "admin")

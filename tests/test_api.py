@@ -28,10 +28,12 @@ ROOT = Path(__file__).resolve().parent.parent
 @asynccontextmanager
 async def serve_registry(data_dir: Path, *, admin_token: str | None = ADMIN,
                          profiles: dict[str, Any] | None = None,
+                         settings: dict[str, Any] | None = None,
                          **kw: Any) -> AsyncIterator[Served]:
     """A real netboot (registry, API, dashboard) on an ephemeral 127.0.0.1 port, with its
-    data in ``data_dir``; shared by the other test files."""
-    config = write_config(data_dir / "config", data_dir, profiles)
+    data in ``data_dir`` (``settings``: more of netboot.yaml, e.g. a registry url);
+    shared by the other test files."""
+    config = write_config(data_dir / "config", data_dir, profiles, **(settings or {}))
     kw.setdefault("tokens", {VIEWER: ("watcher", "viewer"), OPERATOR: ("ops", "operator")})
     async with serving(config, secret=SECRET, admin_token=admin_token, **kw) as served:
         yield served

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 
 from netboot.storage.registry import make_node_token
+from tests.nodes import RegistryPlace
 from tests.served import write_config
 from tests.test_api import SECRET, serve_registry
 
@@ -37,9 +38,12 @@ async def _register(session: aiohttp.ClientSession, base: str, secret: bytes, i:
         return r.status
 
 
-async def test_thousand_concurrent_registrations(tmp_path: Path) -> None:
+async def test_thousand_concurrent_registrations(regdb: RegistryPlace) -> None:
+    """Through real HTTP, on either engine (``regdb``): every registration one row."""
     n = 1000
-    async with serve_registry(tmp_path) as srv:
+    tmp_path = regdb.data_dir
+    async with serve_registry(tmp_path, settings={"registry": regdb.url} if regdb.url
+                              else None) as srv:
         conn = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=conn) as s:
             statuses = await asyncio.gather(*(_register(s, srv.url, SECRET, i) for i in range(n)))
@@ -48,17 +52,13 @@ async def test_thousand_concurrent_registrations(tmp_path: Path) -> None:
         assert len(await srv.registry.list()) == n
         commits = srv.registry.stats.commits
         assert commits < n / 2, f"{commits} commits for {n} writes: not group-committed"
-    db = sqlite3.connect(tmp_path / "registry.sqlite3")
-    try:
-        assert db.execute("SELECT count(*), count(DISTINCT uuid) FROM nodes").fetchone() == (n, n)
-        assert db.execute("SELECT count(*) FROM macs").fetchone() == (n,)
-        assert db.execute("SELECT count(*) FROM events WHERE kind='discovered'").fetchone() == (n,)
-        got = {r[0] for r in db.execute("SELECT uuid FROM nodes")}
-        assert got == {_uuid(i) for i in range(n)}
-        assert db.execute("SELECT serial FROM nodes WHERE uuid=?", (_uuid(7),)).fetchone() == (
-            "SN000007",)
-    finally:
-        db.close()
+    assert await regdb.rows("SELECT count(*), count(DISTINCT uuid) FROM nodes") == [(n, n)]
+    assert await regdb.rows("SELECT count(*) FROM macs") == [(n,)]
+    assert await regdb.rows("SELECT count(*) FROM events WHERE kind='discovered'") == [(n,)]
+    got = {r[0] for r in await regdb.rows("SELECT uuid FROM nodes")}
+    assert got == {_uuid(i) for i in range(n)}
+    assert await regdb.rows(f"SELECT serial FROM nodes WHERE uuid='{_uuid(7)}'") == [
+        ("SN000007",)]
 
 
 def _free_port() -> int:
