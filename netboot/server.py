@@ -77,12 +77,9 @@ class SecretError(SetupError):
     """No usable HMAC key: say where one goes."""
 
 
-def load_secret(cfg: ServerConfig) -> bytes:
-    """The HMAC key for node tokens and signed URLs: ``api.secret``, else the file
-    ``api.secret_file``, else ``$NETBOOT_SECRET``, else generated once into data_dir.
-
-    A fleet (a PostgreSQL registry) must share one key, so it is never generated there:
-    every instance would make its own and refuse the others' tokens."""
+def given_secret(cfg: ServerConfig) -> bytes | None:
+    """The HMAC key the operator gave (``api.secret``, ``api.secret_file``,
+    ``$NETBOOT_SECRET``, in that order), or None."""
     if cfg.api.secret:
         return cfg.api.secret.encode()
     if cfg.api.secret_file is not None:
@@ -95,6 +92,18 @@ def load_secret(cfg: ServerConfig) -> bytes:
         return key
     if os.environ.get("NETBOOT_SECRET", "").strip():
         return os.environ["NETBOOT_SECRET"].strip().encode()
+    return None
+
+
+def load_secret(cfg: ServerConfig) -> bytes:
+    """The HMAC key for node tokens and signed URLs: ``api.secret``, else the file
+    ``api.secret_file``, else ``$NETBOOT_SECRET``, else generated once into data_dir.
+
+    A fleet (a PostgreSQL registry) must share one key, so it is never generated there:
+    every instance would make its own and refuse the others' tokens."""
+    given = given_secret(cfg)
+    if given is not None:
+        return given
     if cfg.registry.url:
         raise SecretError(
             "a registry shared by several instances (registry: postgresql://...) needs one "
@@ -234,13 +243,22 @@ async def open_registry(cfg: ServerConfig) -> tuple[Registry | None, bytes]:
     """The registry and the HMAC secret from data_dir. A full, read-only or broken
     data dir must not stop machines from booting: netboot then serves without a
     registry (nothing is recorded) and with a secret that lasts until restart."""
+    # a fleet's key is given, never generated (SecretError when it is not), and needs
+    # no data dir; a single instance's may live in data_dir
+    secret = load_secret(cfg) if cfg.registry.url else None
     try:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        secret = load_secret(cfg)
+        if secret is None:
+            secret = load_secret(cfg)
     except OSError as exc:
-        log.error("data_dir %s unusable: %s; signing with a temporary secret until restart",
-                  cfg.data_dir, exc)
-        secret = (cfg.api.secret or secrets.token_hex(32)).encode()
+        if secret is None:
+            secret = given_secret(cfg)
+        if secret is None:
+            log.error("data_dir %s unusable: %s; signing with a temporary secret until "
+                      "restart", cfg.data_dir, exc)
+            secret = secrets.token_hex(32).encode()
+        else:
+            log.error("data_dir %s unusable: %s", cfg.data_dir, exc)
     try:
         registry = await Registry.open(cfg.data_dir, secret=secret,
                                        retention=event_retention(cfg), **registry_place(cfg))

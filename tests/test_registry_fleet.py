@@ -124,17 +124,6 @@ async def test_a_rack_seen_by_both_halves_of_an_ha_pair_is_one_row_per_node(
         await c.close()
 
 
-async def test_tokens_made_by_one_instance_are_honoured_by_another(postgres, tmp_path) -> None:
-    """The HMAC secret is shared (NETBOOT_SECRET or api.secret_file on every instance):
-    a node token one instance made checks on the other."""
-    _, (a, b) = await _fleet(postgres, 2, tmp_path)
-    try:
-        assert b.check_node_token(U1, a.node_token(U1))
-    finally:
-        await a.close()
-        await b.close()
-
-
 #: one instance in its own process: the same 1,000 nodes renamed 20 times and moved
 #: through three states, a commit each time, started together with the other process's
 #: (argv: url, name)
@@ -213,13 +202,27 @@ async def test_a_lost_listen_connection_reconnects_and_catches_up(tmp_path) -> N
         place = RegistryPlace("postgresql", tmp_path, await server.fresh_database())
         a = await place.open(secret=SECRET, instance="a")
         b = await place.open(secret=SECRET, instance="b")
-        # cut B's LISTEN connection only, then A writes a node B cannot hear of
-        await place.rows("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                         "WHERE query LIKE 'LISTEN%'")
-        a.observe(U1, mac="52:54:00:aa:bb:01", address=None, source="dhcp", serial="SN1")
-        await a.commit()
-        await _until(lambda: b.get(U1) is not None, timeout=30)
-        assert b.stats.relistens >= 1 and b.stats.resyncs >= 1
+        # cut B's LISTEN connection only and keep it from coming back (no new connections
+        # to the database) while A writes a node: only B's resync can find it
+        import asyncpg
+
+        admin = await asyncpg.connect(server.url())
+        from urllib.parse import urlsplit
+
+        db = urlsplit(place.url).path.lstrip("/")
+        try:
+            await admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false')
+            await admin.execute("SELECT pg_terminate_backend($1)", b._listener.get_server_pid())
+            await _until(lambda: b._listener.is_closed(), timeout=10)
+            a.observe(U1, mac="52:54:00:aa:bb:01", address=None, source="dhcp", serial="SN1")
+            await a.commit()  # A's writer connection is still up
+            await asyncio.sleep(0.5)
+            assert b.get(U1) is None and b.stats.relistens == 0  # B cannot know yet
+        finally:
+            await admin.execute(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true')
+            await admin.close()
+        await _until(lambda: b.get(U1) is not None, timeout=40)
+        assert b.stats.relistens == 1 and b.stats.resyncs == 1
         assert b.by_mac("52:54:00:aa:bb:01") is b.get(U1)
 
         await asyncio.get_running_loop().run_in_executor(None, server.restart)
@@ -242,3 +245,48 @@ async def test_a_lost_listen_connection_reconnects_and_catches_up(tmp_path) -> N
             if r is not None:
                 await r.close()
         server.stop()
+
+
+async def test_a_bmc_set_on_one_instance_reaches_the_others(postgres, tmp_path) -> None:
+    """A BMC change does not move the node's version: the others still take it."""
+    from netboot.storage.registry import BmcRecord
+
+    _, (a, b) = await _fleet(postgres, 2, tmp_path)
+    try:
+        a.observe(U1, mac=None, address=None, source="dhcp")
+        await a.commit()
+        await _until(lambda: b.get(U1) is not None)
+        a.set_bmc(U1, BmcRecord("ipmi", "10.0.1.7", 623, "admin", b"sealed", source="api"))
+        await a.commit()
+        await _until(lambda: b.bmc(U1) is not None)
+        assert b.bmc(U1).address == "10.0.1.7" and b.bmc(U1).secret == b"sealed"
+        a.set_bmc(U1, None)
+        await a.commit()
+        await _until(lambda: b.bmc(U1) is None)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_node_forgotten_while_another_instance_moves_it_stays_forgotten(
+        postgres, tmp_path) -> None:
+    """A forgets a node; before A commits, B moves it and A hears of B's commit. A's
+    index must not take the node back (it would answer for it, and by its MAC, after
+    the delete), and once A commits, no instance and no row has it."""
+    place, (a, b) = await _fleet(postgres, 2, tmp_path)
+    try:
+        a.observe(U1, mac="52:54:00:aa:bb:01", address=None, source="dhcp")
+        await a.commit()
+        await _until(lambda: b.get(U1) is not None)
+        a.forget(U1)  # pending
+        b.set_state(U1, "booting", source="http")
+        await b.commit()
+        await _until(lambda: a.stats.remote_reloads >= 1)
+        assert a.get(U1) is None and a.by_mac("52:54:00:aa:bb:01") is None
+        await a.commit()
+        await _until(lambda: b.get(U1) is None)
+        assert await place.rows("SELECT count(*) FROM nodes") == [(0,)]
+        assert a.get(U1) is None
+    finally:
+        await a.close()
+        await b.close()

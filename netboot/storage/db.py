@@ -25,7 +25,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import aiosqlite
 
@@ -134,9 +134,12 @@ class PgDb:
         self.url = url
         self.reconnects = 0
         self._sql: dict[str, str] = {}
+        self._in_tx = False
 
     async def _c(self) -> Any:
-        if self.url is not None and self.conn.is_closed():
+        """The connection; a closed one replaced, but never inside a transaction (the
+        rest of it must not run, autocommitted, on a new connection)."""
+        if self.url is not None and not self._in_tx and self.conn.is_closed():
             self.conn = await asyncpg.connect(self.url, timeout=10)
             self.reconnects += 1
         return self.conn
@@ -163,7 +166,11 @@ class PgDb:
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[PgDb]:
         async with (await self._c()).transaction():
-            yield self
+            self._in_tx = True
+            try:
+                yield self
+            finally:
+                self._in_tx = False
 
     async def close(self) -> None:
         await self.conn.close()
@@ -201,14 +208,14 @@ def is_postgresql(url: str | None) -> bool:
     return bool(url) and urlsplit(str(url)).scheme in ("postgresql", "postgres")
 
 
+_URL_PASSWORD = re.compile(r"(://[^:/@?#]*):[^@/?#]*@")
+_QUERY_PASSWORD = re.compile(r"([?&](?:password|passfile)=)[^&#]*", re.IGNORECASE)
+
+
 def redact(url: str) -> str:
-    """The URL without its password, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL without its password (``user:password@`` or ``?password=``), for logs,
+    errors and /health. Text only: a URL with several hosts (h1:5432,h2:5433) is fine."""
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", url))
 
 
 async def pg_connect(url: str) -> tuple[PgDb, PgPool]:

@@ -347,6 +347,8 @@ class Registry:
         #: PostgreSQL: the write methods behind each pending change, in order
         self._ops: dict[str, list[_Op]] = {}
         self._remote: set[str] = set()  # UUIDs another instance wrote, to reload
+        self._loading = False  # the index is being (re)built: NOTIFYs wait in _remote
+        self._deleting: set[str] = set()  # deletes in the batch being committed
         self._remote_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:  # never the secret
@@ -426,24 +428,42 @@ class Registry:
         await self._reader.close()
         await self._db.close()
 
+    async def _everything(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]],
+                                         list[tuple[Any, ...]]]:
+        """Every node (with its version), MAC and BMC row: one snapshot on PostgreSQL."""
+        queries = [f"SELECT {', '.join(NODE_COLS)}, version FROM nodes",
+                   f"SELECT mac, uuid FROM macs {self._mac_order}",
+                   f"SELECT {', '.join(BMC_COLS)} FROM bmcs"]
+        if isinstance(self._reader, PgPool):
+            nodes, macs, bmcs = await self._reader.snapshot(queries)  # type: ignore[arg-type]
+            return nodes, macs, bmcs
+        return (await self._db.fetchall(queries[0]), await self._db.fetchall(queries[1]),
+                await self._db.fetchall(queries[2]))
+
     async def _load(self) -> None:
-        """Build the index from disk, then swap it in whole: readers never see it half-built."""
+        """Build the index from disk, then swap it in whole: readers never see it half-built.
+        Another instance's NOTIFYs that arrive meanwhile are applied after it."""
+        self._loading = True
+        try:
+            node_rows, mac_rows, bmc_rows = await self._everything()
+        finally:
+            self._loading = False
         nodes: dict[str, Node] = {}
         mac_index: dict[str, str] = {}
         by_state: dict[str, set[str]] = {s: set() for s in STATES}
         versions: dict[str, int] = {}
-        for r in await self._db.fetchall(f"SELECT {', '.join(NODE_COLS)}, version FROM nodes"):
+        for r in node_rows:
             node = Node(**row_to_fields(r))
             nodes[node.uuid] = node
             versions[node.uuid] = r[-1]
             by_state.setdefault(node.state, set()).add(node.uuid)
-        for mac, uuid in await self._db.fetchall(f"SELECT mac, uuid FROM macs {self._mac_order}"):
+        for mac, uuid in mac_rows:
             node = nodes.get(uuid)
             if node is not None:
                 node.macs.append(mac)
                 mac_index[mac] = uuid
         bmcs: dict[str, BmcRecord] = {}
-        for r in await self._db.fetchall(f"SELECT {', '.join(BMC_COLS)} FROM bmcs"):
+        for r in bmc_rows:
             uuid, bmc = _bmc_record(r)
             if uuid in nodes:
                 bmcs[uuid] = bmc
@@ -451,6 +471,7 @@ class Registry:
         self._bmcs, self._versions = bmcs, versions
         #: how many times the index was (re)built from disk (a failed commit reloads it)
         self.loads += 1
+        self._start_remote()
 
     # -- hot path reads -------------------------------------------------------
     def get(self, uuid: str) -> Node | None:
@@ -510,8 +531,7 @@ class Registry:
             node.macs = [*node.macs, mac]
             owner = self._mac_index.get(mac)
             if owner is not None and owner != uuid and owner in self._nodes:
-                prev = self._nodes[owner]
-                self._put(replace(prev, macs=[m for m in prev.macs if m != mac]))
+                self._drop_mac(owner, mac)
             self._mac_index[mac] = uuid
             self._dirty_macs[mac] = (uuid, now)
         if boot:
@@ -520,6 +540,14 @@ class Registry:
             self._events.append((uuid, now, "boot", node.state, None, source, address, None))
         self._put(node, old)
         return Change(node, old)
+
+    def _drop_mac(self, uuid: str, mac: str) -> None:
+        """``mac`` moved to another node: no longer in ``uuid``'s list (an op of its own,
+        so a lost race applies it again to the fresh row)."""
+        prev = self._nodes.get(uuid)
+        if prev is not None and mac in prev.macs:
+            self._record(uuid, "_drop_mac", (uuid, mac), {})
+            self._put(replace(prev, macs=[m for m in prev.macs if m != mac]))
 
     def set_state(self, uuid: str, state: str, *, source: str, address: str | None = None,
                   reason: str | None = None) -> Change:
@@ -756,18 +784,23 @@ class Registry:
             self._ops.setdefault(uuid, []).append((method, args, kwargs))
 
     def _take(self) -> _Batch:
-        """Everything pending, as rows. Rows that lock (nodes, MACs, BMCs, deletes) go in
-        key order: instances sharing a PostgreSQL registry then take their row locks in
-        the same order and cannot deadlock on each other's batches."""
+        """Everything pending, as rows. On PostgreSQL the rows that lock (nodes, MACs,
+        BMCs, deletes, inventory) go in key order: instances sharing the registry then
+        take their row locks in the same order and cannot deadlock on each other's
+        batches (sorted stably: of two inventory reports, the later still wins). SQLite
+        has one writer, and keeps the order things happened in (a node's MACs come back
+        in the order it was seen with them)."""
+        order: Callable[..., Any] = (lambda rows, key=None: sorted(rows, key=key)) \
+            if self._fleet else (lambda rows, key=None: list(rows))
         batch = _Batch(
             nodes=[_node_row(self._nodes[u], self._versions.get(u, 0) + 1)
-                   for u in sorted(self._dirty) if u in self._nodes],
-            macs_set=sorted((m, v[0], v[1]) for m, v in self._dirty_macs.items()
-                            if v is not None),
-            macs_del=sorted((m,) for m, v in self._dirty_macs.items() if v is None),
-            events=self._events, deleted=sorted((u,) for u in self._deleted),
-            bmcs=[_bmc_row(u, self._bmcs.get(u)) for u in sorted(self._dirty_bmcs)],
-            inventory=sorted(self._inventory), audit=self._audit)
+                   for u in order(self._dirty) if u in self._nodes],
+            macs_set=order((m, v[0], v[1]) for m, v in self._dirty_macs.items()
+                           if v is not None),
+            macs_del=order((m,) for m, v in self._dirty_macs.items() if v is None),
+            events=self._events, deleted=order((u,) for u in self._deleted),
+            bmcs=[_bmc_row(u, self._bmcs.get(u)) for u in order(self._dirty_bmcs)],
+            inventory=order(self._inventory, key=lambda i: i[0]), audit=self._audit)
         batch.ops, self._ops = self._ops, {}
         self._dirty, self._dirty_macs, self._events, self._deleted = set(), {}, [], set()
         self._dirty_bmcs, self._inventory, self._audit = set(), [], []
@@ -806,12 +839,12 @@ class Registry:
 
     async def _write_once(self, b: _Batch) -> set[str]:
         async with self._db.transaction() as db:
-            if b.deleted:
+            if b.deleted:  # in the order upserts lock: nodes, MACs, BMCs (then the rest)
+                await db.executemany("DELETE FROM nodes WHERE uuid = ?", b.deleted)
+                await db.executemany("DELETE FROM macs WHERE uuid = ?", b.deleted)
                 await db.executemany("DELETE FROM bmcs WHERE uuid = ?", b.deleted)
                 await db.executemany("DELETE FROM inventory WHERE uuid = ?", b.deleted)
                 await db.executemany("DELETE FROM events WHERE uuid = ?", b.deleted)
-                await db.executemany("DELETE FROM macs WHERE uuid = ?", b.deleted)
-                await db.executemany("DELETE FROM nodes WHERE uuid = ?", b.deleted)
             if b.macs_del:
                 await db.executemany("DELETE FROM macs WHERE mac = ?", b.macs_del)
             lost = await self._upsert_nodes(db, b.nodes)
@@ -879,24 +912,24 @@ class Registry:
     async def _resync(self) -> None:
         """Every row from the database in place of the index's, the writes still pending
         applied again on top (a scan: only after a break, never per request)."""
-        assert isinstance(self._reader, PgPool)
-        node_rows, mac_rows, bmc_rows = await self._reader.snapshot([
-            f"SELECT {', '.join(NODE_COLS)}, version FROM nodes",
-            f"SELECT mac, uuid FROM macs {self._mac_order}",
-            f"SELECT {', '.join(BMC_COLS)} FROM bmcs"])
+        self._loading = True
+        try:
+            node_rows, mac_rows, bmc_rows = await self._everything()
+        finally:
+            self._loading = False
         fresh = {r[0]: (Node(**row_to_fields(r)), r[-1]) for r in node_rows}
         for mac, uuid in mac_rows:
             if uuid in fresh:
                 fresh[uuid][0].macs.append(mac)
         bmcs = dict(_bmc_record(r) for r in bmc_rows)
         for u in sorted(set(fresh) | set(self._nodes)):
-            change = self._swap(u, fresh.get(u), bmcs.get(u), self._ops.pop(u, []),
-                                force=True)
+            change = self._swap(u, fresh.get(u), bmcs.get(u), force=True)
             if change is not None and change.moved and self.on_remote is not None:
                 with contextlib.suppress(Exception):
                     self.on_remote(change)
         self._stale = False
         self.stats.resyncs += 1
+        self._start_remote()
 
     def _notified(self, payload: str) -> None:
         """A NOTIFY on CHANNEL: another instance committed these nodes; reload them."""
@@ -904,29 +937,45 @@ class Registry:
         if sender == self._me or self._closing:
             return
         self._remote.update(uuids)
-        if self._remote_task is None or self._remote_task.done():
+        self._start_remote()
+
+    def _start_remote(self) -> None:
+        """Reload what other instances changed, unless the index is being rebuilt (then
+        after it: a rebuild's snapshot may predate the change)."""
+        if self._remote and not self._loading and not self._closing and (
+                self._remote_task is None or self._remote_task.done()):
             self._remote_task = asyncio.get_running_loop().create_task(
                 self._reload_remote(), name="registry-remote")
 
     async def _reload_remote(self) -> None:
-        while self._remote and not self._closing:
+        while self._remote and not self._closing and not self._loading:
             uuids, self._remote = sorted(self._remote), set()
             try:
                 fresh, bmcs = await self._fetch(uuids)
-            except Exception as exc:  # the next NOTIFY, or a failed write, reloads them
-                log.warning("reloading %d node(s) another instance changed failed: %s",
-                            len(uuids), exc)
+            except Exception as exc:
+                log.warning("reloading %d node(s) another instance changed failed: %s; "
+                            "resyncing before the next commit", len(uuids), exc)
+                self._stale = True
+                self._wake.set()
+                return
+            if self._loading:  # a rebuild began meanwhile: these go after it
+                self._remote.update(uuids)
                 return
             for u in uuids:
-                change = self._swap(u, fresh.get(u), bmcs.get(u), self._ops.pop(u, []))
+                change = self._swap(u, fresh.get(u), bmcs.get(u))
                 self.stats.remote_reloads += 1
                 if change is not None and self.on_remote is not None:
                     try:
                         self.on_remote(change)
                     except Exception:
                         log.exception("registry on_remote listener failed")
-            if self._dirty:
+            if self._has_pending():
                 self._wake.set()
+
+    def _has_pending(self) -> bool:
+        """Anything written to the index and not yet handed to the writer."""
+        return bool(self._dirty or self._dirty_macs or self._events or self._deleted
+                    or self._dirty_bmcs or self._inventory or self._audit)
 
     async def _rebase(self, lost: set[str], ops: dict[str, list[_Op]]) -> None:
         """Writes another instance overtook: the fresh rows, then the writes again."""
@@ -935,8 +984,7 @@ class Registry:
                   len(lost))
         fresh, bmcs = await self._fetch(sorted(lost))
         for u in sorted(lost):
-            self._swap(u, fresh.get(u), bmcs.get(u), ops.get(u, []) + self._ops.pop(u, []),
-                       force=True)
+            self._swap(u, fresh.get(u), bmcs.get(u), ops.get(u, []), force=True)
 
     async def _fetch(self, uuids: list[str]) -> tuple[dict[str, tuple[Node, int]],
                                                        dict[str, BmcRecord]]:
@@ -954,15 +1002,28 @@ class Registry:
         return nodes, dict(_bmc_record(r) for r in bmc_rows)
 
     def _swap(self, uuid: str, fresh: tuple[Node, int] | None, bmc: BmcRecord | None,
-              replay: list[_Op], *, force: bool = False) -> Change | None:
+              replay: list[_Op] | None = None, *, force: bool = False) -> Change | None:
         """Put a node's committed row in the index in place of this instance's view, then
-        apply ``replay`` (this instance's writes not yet in that row) on top. A row older
-        than one this instance wrote is stale news and ignored (unless ``force``)."""
+        apply this instance's writes not yet in that row on top: ``replay`` (a batch that
+        lost its race) and what is pending. A row no newer than the one this instance last
+        wrote or read is stale news, and only its BMC is taken (a BMC change does not
+        move the node's version); ``force`` takes it anyway (a resync). A node this
+        instance is deleting is left alone."""
+        if uuid in self._deleted or uuid in self._deleting:
+            return None
+        if uuid not in self._dirty_bmcs:  # a BMC row is as new as the fetch that read it
+            if bmc is None:
+                self._bmcs.pop(uuid, None)
+            elif uuid in self._nodes or fresh is not None:
+                self._bmcs[uuid] = bmc
         version = fresh[1] if fresh is not None else None
         known = self._versions.get(uuid)
-        if not force and version is not None and known is not None and version <= known \
-                and not replay:
-            return None
+        mine = self._nodes.get(uuid)
+        if (not force and not replay and version is not None and known is not None
+                and version <= known and mine is not None
+                and mine.first_seen == fresh[0].first_seen):  # type: ignore[index]
+            return None  # (a node forgotten and seen again starts at version 1 again)
+        replay = [*(replay or []), *self._ops.pop(uuid, [])]
         old = self._nodes.pop(uuid, None)
         if old is not None:
             self._by_state.get(old.state, set()).discard(uuid)
@@ -970,12 +1031,8 @@ class Registry:
                 if self._mac_index.get(mac) == uuid:
                     del self._mac_index[mac]
         self._dirty.discard(uuid)
-        self._events = [e for e in self._events if e[0] != uuid]  # the replay makes them again
-        if uuid not in self._dirty_bmcs:
-            if bmc is None:
-                self._bmcs.pop(uuid, None)
-            else:
-                self._bmcs[uuid] = bmc
+        if replay:  # the replay makes them again
+            self._events = [e for e in self._events if e[0] != uuid]
         if fresh is None:
             self._versions.pop(uuid, None)
         else:
@@ -1072,11 +1129,15 @@ class Registry:
                     log.debug("registry resync failed: %s; trying again later", exc)
             waiters, self._waiters = self._waiters, []
             batch = self._take()
+            self._deleting = {u for (u,) in batch.deleted}
             try:
-                lost = await self._write(batch) if batch else set()
+                try:
+                    lost = await self._write(batch) if batch else set()
+                finally:
+                    self._deleting = set()
                 if lost:
                     await self._rebase(lost, batch.ops)
-                    if self._dirty:  # the writes applied again: the callers wait for them
+                    if self._has_pending():  # the writes applied again: callers wait for them
                         self._waiters = waiters + self._waiters
                         self._wake.set()
                         continue
