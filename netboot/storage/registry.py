@@ -349,6 +349,7 @@ class Registry:
         self._remote: set[str] = set()  # UUIDs another instance wrote, to reload
         self._loading = False  # the index is being (re)built: NOTIFYs wait in _remote
         self._deleting: set[str] = set()  # deletes in the batch being committed
+        self._bmcs_writing: set[str] = set()  # BMC rows in the batch being committed
         self._remote_task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:  # never the secret
@@ -1011,7 +1012,9 @@ class Registry:
         instance is deleting is left alone."""
         if uuid in self._deleted or uuid in self._deleting:
             return None
-        if uuid not in self._dirty_bmcs:  # a BMC row is as new as the fetch that read it
+        # a BMC row is as new as the fetch that read it, unless this instance's own change
+        # to it is pending or being committed
+        if uuid not in self._dirty_bmcs and uuid not in self._bmcs_writing:
             if bmc is None:
                 self._bmcs.pop(uuid, None)
             elif uuid in self._nodes or fresh is not None:
@@ -1130,11 +1133,12 @@ class Registry:
             waiters, self._waiters = self._waiters, []
             batch = self._take()
             self._deleting = {u for (u,) in batch.deleted}
+            self._bmcs_writing = {row[0] for row in batch.bmcs}
             try:
                 try:
                     lost = await self._write(batch) if batch else set()
                 finally:
-                    self._deleting = set()
+                    self._deleting, self._bmcs_writing = set(), set()
                 if lost:
                     await self._rebase(lost, batch.ops)
                     if self._has_pending():  # the writes applied again: callers wait for them
