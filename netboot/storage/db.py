@@ -20,6 +20,7 @@ wrote. Both are well kept; this is the one the registry's shape wants.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -110,6 +111,7 @@ class SqliteDb:
 _PLACEHOLDER = re.compile(r"\?")
 
 
+@functools.lru_cache(maxsize=256)
 def pg_sql(sql: str) -> str:
     """``?`` placeholders as ``$1, $2, ...`` (the registry's SQL has no ``?`` in literals)."""
     n = 0
@@ -133,7 +135,6 @@ class PgDb:
         self.conn = conn
         self.url = url
         self.reconnects = 0
-        self._sql: dict[str, str] = {}
         self._in_tx = False
 
     async def _c(self) -> Any:
@@ -144,24 +145,18 @@ class PgDb:
             self.reconnects += 1
         return self.conn
 
-    def _q(self, sql: str) -> str:
-        q = self._sql.get(sql)
-        if q is None:
-            q = self._sql[sql] = pg_sql(sql)
-        return q
-
     async def execute(self, sql: str, args: Sequence[Any] = ()) -> int:
-        status = await (await self._c()).execute(self._q(sql), *args)
+        status = await (await self._c()).execute(pg_sql(sql), *args)
         tail = status.rsplit(" ", 1)[-1] if isinstance(status, str) else ""
         return int(tail) if tail.isdigit() else 0
 
     async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         rows = list(rows)
         if rows:
-            await (await self._c()).executemany(self._q(sql), rows)
+            await (await self._c()).executemany(pg_sql(sql), rows)
 
     async def fetchall(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-        return [tuple(r) for r in await (await self._c()).fetch(self._q(sql), *args)]
+        return [tuple(r) for r in await (await self._c()).fetch(pg_sql(sql), *args)]
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[PgDb]:

@@ -429,45 +429,48 @@ class Registry:
         await self._reader.close()
         await self._db.close()
 
-    async def _everything(self) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]],
-                                         list[tuple[Any, ...]]]:
-        """Every node (with its version), MAC and BMC row: one snapshot on PostgreSQL."""
-        queries = [f"SELECT {', '.join(NODE_COLS)}, version FROM nodes",
-                   f"SELECT mac, uuid FROM macs {self._mac_order}",
-                   f"SELECT {', '.join(BMC_COLS)} FROM bmcs"]
+    async def _read(self, uuids: list[str] | None = None
+                    ) -> tuple[dict[str, tuple[Node, int]], dict[str, BmcRecord]]:
+        """The committed nodes (each with its MACs and row version) and BMCs: all of
+        them, or those of ``uuids``; from one snapshot on PostgreSQL."""
+        where = "" if uuids is None else " WHERE uuid = ANY(?::text[])"
+        queries = [f"SELECT {', '.join(NODE_COLS)}, version FROM nodes{where}",
+                   f"SELECT mac, uuid FROM macs{where} {self._mac_order}",
+                   f"SELECT {', '.join(BMC_COLS)} FROM bmcs{where}"]
         if isinstance(self._reader, PgPool):
-            nodes, macs, bmcs = await self._reader.snapshot(queries)  # type: ignore[arg-type]
-            return nodes, macs, bmcs
-        return (await self._db.fetchall(queries[0]), await self._db.fetchall(queries[1]),
-                await self._db.fetchall(queries[2]))
+            node_rows, mac_rows, bmc_rows = await self._reader.snapshot(
+                queries, () if uuids is None else (uuids,))  # type: ignore[arg-type]
+        else:  # SQLite: one process, the whole file (uuids is PostgreSQL's alone)
+            node_rows, mac_rows, bmc_rows = [await self._db.fetchall(q) for q in queries]
+        nodes = {r[0]: (Node(**row_to_fields(r)), r[-1]) for r in node_rows}
+        for mac, uuid in mac_rows:
+            if uuid in nodes:
+                nodes[uuid][0].macs.append(mac)
+        bmcs = {}
+        for r in bmc_rows:
+            uuid, bmc = _bmc_record(r)
+            if uuid in nodes:
+                bmcs[uuid] = bmc
+        return nodes, bmcs
 
     async def _load(self) -> None:
         """Build the index from disk, then swap it in whole: readers never see it half-built.
         Another instance's NOTIFYs that arrive meanwhile are applied after it."""
         self._loading = True
         try:
-            node_rows, mac_rows, bmc_rows = await self._everything()
+            rows, bmcs = await self._read()
         finally:
             self._loading = False
         nodes: dict[str, Node] = {}
         mac_index: dict[str, str] = {}
         by_state: dict[str, set[str]] = {s: set() for s in STATES}
         versions: dict[str, int] = {}
-        for r in node_rows:
-            node = Node(**row_to_fields(r))
-            nodes[node.uuid] = node
-            versions[node.uuid] = r[-1]
-            by_state.setdefault(node.state, set()).add(node.uuid)
-        for mac, uuid in mac_rows:
-            node = nodes.get(uuid)
-            if node is not None:
-                node.macs.append(mac)
+        for uuid, (node, version) in rows.items():
+            nodes[uuid] = node
+            versions[uuid] = version
+            by_state.setdefault(node.state, set()).add(uuid)
+            for mac in node.macs:
                 mac_index[mac] = uuid
-        bmcs: dict[str, BmcRecord] = {}
-        for r in bmc_rows:
-            uuid, bmc = _bmc_record(r)
-            if uuid in nodes:
-                bmcs[uuid] = bmc
         self._nodes, self._mac_index, self._by_state = nodes, mac_index, by_state
         self._bmcs, self._versions = bmcs, versions
         #: how many times the index was (re)built from disk (a failed commit reloads it)
@@ -915,19 +918,13 @@ class Registry:
         applied again on top (a scan: only after a break, never per request)."""
         self._loading = True
         try:
-            node_rows, mac_rows, bmc_rows = await self._everything()
+            fresh, bmcs = await self._read()
         finally:
             self._loading = False
-        fresh = {r[0]: (Node(**row_to_fields(r)), r[-1]) for r in node_rows}
-        for mac, uuid in mac_rows:
-            if uuid in fresh:
-                fresh[uuid][0].macs.append(mac)
-        bmcs = dict(_bmc_record(r) for r in bmc_rows)
         for u in sorted(set(fresh) | set(self._nodes)):
             change = self._swap(u, fresh.get(u), bmcs.get(u), force=True)
-            if change is not None and change.moved and self.on_remote is not None:
-                with contextlib.suppress(Exception):
-                    self.on_remote(change)
+            if change is not None and change.moved:
+                self._tell_remote(change)
         self._stale = False
         self.stats.resyncs += 1
         self._start_remote()
@@ -952,7 +949,7 @@ class Registry:
         while self._remote and not self._closing and not self._loading:
             uuids, self._remote = sorted(self._remote), set()
             try:
-                fresh, bmcs = await self._fetch(uuids)
+                fresh, bmcs = await self._read(uuids)
             except Exception as exc:
                 log.warning("reloading %d node(s) another instance changed failed: %s; "
                             "resyncing before the next commit", len(uuids), exc)
@@ -965,11 +962,8 @@ class Registry:
             for u in uuids:
                 change = self._swap(u, fresh.get(u), bmcs.get(u))
                 self.stats.remote_reloads += 1
-                if change is not None and self.on_remote is not None:
-                    try:
-                        self.on_remote(change)
-                    except Exception:
-                        log.exception("registry on_remote listener failed")
+                if change is not None:
+                    self._tell_remote(change)
             if self._has_pending():
                 self._wake.set()
 
@@ -983,24 +977,17 @@ class Registry:
         self.stats.conflicts += len(lost)
         log.debug("%d node write(s) overtaken by another instance; applying them again",
                   len(lost))
-        fresh, bmcs = await self._fetch(sorted(lost))
+        fresh, bmcs = await self._read(sorted(lost))
         for u in sorted(lost):
             self._swap(u, fresh.get(u), bmcs.get(u), ops.get(u, []), force=True)
 
-    async def _fetch(self, uuids: list[str]) -> tuple[dict[str, tuple[Node, int]],
-                                                       dict[str, BmcRecord]]:
-        """The committed rows of these nodes, from one snapshot."""
-        assert isinstance(self._reader, PgPool)
-        node_rows, mac_rows, bmc_rows = await self._reader.snapshot([
-            (f"SELECT {', '.join(NODE_COLS)}, version FROM nodes WHERE uuid = ANY(?::text[])",
-             (uuids,)),
-            f"SELECT mac, uuid FROM macs WHERE uuid = ANY(?::text[]) {self._mac_order}",
-            f"SELECT {', '.join(BMC_COLS)} FROM bmcs WHERE uuid = ANY(?::text[])"], (uuids,))
-        nodes = {r[0]: (Node(**row_to_fields(r)), r[-1]) for r in node_rows}
-        for mac, uuid in mac_rows:
-            if uuid in nodes:
-                nodes[uuid][0].macs.append(mac)
-        return nodes, dict(_bmc_record(r) for r in bmc_rows)
+    def _tell_remote(self, change: Change) -> None:
+        """Another instance's change, to ``on_remote`` (a failing listener is logged)."""
+        if self.on_remote is not None:
+            try:
+                self.on_remote(change)
+            except Exception:
+                log.exception("registry on_remote listener failed")
 
     def _swap(self, uuid: str, fresh: tuple[Node, int] | None, bmc: BmcRecord | None,
               replay: list[_Op] | None = None, *, force: bool = False) -> Change | None:
