@@ -47,7 +47,7 @@ run: deps images
 	.venv/bin/netboot serve --config $(CONFIG) $(ARGS)
 
 test: deps-test images
-	.venv/bin/pytest -ra
+	.venv/bin/pytest -ra --durations=40
 
 unit: deps-test
 	.venv/bin/pytest -ra -m "not e2e and not lab"

@@ -1,6 +1,7 @@
 """Boot storm: N simulated PXE machines powered on at once, against netboot and, in
-the same run, against a peer stack doing the same job (dnsmasq ProxyDHCP + TFTP,
-nginx for scripts, images and the callback).
+the same run, against a peer stack doing the same job (dnsmasq as ProxyDHCP,
+tftpd-hpa for TFTP, nginx for scripts, images and the callback; --peer-tftp dnsmasq
+gives the TFTP share to dnsmasq's own server instead, as runs before 2026-12-03 did).
 
     .venv/bin/python bench/storm.py -n 100 -n 1000            # both stacks, tables, ratio
     .venv/bin/python bench/storm.py -n 1000 --ref HEAD        # netboot as committed
@@ -14,9 +15,11 @@ pxelinux.cfg/01-<mac> file for each; netboot gets a machine file for each, namin
 pxelinux profile). --rounds R runs the pair R times, alternating the stacks.
 
 Every run gets fresh namespaces (bench/storm_lab.py, 10.79.0.0/16 only); the
-machines are bench/storm_client.py in the client namespace. Server CPU and
-peak RSS are sampled from /proc every 0.1 s (for the peers: dnsmasq plus the
-nginx master and worker). Needs root, dnsmasq and nginx-light.
+machines are bench/storm_client.py in the client namespace. Server CPU is each
+stack's cgroup (cpuacct: every process it runs, tftpd-hpa's children per transfer
+too), peak RSS is sampled from /proc every 0.1 s (netboot and its TFTP worker;
+dnsmasq, tftpd-hpa and its children, the nginx master and worker). Needs root,
+dnsmasq, tftpd-hpa and nginx-light (make bench installs them).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from bench.storm_client import DEFAULT_MIX, PHASES, Machine, make_machines  # no
 from bench.storm_lab import (  # noqa: E402
     REPO,
     SERVER_ADDR,
+    CpuGroup,
     NetbootServer,
     Sampler,
     StormLab,
@@ -102,6 +106,7 @@ PXELINUX_CFG = ("DEFAULT netboot\nPROMPT 0\nTIMEOUT 0\nLABEL netboot\n  KERNEL i
                 "netboot.profile=storm-pxelinux netboot.host=node netboot.callback="
                 "http://{addr}:8080/api/v1/nodes/{uuid}/installed?token=peer\n")
 STORM_PXELINUX_PROFILE = "storm-pxelinux"
+PEER_LABEL = {"tftpd-hpa": "dnsmasq+tftpd-hpa+nginx", "dnsmasq": "dnsmasq+nginx"}
 LOADERS = {"undionly.kpxe": "/usr/lib/ipxe/undionly.kpxe", "ipxe.efi": "/usr/lib/ipxe/ipxe.efi",
            "pxelinux.0": "/usr/lib/PXELINUX/pxelinux.0",
            "ldlinux.c32": "/usr/lib/syslinux/modules/bios/ldlinux.c32"}
@@ -115,7 +120,9 @@ def limits(n: int) -> tuple[int, int]:
 
 
 class PeerStack:
-    """dnsmasq (ProxyDHCP + TFTP) and nginx in the server namespace."""
+    """dnsmasq (ProxyDHCP), tftpd-hpa (TFTP; or dnsmasq's own) and nginx in the server
+    namespace, each with its defaults but for the labelled settings in NGINX_CONF and
+    dnsmasq's --tftp-max."""
 
     def __init__(self, lab: StormLab, root: Path, a: argparse.Namespace, n: int,
                  machines: list[Machine]):
@@ -125,6 +132,14 @@ class PeerStack:
         root.mkdir(parents=True, exist_ok=True)
         self.tftp = root / "tftp"
         self.tftp.mkdir(exist_ok=True)
+        self.peer_tftp = getattr(a, "peer_tftp", "tftpd-hpa")
+        # tftpd-hpa serves as user nobody (its default): the work tree under the
+        # private temporary directory must be searchable by it
+        tmp = Path(tempfile.gettempdir())
+        for d in [root, *root.parents]:
+            if d == tmp or d == Path("/"):
+                break
+            d.chmod(d.stat().st_mode | 0o055)
         for name, src in LOADERS.items():
             shutil.copyfile(src, self.tftp / name)
         self.www = root / "www"
@@ -146,6 +161,7 @@ class PeerStack:
                                                node_script=node, tftp=self.tftp,
                                                connections=limits(n)[1]))
         self.dnsmasq: subprocess.Popen | None = None
+        self.tftpd: subprocess.Popen | None = None
         self.nginx: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -159,23 +175,34 @@ class PeerStack:
             "--pxe-service=tag:!ipxe,X86-64_EFI,netboot,ipxe.efi",
             f"--pxe-service=tag:ipxe,x86PC,netboot,{script}",
             f"--pxe-service=tag:ipxe,X86-64_EFI,netboot,{script}",
-            "--enable-tftp", f"--tftp-root={self.tftp}", f"--tftp-max={limits(self.n)[0]}",
+            *(["--enable-tftp", f"--tftp-root={self.tftp}", f"--tftp-max={limits(self.n)[0]}"]
+              if self.peer_tftp == "dnsmasq" else []),
             f"--dhcp-leasefile={self.root / 'leases'}", f"--pid-file={self.root / 'dnsmasq.pid'}",
             log=self.root / "dnsmasq.log")
+        if self.peer_tftp == "tftpd-hpa":
+            # --listen: standalone, one child per transfer; --secure: paths relative to
+            # the root, as dnsmasq's; everything else (timeouts, block sizes) its default
+            self.tftpd = self.lab.spawn(
+                self.lab.ns_srv, "in.tftpd", "--foreground", "--listen",
+                f"--address={SERVER_ADDR}:69", "--secure", str(self.tftp),
+                log=self.root / "tftpd.log")
         self.nginx = self.lab.spawn(self.lab.ns_srv, "nginx", "-c", str(self.conf),
                                     "-p", str(self.root), log=self.root / "nginx.log")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            up = self.lab.ns(self.lab.ns_srv, "ss", "-lnt", check=False).stdout
-            if f"{SERVER_ADDR}:8080" in up:
+            up = self.lab.ns(self.lab.ns_srv, "ss", "-lntu", check=False).stdout
+            if f"{SERVER_ADDR}:8080" in up and (self.tftpd is None or f"{SERVER_ADDR}:69 " in up):
                 return
             time.sleep(0.1)
-        raise RuntimeError("nginx did not start:\n" + (self.root / "nginx.log").read_text()
+        raise RuntimeError("nginx or tftpd-hpa did not start:\n"
+                           + (self.root / "nginx.log").read_text()
+                           + ((self.root / "tftpd.log").read_text()
+                              if (self.root / "tftpd.log").exists() else "")
                            + (self.root / "nginx-error.log").read_text(errors="replace"))
 
     def pids(self) -> list[int]:
         out = []
-        for p in (self.dnsmasq, self.nginx):
+        for p in (self.dnsmasq, self.tftpd, self.nginx):
             if p is not None and p.poll() is None:
                 out.append(p.pid)
                 out.extend(children(p.pid))
@@ -187,10 +214,17 @@ def netboot_stack(lab: StormLab, root: Path, a: argparse.Namespace, n: int,
     """netboot serve with the storm profile, a pxelinux profile and a machine file for
     each pxelinux machine (as a site would tell it which machines boot pxelinux)."""
     transfers = limits(n)[0]
+    # limits.new_nodes.total admits 1,000 new machines at once by default (then 10/s, a
+    # bound on a flood from many addresses); a rack larger than that, all new, is let in
+    # at once here (labelled, as the TFTP and nginx limits are): every machine becomes a
+    # node, the registry work the peers do not do
+    extra = getattr(a, "extra_yaml", "")
+    new_nodes = (f"limits:\n  new_nodes:\n    total: {{rate: 10, burst: {n}}}\n"
+                 if n > 1000 and "limits:" not in extra else "")  # the fleet bench sets its own
     server = NetbootServer(lab, root, kernel_size=a.kernel_size, initrd_size=a.initrd_size,
                            src=a.src, extra_yaml=f"tftp:\n  max_transfers: {transfers}\n"
                            + (f"  workers: {a.tftp_workers}\n" if a.tftp_workers is not None
-                              else "") + getattr(a, "extra_yaml", ""))
+                              else "") + new_nodes + extra)
     pxelinux_machines(server, machines)
     server.start(timeout=120)
     return server
@@ -240,12 +274,22 @@ def netboot_counters(server: NetbootServer) -> dict[str, float]:
 #: passes only a few): the earlier all-BIOS storm
 RUN_DEFAULTS: dict[str, Any] = {"mix": "bios=1", "initrd_size": None, "spread": 0.0,
                                 "reboots": 0, "tftp_workers": None, "kernel_size": None,
-                                "src": None, "seed": 1, "hash": False}
+                                "src": None, "seed": 1, "hash": False,
+                                "peer_tftp": "tftpd-hpa"}
 
 
 def one_run(stack: str, n: int, work: Path, a: argparse.Namespace) -> dict[str, Any]:
     a = argparse.Namespace(**{**RUN_DEFAULTS, **vars(a)})
     machines = make_machines(n, a.seed, a.mix)
+    group = CpuGroup(f"storm-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        return _one_run(stack, n, work, a, machines, group)
+    finally:
+        group.close()  # after the lab is down: no process is left in it
+
+
+def _one_run(stack: str, n: int, work: Path, a: argparse.Namespace, machines: list[Machine],
+             group: CpuGroup) -> dict[str, Any]:
     with StormLab(work / "lab", machines=n) as lab:
         if stack == "netboot":
             server = netboot_stack(lab, work / "netboot", a, n, machines)
@@ -258,6 +302,8 @@ def one_run(stack: str, n: int, work: Path, a: argparse.Namespace) -> dict[str, 
             peer.start()
             pids = peer.pids
         time.sleep(0.5)
+        group.add(pids())
+        cpu0 = group.seconds()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with Sampler(pids) as sampler:
             result = run_storm(lab, work / "storm.json", "-n", str(n), "--seed", str(a.seed),
@@ -267,7 +313,13 @@ def one_run(stack: str, n: int, work: Path, a: argparse.Namespace) -> dict[str, 
         after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the client, waited for
         result["client_cpu_s"] = round(after.ru_utime + after.ru_stime - before.ru_utime
                                        - before.ru_stime, 2)
-        result["server"] = {"cpu_s": round(sampler.cpu_seconds, 2),
+        cpu1 = group.seconds()
+        # the cgroup's count where there is one (it sees short-lived children); the
+        # /proc samples' otherwise
+        cpu = sampler.cpu_seconds if cpu0 is None or cpu1 is None else cpu1 - cpu0
+        result["server"] = {"cpu_s": round(cpu, 2),
+                            "cpu_from": "sampled" if cpu0 is None else "cgroup",
+                            "sampled_cpu_s": round(sampler.cpu_seconds, 2),
                             "peak_cpu_pct": round(sampler.peak_cpu_pct),
                             "peak_rss_mib": round(sampler.peak_rss_kib / 1024, 1)}
         if stack == "netboot":
@@ -337,14 +389,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers-only", action="store_true", help="the peer stack alone")
     ap.add_argument("--tftp-workers", type=int, choices=(0, 1), default=None,
                     help="netboot's tftp.workers (default: netboot's own default)")
+    ap.add_argument("--peer-tftp", choices=("tftpd-hpa", "dnsmasq"), default="tftpd-hpa",
+                    help="the peers' TFTP server (default tftpd-hpa; dnsmasq: its own "
+                         "--enable-tftp, as runs before 2026-12-03)")
     ap.add_argument("--hash", action="store_true", help="sha256 every file on the client")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, help="write all results here")
     a = ap.parse_args(argv)
     reason = can_run()
-    for tool in ("dnsmasq", "nginx"):
+    for tool in ("dnsmasq", "nginx") + (("in.tftpd",) if a.peer_tftp == "tftpd-hpa" else ()):
         if not a.no_peers and shutil.which(tool) is None:
-            reason = reason or f"{tool} is not installed (apt-get install dnsmasq-base nginx-light)"
+            reason = reason or (f"{tool} is not installed (make bench installs the peers: "
+                                "dnsmasq-base, tftpd-hpa, nginx-light)")
     if reason:
         print(f"storm: {reason}", file=sys.stderr)
         return 2
@@ -378,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["round"] = rnd
                     pair[stack] = r
                     results["runs"].append({"stack": stack, **r})
-                    label = "netboot" if stack == "netboot" else "dnsmasq+nginx"
+                    label = "netboot" if stack == "netboot" else PEER_LABEL[a.peer_tftp]
                     print(table(label, r) + "\n(load average before: "
                           + ", ".join(f"{x:.2f}" for x in load) + ")\n", flush=True)
                 if "peers" in pair and "netboot" in pair:

@@ -128,6 +128,60 @@ def children(pid: int) -> list[int]:
     return out
 
 
+class CpuGroup:
+    """A cgroup (v1 cpuacct) that counts the CPU of a stack's processes and of every
+    process they fork later: tftpd-hpa forks one per transfer, and a child that lives
+    between two /proc samples is never seen by the Sampler. Processes forked after
+    ``add`` join the group by inheritance. ``seconds()`` is None where the controller
+    is not mounted or not writable."""
+
+    ROOT = Path("/sys/fs/cgroup/cpuacct")
+
+    def __init__(self, tag: str):
+        self.path: Path | None = self.ROOT / "netboot-bench" / tag
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "cpuacct.usage").read_text()
+        except OSError:
+            self.path = None
+
+    def add(self, pids: list[int]) -> None:
+        """Move these processes (and their children now alive) into the group."""
+        if self.path is None:
+            return
+        todo, seen = list(pids), set()
+        while todo:
+            pid = todo.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            todo.extend(children(pid))
+            try:
+                (self.path / "cgroup.procs").write_text(str(pid))
+            except OSError:
+                pass  # gone already
+
+    def seconds(self) -> float | None:
+        if self.path is None:
+            return None
+        return int((self.path / "cpuacct.usage").read_text()) / 1e9
+
+    def close(self) -> None:
+        """Remove the group (its processes, if any are left, go back to the root)."""
+        if self.path is None:
+            return
+        try:
+            for pid in (self.path / "cgroup.procs").read_text().split():
+                try:
+                    (self.ROOT / "cgroup.procs").write_text(pid)
+                except OSError:
+                    pass
+            self.path.rmdir()
+            self.path.parent.rmdir()  # unless another run's group is in it
+        except OSError:
+            pass
+
+
 class Sampler:
     """Samples CPU and RSS of a set of processes (and their children) every interval."""
 

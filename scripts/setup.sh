@@ -14,8 +14,8 @@ what=${1:-test}
 # grubnetx64.efi.signed) and the GRUB loader (docs/firmware.md);
 # mmdebstrap, squashfs-tools: the stand-in Container Linux (`make coreos-image`);
 # u-boot-qemu, u-boot-tools (tests): U-Boot firmware for QEMU, and mkimage as the oracle;
-# qemu-system-arm, qemu-efi-aarch64 (tests): arm64 guests (AAVMF); nginx-light: the
-# storm test's peer (tests/test_faults.py); postgresql (tests): the registry tests' second
+# qemu-system-arm, qemu-efi-aarch64 (tests): arm64 guests (AAVMF); nginx-light, tftpd-hpa:
+# the storm test's peers (tests/test_faults.py); postgresql (tests): the registry tests' second
 # engine, a cluster of its own made by the fixture (tests/pgsql.py; Debian's own cluster is
 # not used); systemd (tests): systemd-analyze verify/security for deploy/netboot.service
 RUN_PKGS=(ipxe pxelinux syslinux-common cpio busybox-static linux-image-amd64 iproute2 kmod gpgv
@@ -23,9 +23,9 @@ RUN_PKGS=(ipxe pxelinux syslinux-common cpio busybox-static linux-image-amd64 ip
 TEST_PKGS=("${RUN_PKGS[@]}" qemu-system-x86 ipxe-qemu ovmf dnsmasq-base tftp-hpa atftp curl
            ignition docker.io chromium chromium-driver prometheus iptables nftables gnupg gpgv
            isc-dhcp-relay tcpdump tshark openipmi ipmitool u-boot-qemu u-boot-tools
-           qemu-system-arm qemu-efi-aarch64 nginx-light postgresql
+           qemu-system-arm qemu-efi-aarch64 nginx-light tftpd-hpa postgresql
            systemd)
-BENCH_PKGS=("${TEST_PKGS[@]}" tftpd-hpa nginx-light wrk kea-admin gcc)
+BENCH_PKGS=("${TEST_PKGS[@]}" wrk kea-admin gcc)
 
 case "$what" in
   run) pkgs=("${RUN_PKGS[@]}") ;;

@@ -276,13 +276,13 @@ def test_broken_profile_edit_mid_storm(lab: StormLab, tmp_path: Path, kind: str)
 @pytest.mark.parametrize("stack", ["netboot", "peers"])
 def test_small_storm_without_faults(tmp_path: Path, stack: str) -> None:
     """The no-fault baseline the benchmark relies on: 30 machines through the whole
-    exchange, every file hashed, against netboot and against dnsmasq + nginx."""
+    exchange, every file hashed, against netboot and against dnsmasq + tftpd-hpa + nginx."""
     import argparse
     import shutil
 
     from bench.storm import one_run
 
-    reason = can_run() or next((f"{t} is not installed" for t in ("dnsmasq", "nginx")
+    reason = can_run() or next((f"{t} is not installed" for t in ("dnsmasq", "in.tftpd", "nginx")
                                 if stack == "peers" and shutil.which(t) is None), None)
     if reason:
         pytest.skip(reason)
