@@ -6,6 +6,7 @@ loop ``netboot serve`` uses, where sendfile is netboot's own code)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import os
 import socket
@@ -34,6 +35,7 @@ class Served:
     port: int
     data: bytes
     counters: Counters
+    loop: asyncio.AbstractEventLoop
 
 
 def _serve(app: web.Application, loop: asyncio.AbstractEventLoop, ready: threading.Event,
@@ -82,7 +84,7 @@ def served(request: pytest.FixtureRequest, store: ConfigStore, tmp_path: Path) -
     thread.start()
     assert ready.wait(10)
     port = int(box["port"])  # type: ignore[call-overload]
-    yield Served(f"http://127.0.0.1:{port}/images", port, data, counters)
+    yield Served(f"http://127.0.0.1:{port}/images", port, data, counters, loop)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
 
@@ -95,6 +97,41 @@ async def test_get_has_validators_and_length(served: Served) -> None:
         assert r.headers["Accept-Ranges"] == "bytes"
         assert r.headers["ETag"].startswith('"') and r.headers["Last-Modified"].endswith("GMT")
     assert served.counters.get("http_requests_total", route="images") == 1
+
+
+class CountingExecutor(concurrent.futures.ThreadPoolExecutor):
+    def __init__(self) -> None:
+        super().__init__(max_workers=2)
+        self.calls: list[str] = []
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        self.calls.append(getattr(fn, "__qualname__", repr(fn)))
+        return super().submit(fn, *args, **kwargs)
+
+
+async def test_images_open_and_close_on_the_loop_and_leak_nothing(served: Served) -> None:
+    """No thread-pool hand-off per request (aiohttp's FileResponse makes two: open,
+    close), and every descriptor opened for a response is closed again."""
+    executor = CountingExecutor()
+    served.loop.set_default_executor(executor)
+    fds = len(os.listdir("/proc/self/fd"))
+    async with aiohttp.ClientSession() as s:
+        for _ in range(10):
+            async with s.get(f"{served.url}/big.bin") as r:
+                assert r.status == 200 and len(await r.read()) == SIZE
+                etag = r.headers["ETag"]
+            async with s.get(f"{served.url}/big.bin", headers={"Range": "bytes=10-19"}) as r:
+                assert r.status == 206 and await r.read() == served.data[10:20]
+            async with s.get(f"{served.url}/big.bin", headers={"If-None-Match": etag}) as r:
+                assert r.status == 304
+            async with s.head(f"{served.url}/big.bin") as r:
+                assert r.status == 200
+    assert executor.calls == []
+    for _ in range(100):  # the server notices the closed connection a moment later
+        if len(os.listdir("/proc/self/fd")) <= fds:
+            break
+        await asyncio.sleep(0.02)
+    assert len(os.listdir("/proc/self/fd")) <= fds
 
 
 async def test_head_sends_headers_only(served: Served) -> None:

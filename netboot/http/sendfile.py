@@ -1,4 +1,5 @@
-"""Serving image files: aiohttp's FileResponse with sendfile(2) under uvloop too."""
+"""Serving image files: aiohttp's FileResponse with sendfile(2) under uvloop too, and
+without its two thread-pool hand-offs per request."""
 
 from __future__ import annotations
 
@@ -6,15 +7,30 @@ import asyncio
 import os
 from typing import IO, Any
 
-from aiohttp import hdrs, web
+from aiohttp import hdrs, web, web_fileresponse
 from aiohttp.abc import AbstractStreamWriter
+
+#: aiohttp's own steps of FileResponse.prepare (3.11 and later): decide on the
+#: validators and open the file (``_make_response``), then answer (``_prepare_open_file``)
+_Result = getattr(web_fileresponse, "_FileResponseResult", None)
+_INLINE = _Result is not None and all(
+    hasattr(web.FileResponse, name)
+    for name in ("_make_response", "_prepare_open_file", "_precondition_failed",
+                 "_not_modified"))
 
 
 class ImageResponse(web.FileResponse):
     """aiohttp's FileResponse (Range, ETag, Last-Modified, If-None-Match, HEAD), with
     sendfile(2) under uvloop too, and If-Range by entity tag. uvloop has no
     ``loop.sendfile``, so aiohttp would copy each file through a thread pool: four
-    times the CPU per byte, measured here."""
+    times the CPU per byte, measured here.
+
+    aiohttp stats and opens the file in its default thread pool and closes it there
+    too: two hand-offs per request, which in a boot storm cost the main thread more
+    than the stat and open themselves (bench/storm.py; docs/BENCHMARKS.md). Here they
+    run on the loop. They are the same kind of call the route has just made there
+    (util/confine resolves the path with lstat), on ``images_dir``, a local directory
+    whose entries are in the kernel's cache once a rack has asked for them."""
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:  # sent by the handler itself (http/files.py: loader): once
@@ -32,7 +48,35 @@ class ImageResponse(web.FileResponse):
                 headers = request.headers.copy()
                 del headers[hdrs.RANGE]
                 request = request.clone(headers=headers)
-        return await super().prepare(request)
+        if not _INLINE:
+            return await super().prepare(request)
+        return await self._prepare_inline(request)
+
+    async def _prepare_inline(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        """aiohttp's FileResponse.prepare with its own steps, called on the loop."""
+        assert _Result is not None
+        accept_encoding = request.headers.get(hdrs.ACCEPT_ENCODING, "").lower()
+        try:
+            result, fobj, st, encoding = self._make_response(request, accept_encoding)
+        except PermissionError:
+            self.set_status(web.HTTPForbidden.status_code)
+            return await web.StreamResponse.prepare(self, request)
+        except OSError:  # gone since the route confined it, or a symlink loop
+            self.set_status(web.HTTPNotFound.status_code)
+            return await web.StreamResponse.prepare(self, request)
+        if result is _Result.NOT_ACCEPTABLE:  # not a regular file
+            self.set_status(web.HTTPForbidden.status_code)
+            return await web.StreamResponse.prepare(self, request)
+        if result is _Result.PRE_CONDITION_FAILED:
+            return await self._precondition_failed(request)
+        if result is _Result.NOT_MODIFIED:
+            return await self._not_modified(request, f"{st.st_mtime_ns:x}-{st.st_size:x}",
+                                            st.st_mtime)
+        assert fobj is not None
+        try:
+            return await self._prepare_open_file(request, fobj, st, encoding)
+        finally:
+            fobj.close()
 
     async def _sendfile(self, request: web.BaseRequest, fobj: IO[Any], offset: int,
                         count: int) -> AbstractStreamWriter:
