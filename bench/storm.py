@@ -133,13 +133,9 @@ class PeerStack:
         self.tftp = root / "tftp"
         self.tftp.mkdir(exist_ok=True)
         self.peer_tftp = getattr(a, "peer_tftp", "tftpd-hpa")
-        # tftpd-hpa serves as user nobody (its default): the work tree under the
-        # private temporary directory must be searchable by it
-        tmp = Path(tempfile.gettempdir())
-        for d in [root, *root.parents]:
-            if d == tmp or d == Path("/"):
-                break
-            d.chmod(d.stat().st_mode | 0o055)
+        # tftpd-hpa (--secure) enters its root as root and then serves as nobody: the
+        # root and its files must be readable by others whatever the umask
+        self.tftp.chmod(0o755)
         for name, src in LOADERS.items():
             shutil.copyfile(src, self.tftp / name)
         self.www = root / "www"
@@ -151,6 +147,10 @@ class PeerStack:
             if m.kind == "pxelinux":
                 (cfg / ("01-" + m.mac_text.replace(":", "-"))).write_text(PXELINUX_CFG.format(
                     kernel=kernel, initrd=initrd, addr=SERVER_ADDR, uuid=m.uuid))
+        for d, _dirs, files in os.walk(self.tftp):
+            os.chmod(d, 0o755)
+            for f in files:
+                os.chmod(os.path.join(d, f), 0o644)
         (self.www / "boot.ipxe").write_text(BOOT_IPXE.replace("{addr}", SERVER_ADDR))
         for d in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
             (root / d).mkdir(exist_ok=True)
@@ -193,8 +193,13 @@ class PeerStack:
             up = self.lab.ns(self.lab.ns_srv, "ss", "-lntu", check=False).stdout
             if f"{SERVER_ADDR}:8080" in up and (self.tftpd is None or f"{SERVER_ADDR}:69 " in up):
                 return
+            if self.tftpd is not None and self.tftpd.poll() is not None:
+                break  # it logs to syslog only: its exit status is what there is
             time.sleep(0.1)
-        raise RuntimeError("nginx or tftpd-hpa did not start:\n"
+        raise RuntimeError("nginx or tftpd-hpa did not start"
+                           + (f" (in.tftpd exited {self.tftpd.returncode})"
+                              if self.tftpd is not None and self.tftpd.poll() is not None
+                              else "") + ":\n"
                            + (self.root / "nginx.log").read_text()
                            + ((self.root / "tftpd.log").read_text()
                               if (self.root / "tftpd.log").exists() else "")
@@ -337,8 +342,8 @@ def table(name: str, r: dict[str, Any]) -> str:
     rows = [f"{name}: N={r['n']} completed {r['completed']}, failed {r['failed']}"
             + (f" {r['final_failures']}" if r["failed"] else "")
             + f", last completion {r['t_last_s']:.2f} s; server CPU {s['cpu_s']} s "
-              f"(peak {s['peak_cpu_pct']}%), peak RSS {s['peak_rss_mib']} MiB; client CPU "
-              f"{r.get('client_cpu_s')} s",
+              f"({s.get('cpu_from', 'sampled')}; peak {s['peak_cpu_pct']}% sampled), "
+              f"peak RSS {s['peak_rss_mib']} MiB; client CPU {r.get('client_cpu_s')} s",
             "| phase | p50 ms | p99 ms | max ms |", "|---|---:|---:|---:|"]
     for p in PHASES:
         ph = r["phases"][p]

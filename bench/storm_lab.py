@@ -138,12 +138,15 @@ class CpuGroup:
     ROOT = Path("/sys/fs/cgroup/cpuacct")
 
     def __init__(self, tag: str):
-        self.path: Path | None = self.ROOT / "netboot-bench" / tag
+        self.path: Path | None = None
+        if not (self.ROOT / "cpuacct.usage").exists():  # not v1's cpuacct (e.g. v2 only)
+            return
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / "cpuacct.usage").read_text()
+            path = self.ROOT / "netboot-bench" / tag
+            path.mkdir(parents=True, exist_ok=True)
+            self.path = path
         except OSError:
-            self.path = None
+            pass
 
     def add(self, pids: list[int]) -> None:
         """Move these processes (and their children now alive) into the group."""
@@ -155,11 +158,11 @@ class CpuGroup:
             if pid in seen:
                 continue
             seen.add(pid)
-            todo.extend(children(pid))
-            try:
+            try:  # first: a child it forks from now on is born in the group
                 (self.path / "cgroup.procs").write_text(str(pid))
             except OSError:
-                pass  # gone already
+                continue  # gone already
+            todo.extend(children(pid))
 
     def seconds(self) -> float | None:
         if self.path is None:
