@@ -133,9 +133,6 @@ class PeerStack:
         self.tftp = root / "tftp"
         self.tftp.mkdir(exist_ok=True)
         self.peer_tftp = getattr(a, "peer_tftp", "tftpd-hpa")
-        # tftpd-hpa (--secure) enters its root as root and then serves as nobody: the
-        # root and its files must be readable by others whatever the umask
-        self.tftp.chmod(0o755)
         for name, src in LOADERS.items():
             shutil.copyfile(src, self.tftp / name)
         self.www = root / "www"
@@ -147,6 +144,8 @@ class PeerStack:
             if m.kind == "pxelinux":
                 (cfg / ("01-" + m.mac_text.replace(":", "-"))).write_text(PXELINUX_CFG.format(
                     kernel=kernel, initrd=initrd, addr=SERVER_ADDR, uuid=m.uuid))
+        # tftpd-hpa (--secure) enters its root as root and then serves as nobody: the
+        # root and its files must be readable by others whatever the umask
         for d, _dirs, files in os.walk(self.tftp):
             os.chmod(d, 0o755)
             for f in files:
@@ -196,10 +195,10 @@ class PeerStack:
             if self.tftpd is not None and self.tftpd.poll() is not None:
                 break  # it logs to syslog only: its exit status is what there is
             time.sleep(0.1)
+        exited = self.tftpd.returncode if self.tftpd is not None else None
         raise RuntimeError("nginx or tftpd-hpa did not start"
-                           + (f" (in.tftpd exited {self.tftpd.returncode})"
-                              if self.tftpd is not None and self.tftpd.poll() is not None
-                              else "") + ":\n"
+                           + (f" (in.tftpd exited {exited})" if exited is not None else "")
+                           + ":\n"
                            + (self.root / "nginx.log").read_text()
                            + ((self.root / "tftpd.log").read_text()
                               if (self.root / "tftpd.log").exists() else "")
@@ -321,9 +320,10 @@ def _one_run(stack: str, n: int, work: Path, a: argparse.Namespace, machines: li
         cpu1 = group.seconds()
         # the cgroup's count where there is one (it sees short-lived children); the
         # /proc samples' otherwise
-        cpu = sampler.cpu_seconds if cpu0 is None or cpu1 is None else cpu1 - cpu0
+        counted = cpu0 is not None and cpu1 is not None
+        cpu = cpu1 - cpu0 if counted else sampler.cpu_seconds  # type: ignore[operator]
         result["server"] = {"cpu_s": round(cpu, 2),
-                            "cpu_from": "sampled" if cpu0 is None else "cgroup",
+                            "cpu_from": "cgroup" if counted else "sampled",
                             "sampled_cpu_s": round(sampler.cpu_seconds, 2),
                             "peak_cpu_pct": round(sampler.peak_cpu_pct),
                             "peak_rss_mib": round(sampler.peak_rss_kib / 1024, 1)}

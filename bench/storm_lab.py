@@ -149,20 +149,15 @@ class CpuGroup:
             pass
 
     def add(self, pids: list[int]) -> None:
-        """Move these processes (and their children now alive) into the group."""
+        """Move these processes into the group: a stack's ``pids()``, which lists its
+        children alive now (nginx's worker, netboot's TFTP worker) beside them."""
         if self.path is None:
             return
-        todo, seen = list(pids), set()
-        while todo:
-            pid = todo.pop()
-            if pid in seen:
-                continue
-            seen.add(pid)
-            try:  # first: a child it forks from now on is born in the group
+        for pid in pids:
+            try:
                 (self.path / "cgroup.procs").write_text(str(pid))
             except OSError:
-                continue  # gone already
-            todo.extend(children(pid))
+                pass  # gone already
 
     def seconds(self) -> float | None:
         if self.path is None:
